@@ -1,0 +1,5 @@
+import sys
+
+from tracetune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,267 @@
+"""Typed configuration: YAML + dotted overrides -> validated pydantic models, every problem reported at once.
+
+Each section is a pydantic model with `extra="forbid"`, so an unknown key is an error; we add a "did you
+mean" hint and the YAML line. Paths are resolved against the working directory and stored absolute, so a
+resolved config dumped into a run directory reloads to an equal object.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tracetune.errors import ConfigError
+
+
+def _existing_file(path: Path) -> Path:
+    if not path.is_file():
+        raise ValueError(f"file not found: {path}; fix: point it at an existing file (relative paths start at the cwd)")
+    return path.resolve()
+
+
+ExistingFile = Annotated[Path, AfterValidator(_existing_file)]
+
+_SOURCE_PATTERN = re.compile(r"^(packaged|tiny):[\w.-]+$|^[\w.-]+/[\w.-]+$")
+
+
+def _model_source(value: str) -> str:
+    if _SOURCE_PATTERN.match(value) or Path(value).expanduser().is_dir():
+        return value
+    raise ValueError(
+        f"unknown model source {value!r}; fix: use packaged:gemma3-270m, packaged:smollm2-135m, tiny:<arch>, "
+        "a local Hugging Face model directory, or a hub id like google/gemma-2b"
+    )
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelConfig(Section):
+    source: Annotated[str, AfterValidator(_model_source)] = Field(
+        "packaged:gemma3-270m",
+        description="Where weights come from: packaged:gemma3-270m | packaged:smollm2-135m | tiny:<gemma3|llama> "
+        "| a local Hugging Face directory | a hub id (downloaded where the network allows, else read from cache).",
+    )
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel passed to transformers.")
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Names of the linear layers that get adapters.",
+    )
+
+
+class DataConfig(Section):
+    train_file: ExistingFile = Field(Path("data/train.jsonl"), description="Training traces (JSONL).")
+    format: Literal["auto", "native", "gsm8k", "chat", "alpaca"] = Field(
+        "auto", description="Record format of train_file; auto detects it from the first record."
+    )
+    val_fraction: float = Field(
+        0.05, ge=0, lt=0.5, description="Share of records held out for validation loss, chosen by a seeded id hash."
+    )
+    max_train_records: int | None = Field(None, ge=1, description="Use only the first N training records.")
+    max_seq_length: int = Field(256, ge=8, le=131072, description="Longest tokenized example (prompt + completion).")
+    overlength_policy: Literal["error", "drop", "truncate"] = Field(
+        "drop", description="What to do with examples longer than max_seq_length."
+    )
+    instruction: str = Field(
+        "Think step by step, then give the final answer on the last line as 'Answer: <answer>'.",
+        description="Appended to every user prompt in training and evaluation alike; empty disables it.",
+    )
+
+
+class TrainConfig(Section):
+    method: Literal["full", "lora"] = Field("full", description="Full fine-tuning or LoRA adapters (peft).")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (used when method is lora).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when available.")
+    precision: Literal["fp32", "bf16-autocast", "bf16-weights"] = Field(
+        "fp32",
+        description="fp32; bf16 autocast over fp32 weights; or bf16 weights with fp32 master weights in the optimizer.",
+    )
+    optimizer: Literal["adamw", "adafactor"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(2e-5, gt=0, le=1, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="Decoupled weight decay; norms and biases are skipped.")
+    scheduler: Literal["constant", "linear", "cosine"] = Field("linear", description="Decay after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Optimizer steps of linear warmup.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
+    batch_size: int = Field(4, ge=1, description="Examples per micro-batch.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    num_epochs: int = Field(1, ge=1, description="Passes over the training split (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    log_every_steps: int = Field(1, ge=1, description="Write a metrics.jsonl line every N optimizer steps.")
+    eval_every_steps: int | None = Field(None, ge=1, description="Validation loss every N steps (and at the end).")
+    save_every_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps (and at the end).")
+    keep_last_checkpoints: int = Field(2, ge=1, description="Committed checkpoints to keep.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads; null keeps torch's default.")
+
+
+class EvalConfig(Section):
+    eval_file: ExistingFile | None = Field(
+        Path("data/eval.jsonl"), description="Held-out eval items (JSONL); null skips evaluation."
+    )
+    max_items: int | None = Field(None, ge=1, description="Evaluate only the first N items.")
+    batch_size: int = Field(16, ge=1, description="Prompts generated together.")
+    max_new_tokens: int = Field(256, ge=1, description="Longest completion before finish_reason is 'length'.")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (do_sample only).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (do_sample only).")
+    stop_strings: list[str] = Field([], description="Extra strings that end a completion (finish_reason 'stop').")
+    run_base: bool = Field(True, description="In `tracetune run`, also evaluate the base model for comparison.")
+
+
+class GatesConfig(Section):
+    min_loss_drop: float = Field(
+        0.0, ge=0, description="Mean loss of the last 10% of steps must be below the first 10% by more than this."
+    )
+    min_accuracy_gain: float = Field(
+        0.0, description="Fine-tuned accuracy minus base accuracy must be at least this (0 = no worse)."
+    )
+    probe_atol: float = Field(0.0, ge=0, description="Max abs logit difference when a checkpoint is reloaded.")
+
+
+class OutputConfig(Section):
+    root: Path = Field(Path("runs"), description="Directory that holds run directories.")
+    run_name: str | None = Field(
+        None, pattern=r"^[\w.-]+$", description="Run directory name; null uses a UTC timestamp."
+    )
+
+    @model_validator(mode="after")
+    def _absolute(self) -> OutputConfig:
+        self.root = self.root.expanduser().resolve()
+        return self
+
+
+class Config(Section):
+    seed: int = Field(0, ge=0, description="Seeds init, data order, dropout, sampling and the train/val split.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model source.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training data.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Generation and scoring.")
+    gates: GatesConfig = Field(default_factory=GatesConfig, description="Quality-gate thresholds.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Where runs are written.")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        if self.train.eval_every_steps and self.data.val_fraction == 0:
+            raise ValueError("train.eval_every_steps needs data.val_fraction > 0; fix: set data.val_fraction=0.05")
+        return self
+
+
+# ---------------------------------------------------------------- loading
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (value parsed as a YAML scalar) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError("command line", [f"override {item!r} is not key=value; fix: write e.g. train.lr=1e-4"])
+        key, _, text = item.partition("=")
+        node = raw
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError("command line", [f"override {key}: {part} is not a section"])
+        node[leaf] = yaml.safe_load(text) if text.strip() else None
+    return raw
+
+
+def _yaml_lines(text: str) -> dict[tuple, int]:
+    """Map each key path in a YAML document to its 1-based line number."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node: Any, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key_path = (*path, key_node.value)
+                lines[key_path] = key_node.start_mark.line + 1
+                walk(value_node, key_path)
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    walk(root, ())
+    return lines
+
+
+def _field_names(model: type[BaseModel], path: tuple) -> list[str]:
+    for part in path:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None) if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _describe(error: dict, source: str, lines: dict[tuple, int]) -> str:
+    path = tuple(str(p) for p in error["loc"])
+    dotted = ".".join(path) or "<root>"
+    where = f"{source}:{lines[path]}: " if path in lines else f"{source}: "
+    if error["type"] == "extra_forbidden":
+        known = _field_names(Config, path[:-1])
+        guess = difflib.get_close_matches(path[-1], known, n=1)
+        hint = f"did you mean '{guess[0]}'?" if guess else f"known keys: {', '.join(known)}"
+        return f"{where}{dotted}: unknown key; {hint}"
+    message = error["msg"].removeprefix("Value error, ")
+    got = f" (got {error['input']!r})" if error["type"] not in ("missing",) and "input" in error else ""
+    return f"{where}{dotted}: {message}{got}"
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config, apply dotted overrides, validate; raise ConfigError listing every problem."""
+    source = str(path) if path else "<defaults>"
+    text = ""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(source, [f"config file not found: {p}; fix: pass an existing YAML file"])
+        text = p.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text) if text else {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, [f"invalid YAML: {exc}"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, ["the top level must be a mapping of sections (model, data, train, ...)"])
+    apply_overrides(raw, overrides or [])
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        lines = _yaml_lines(text)
+        raise ConfigError(source, [_describe(e, source, lines) for e in exc.errors()]) from None
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config (every default filled) as YAML that `load_config` reads back to an equal object."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def explain(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """One line per field: dotted name, type, default and description."""
+    lines = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            lines.append(f"{dotted}: {field.description}")
+            lines.extend(explain(annotation, dotted + "."))
+            continue
+        default = field.default_factory() if field.default_factory else field.default
+        type_name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        lines.append(f"  {dotted} ({type_name}, default {default!r}): {field.description}")
+    return lines

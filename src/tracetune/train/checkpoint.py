@@ -1,0 +1,117 @@
+"""Checkpoints: staged, fsynced, renamed, then committed with a manifest; keep-last-N after commit.
+
+Layout of `checkpoints/step-000100/`:
+  model/            Hugging Face weights (full) or the peft adapter (LoRA)
+  optimizer.pt      optimizer (and fp32 master weights) state
+  trainer_state.pt  scheduler, RNG states, data position, step
+  config.yaml       the resolved config
+  probe.json        outputs of the model on a fixed probe batch, for the reload gate
+  MANIFEST.json     sha256 of every file above
+  COMMITTED         written last; a directory without it is never loaded
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from tracetune.models.sources import sha256_file
+
+COMMIT_MARKER = "COMMITTED"
+MANIFEST = "MANIFEST.json"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_checkpoint(
+    root: Path, step: int, model, optimizer_state: dict, trainer_state: dict, config_yaml: str, probe: dict, keep_last: int
+) -> Path:
+    """Write one committed checkpoint and prune old ones; returns its directory."""
+    final = root / step_dir_name(step)
+    staging = root / (final.name + ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        model.save_pretrained(staging / "model")
+        torch.save(optimizer_state, staging / "optimizer.pt")
+        torch.save(trainer_state, staging / "trainer_state.pt")
+        (staging / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        (staging / "probe.json").write_text(json.dumps(probe, indent=1) + "\n", encoding="utf-8")
+        manifest = {
+            str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        _fsync_tree(staging)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        (final / COMMIT_MARKER).write_text(f"{step}\n", encoding="utf-8")
+        _fsync_tree(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    prune_checkpoints(root, keep_last)
+    return final
+
+
+def verify_checkpoint(path: Path) -> list[str]:
+    """Problems with one checkpoint directory: missing marker or manifest, missing or altered files."""
+    if not (path / COMMIT_MARKER).is_file():
+        return [f"{path.name}: no {COMMIT_MARKER} marker (incomplete write)"]
+    if not (path / MANIFEST).is_file():
+        return [f"{path.name}: no {MANIFEST}"]
+    manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+    problems = []
+    for name, digest in manifest.items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{path.name}/{name}: missing")
+        elif sha256_file(file) != digest:
+            problems.append(f"{path.name}/{name}: sha256 mismatch (altered or truncated)")
+    return problems
+
+
+def committed_checkpoints(root: Path) -> list[Path]:
+    """Committed checkpoint directories, oldest first (marker present; hashes not checked here)."""
+    if not root.is_dir():
+        return []
+    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".staging")]
+    return sorted((p for p in dirs if (p / COMMIT_MARKER).is_file()), key=lambda p: p.name)
+
+
+def latest_good_checkpoint(root: Path) -> Path | None:
+    """The newest committed checkpoint whose files all match its manifest."""
+    for path in reversed(committed_checkpoints(root)):
+        if not verify_checkpoint(path):
+            return path
+    return None
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> None:
+    committed = committed_checkpoints(root)
+    for old in committed[: max(0, len(committed) - keep_last)]:
+        shutil.rmtree(old)

@@ -1,0 +1,260 @@
+"""The one training loop: forward, loss, backward, clip, step, schedule, log, validate, save.
+
+Read `fit` top to bottom. Everything it writes goes into the run directory: metrics.jsonl (one flushed
+line per logging step, `"split": "val"` for validation), checkpoints/ and final_model/.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tracetune.config import Config, dump_config
+from tracetune.data.batching import IGNORE_INDEX, collate, plan_batches
+from tracetune.data.render import Example
+from tracetune.errors import TracetuneError
+from tracetune.models.probe import probe_outputs
+from tracetune.train.checkpoint import rng_state, save_checkpoint
+from tracetune.train.loss import loss_sum
+from tracetune.train.optim import MasterWeights, build_optimizer, lr_lambda, param_groups
+
+log = logging.getLogger("tracetune")
+
+
+class NonFiniteLossError(TracetuneError):
+    """The loss or gradient norm was NaN/inf; no optimizer step was applied."""
+
+
+@dataclass
+class FitResult:
+    num_steps: int
+    planned_steps: int
+    elapsed_s: float
+    final_model_dir: Path
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise TracetuneError("train.device is cuda but no CUDA device is visible; fix: set train.device=cpu or auto")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def apply_lora(model, cfg: Config):
+    from peft import LoraConfig, get_peft_model
+
+    lora = cfg.train.lora
+    peft_config = LoraConfig(
+        task_type="CAUSAL_LM", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules
+    )
+    return get_peft_model(model, peft_config)
+
+
+def planned_steps(num_examples: int, cfg: Config) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps)."""
+    batches_per_epoch = len(plan_batches([0] * num_examples, cfg.train.batch_size, cfg.seed, 0))
+    per_epoch = math.ceil(batches_per_epoch / cfg.train.grad_accum_steps)
+    return per_epoch, cfg.train.max_steps or per_epoch * cfg.train.num_epochs
+
+
+def _autocast(cfg: Config, device: torch.device):
+    if cfg.train.precision == "bf16-autocast":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _memory(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {
+            "cuda_allocated_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+            "cuda_reserved_mb": round(torch.cuda.max_memory_reserved(device) / 2**20, 1),
+        }
+    return {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+@torch.no_grad()
+def validate(model, examples: list[Example], cfg: Config, pad_id: int, device: torch.device) -> tuple[float, int]:
+    """Mean loss per loss token over the validation examples."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), cfg.train.batch_size):
+        batch = _to(collate(examples[start : start + cfg.train.batch_size], pad_id), device)
+        with _autocast(cfg, device):
+            s, n = loss_sum(model, batch)
+        total, count = total + s.item(), count + n
+    model.train()
+    return total / max(count, 1), count
+
+
+def _probe_ids(examples: list[Example]) -> list[list[int]]:
+    return [list(examples[0].input_ids[:32])]
+
+
+def fit(cfg: Config, run_dir: Path, model, tokenizer, train: list[Example], val: list[Example]) -> FitResult:
+    """Train `model` on `train`, validating on `val`; write metrics, checkpoints and final_model."""
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    if tc.method == "lora":
+        model = apply_lora(model, cfg)
+    if tc.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.to(device)
+    if tc.precision == "bf16-weights":
+        model.to(torch.bfloat16)
+    model.train()
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    master = MasterWeights([p for _, p in named]) if tc.precision == "bf16-weights" else None
+    step_params = master.master if master else [p for _, p in named]
+    groups = param_groups(list(zip([n for n, _ in named], step_params, strict=True)), tc.weight_decay)
+    optimizer = build_optimizer(groups, tc, device)
+    steps_per_epoch, total_steps = planned_steps(len(train), cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc, total_steps))
+    pad_id = tokenizer.pad_token_id
+    lengths = [len(e.input_ids) for e in train]
+    probe_ids = _probe_ids(val or train)
+    config_yaml = dump_config(cfg)
+    num_params = sum(p.numel() for _, p in named)
+    log.info(
+        "training %s on %s: %d examples, %d val, %d trainable params, %d steps (%d per epoch), global batch %d",
+        tc.method, device, len(train), len(val), num_params, total_steps, steps_per_epoch, tc.batch_size * tc.grad_accum_steps,
+    )
+
+    metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8", newline="\n")
+    started = last_log_time = time.perf_counter()
+    window = {"loss_sum": 0.0, "loss_tokens": 0, "tokens": 0, "padded": 0, "samples": 0, "steps": 0}
+    step, epoch, last_saved = 0, 0, 0
+    bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+
+    def write(record: dict) -> None:
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+
+    def save(at_step: int, position: dict) -> None:
+        nonlocal last_saved
+        trainer_state = {"step": at_step, "scheduler": scheduler.state_dict(), "rng": rng_state(), "data": position}
+        optimizer_state = {"optimizer": optimizer.state_dict()}
+        if master:
+            optimizer_state["master"] = [p.detach() for p in master.master]
+        probe = probe_outputs(model, probe_ids)
+        path = save_checkpoint(
+            run_dir / "checkpoints", at_step, model, optimizer_state, trainer_state, config_yaml, probe, tc.keep_last_checkpoints
+        )
+        last_saved = at_step
+        log.info("saved checkpoint %s", path.name)
+
+    def run_validation(at_step: int) -> None:
+        val_loss, n = validate(model, val, cfg, pad_id, device)
+        write({"split": "val", "step": at_step, "epoch": round(epoch_progress, 4), "loss": val_loss, "num_loss_tokens": n})
+        log.info("step %d val_loss %.4f", at_step, val_loss)
+
+    epoch_progress = 0.0
+    while step < total_steps:
+        batches = plan_batches(lengths, tc.batch_size, cfg.seed, epoch)
+        for start in range(0, len(batches), tc.grad_accum_steps):
+            micro = [collate([train[i] for i in b], pad_id) for b in batches[start : start + tc.grad_accum_steps]]
+            # Normalise by the loss tokens of the whole optimizer step, so accumulation equals one big batch.
+            step_tokens = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro)
+            step_loss = 0.0
+            for batch in micro:
+                with _autocast(cfg, device):
+                    s, _ = loss_sum(model, _to(batch, device))
+                (s / step_tokens).backward()
+                step_loss += s.item()
+                window["tokens"] += int(batch["attention_mask"].sum())
+                window["padded"] += batch["attention_mask"].numel()
+                window["samples"] += batch["input_ids"].shape[0]
+            if master:
+                master.grads_to_master()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(step_params, tc.max_grad_norm or float("inf")))
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLossError(
+                    f"non-finite loss or gradient at step {step + 1} (loss {step_loss}, grad_norm {grad_norm}); "
+                    "no update was applied; fix: lower train.lr or use fp32"
+                )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if master:
+                master.master_to_model()
+            step += 1
+            epoch_progress = epoch + min(1.0, (start + len(micro)) / len(batches))
+            window["loss_sum"] += step_loss
+            window["loss_tokens"] += step_tokens
+            window["steps"] += 1
+
+            if step % tc.log_every_steps == 0 or step == total_steps:
+                now = time.perf_counter()
+                seconds = now - last_log_time
+                record = {
+                    "step": step,
+                    "epoch": round(epoch_progress, 4),
+                    "loss": window["loss_sum"] / window["loss_tokens"],
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": grad_norm,
+                    "num_loss_tokens": window["loss_tokens"],
+                    "num_tokens": window["tokens"],
+                    "pad_fraction": round(1 - window["tokens"] / window["padded"], 4),
+                    "tokens_per_s": round(window["tokens"] / seconds, 2),
+                    "samples_per_s": round(window["samples"] / seconds, 3),
+                    "elapsed_s": round(now - started, 3),
+                    **_memory(device),
+                }
+                write(record)
+                log.info(
+                    "step %d/%d loss %.4f lr %.3g grad_norm %.3f tok/s %.1f",
+                    step, total_steps, record["loss"], record["lr"], grad_norm, record["tokens_per_s"],
+                )
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                window = dict.fromkeys(window, 0)
+                window["loss_sum"] = 0.0
+                last_log_time = time.perf_counter()
+            bar.update(1)
+            position = {"epoch": epoch, "next_batch": start + len(micro)}
+            if val and tc.eval_every_steps and step % tc.eval_every_steps == 0 and step != total_steps:
+                run_validation(step)
+            if tc.save_every_steps and step % tc.save_every_steps == 0:
+                save(step, position)
+            if step >= total_steps:
+                break
+        epoch += 1
+    bar.close()
+    if val:
+        run_validation(step)
+    if last_saved != step:
+        save(step, position)
+    elapsed = time.perf_counter() - started
+    metrics.close()
+    final_dir = save_final_model(model, tokenizer, run_dir, tc.method)
+    log.info("training done: %d steps in %.1f s; final model in %s", step, elapsed, final_dir)
+    return FitResult(step, total_steps, elapsed, final_dir)
+
+
+def save_final_model(model, tokenizer, run_dir: Path, method: str) -> Path:
+    """final_model/ in Hugging Face format; a LoRA run also writes adapter/ and merges it into final_model/."""
+    final_dir = run_dir / "final_model"
+    if method == "lora":
+        model.save_pretrained(run_dir / "adapter")
+        tokenizer.save_pretrained(run_dir / "adapter")
+        model = model.merge_and_unload()
+    model.save_pretrained(final_dir)
+    tokenizer.save_pretrained(final_dir)
+    return final_dir

@@ -1,0 +1,33 @@
+"""Causal-LM loss computed only where it counts.
+
+The LM head of a 262K-vocabulary model is most of its FLOPs, so we run the decoder, pick the hidden states
+whose next token is a loss token, and project only those. The result is a *sum* over loss tokens; the loop
+divides by the token count of the whole optimizer step, so accumulation equals one large batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tracetune.data.batching import IGNORE_INDEX
+
+
+def _unwrap(model):
+    """The transformers model inside a peft or DDP wrapper (LoRA layers stay injected)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return getattr(model, "module", model)
+
+
+def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over loss positions, and how many there were."""
+    inner = _unwrap(model)
+    hidden = inner.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE_INDEX
+    logits = inner.get_output_embeddings()(hidden[:, :-1][mask]).float()
+    cap = getattr(inner.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.cross_entropy(logits, targets[mask], reduction="sum"), int(mask.sum())
