@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from tracetune.errors import TracetuneError
 from tracetune.logs import setup_console
@@ -65,6 +66,61 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from tracetune.config import load_config
+    from tracetune.pipeline import eval_stage
+
+    overrides = [f"model.source={args.model}", f"eval.eval_file={args.eval_set}", *args.overrides]
+    cfg = load_config(args.config, overrides)
+    print(eval_stage(cfg, args.model, Path(args.out) if args.out else None))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from tracetune.config import load_config
+    from tracetune.errors import GateFailure
+    from tracetune.pipeline import run_stage
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir, gates = run_stage(cfg, sys.argv)
+    for gate in gates["gates"]:
+        print(f"  {gate['status']:<4}  {gate['name']}")
+    print(f"run directory: {run_dir}\nsummary: {run_dir / 'summary.md'}\nreport: {run_dir / 'report.html'}")
+    if not gates["passed"]:
+        failed = [g["name"] for g in gates["gates"] if not g["passed"]]
+        raise GateFailure(f"quality gates failed: {', '.join(failed)} (see {run_dir / 'gates.json'})")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from tracetune.evidence.manifest import verify_run
+
+    run_dir = Path(args.run_dir)
+    problems, gates = verify_run(run_dir)
+    for gate in gates:
+        print(f"  {gate['status']:<4}  {gate['name']}")
+    for problem in problems:
+        print(f"problem: {problem}")
+    print(f"{run_dir}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
+def cmd_report(args) -> int:
+    from tracetune.evidence.report import write_report
+
+    write_report(Path(args.run_dir))
+    print(Path(args.run_dir) / "summary.md")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from tracetune.evidence.compare import compare_runs, to_markdown
+
+    result = compare_runs([Path(r) for r in args.runs])
+    print(json.dumps(result, indent=2) if args.json else to_markdown(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tracetune", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -97,6 +153,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("train", help="fine-tune into a new run directory")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = verbs.add_parser("eval", help="generate and score answers on an eval set")
+    p.add_argument("--model", required=True, help="model source or directory (e.g. RUN/final_model)")
+    p.add_argument("--eval-set", required=True, help="eval items JSONL")
+    p.add_argument("--out", help="output directory (rerunning into it skips finished items)")
+    p.add_argument("--config", help="YAML config for generation settings (default: built-in defaults)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.max_new_tokens=128")
+    p.set_defaults(func=cmd_eval)
+
+    p = verbs.add_parser("run", help="the whole pipeline: base eval, train, final eval, gates, report")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_run)
+
+    p = verbs.add_parser("verify", help="re-check every hash and recompute every gate of a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_verify)
+
+    p = verbs.add_parser("report", help="regenerate summary.md and report.html from a run directory's files")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = verbs.add_parser("compare", help="compare two or more run directories")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -6,17 +6,29 @@ import logging
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 LOGGER = logging.getLogger("tracetune")
 _FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
 
 
+class _TqdmHandler(logging.Handler):
+    """Console output that keeps an active progress bar on the bottom line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
 def setup_console(level: int = logging.INFO) -> None:
-    if not any(getattr(h, "_tracetune_console", False) for h in LOGGER.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    """Console gets INFO and up; log files get DEBUG too (per-step lines)."""
+    if not any(isinstance(h, _TqdmHandler) for h in LOGGER.handlers):
+        handler = _TqdmHandler(level)
         handler.setFormatter(logging.Formatter("%(message)s"))
-        handler._tracetune_console = True
         LOGGER.addHandler(handler)
-    LOGGER.setLevel(level)
+    LOGGER.setLevel(logging.DEBUG)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 class log_to_file:  # noqa: N801 - used as a context manager, reads like a function

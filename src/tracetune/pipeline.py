@@ -112,3 +112,121 @@ def train_stage(cfg: Config, argv: list[str]) -> Path:
         tokenizer, model, train, val, _ = load_for_training(cfg, inputs)
         fit(cfg, run_dir, model, tokenizer, train, val)
     return run_dir
+
+
+def evaluate_model(cfg: Config, model_source: str, items: list[EvalItem], out_dir: Path) -> dict:
+    """Load a model (source string or directory), generate predictions for `items`, write scores.json."""
+    from tracetune.eval.evaluate import generate_predictions, write_scores
+    from tracetune.models.sources import load_model, load_tokenizer
+    from tracetune.train.loop import resolve_device
+
+    tokenizer = load_tokenizer(model_source, cfg.seed)
+    model = load_model(model_source, tokenizer, cfg.seed, cfg.model.attn_implementation)
+    model.to(resolve_device(cfg.train.device))
+    bf16 = cfg.eval.precision == "bf16-autocast"
+    generate_predictions(model, tokenizer, items, cfg.eval, cfg.data.instruction, out_dir, cfg.seed, bf16)
+    return write_scores(out_dir, items, model_source)
+
+
+def eval_stage(cfg: Config, model_source: str, out_dir: Path | None) -> Path:
+    """`tracetune eval`: score one model on the eval set into out_dir (resumable: done ids are skipped)."""
+    from tracetune.config import dump_config
+    from tracetune.data.traces import load_eval_items
+    from tracetune.logs import log_to_file
+
+    report = load_eval_items(cfg.eval.eval_file)
+    report.raise_on_errors()
+    items = report.records[: cfg.eval.max_items]
+    out_dir = out_dir or cfg.output.root / datetime.now(UTC).strftime("eval-%Y%m%dT%H%M%SZ")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "eval_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    with log_to_file(out_dir / "logs" / "eval.log"):
+        evaluate_model(cfg, model_source, items, out_dir)
+    return out_dir
+
+
+def _git_state() -> dict:
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10).stdout.strip())
+        return {"commit": commit, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def _write_run_json(run_dir: Path, record: dict) -> None:
+    import json
+
+    (run_dir / "run.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def run_stage(cfg: Config, argv: list[str]) -> tuple[Path, dict]:
+    """`tracetune run`: base eval, train, final eval, gates, report, manifest. Returns (run_dir, gates record)."""
+    import gc
+    import json
+
+    import tracetune
+    from tracetune.eval.evaluate import compare_predictions
+    from tracetune.evidence.env import write_env, write_gpu_snapshot
+    from tracetune.evidence.gates import compute_gates, write_gates
+    from tracetune.evidence.manifest import write_manifest
+    from tracetune.evidence.report import write_report
+    from tracetune.logs import log_to_file
+    from tracetune.models.sources import sha256_file
+    from tracetune.train.loop import fit, resolve_device
+
+    inputs = load_inputs(cfg)
+    device = resolve_device(cfg.train.device)
+    run_dir = new_run_dir(cfg)
+    data_files = [cfg.data.train_file] + ([cfg.eval.eval_file] if cfg.eval.eval_file else [])
+    record = {
+        "run_id": run_dir.name,
+        "argv": argv,
+        "started_at": _now(),
+        "ended_at": None,
+        "status": "running",
+        "seed": cfg.seed,
+        "tracetune_version": tracetune.__version__,
+        "git": _git_state(),
+        "data_sha256": {str(p): sha256_file(p) for p in data_files},
+        "world_size": 1,
+    }
+    _write_run_json(run_dir, record)
+    write_env(run_dir, device.type)
+    write_gpu_snapshot(run_dir, device.type, "start")
+    try:
+        if inputs.eval_items is not None and cfg.eval.run_base:
+            with log_to_file(run_dir / "logs" / "eval.log"):
+                log.info("evaluating the base model %s", cfg.model.source)
+                evaluate_model(cfg, cfg.model.source, inputs.eval_items, run_dir / "eval" / "base")
+            gc.collect()
+        with log_to_file(run_dir / "logs" / "train.log"):
+            tokenizer, model, train, val, counts = load_for_training(cfg, inputs)
+            log.info("tokenized: %s", json.dumps(counts))
+            result = fit(cfg, run_dir, model, tokenizer, train, val)
+        del model
+        gc.collect()
+        if inputs.eval_items is not None:
+            with log_to_file(run_dir / "logs" / "eval.log"):
+                log.info("evaluating the fine-tuned model %s", result.final_model_dir)
+                evaluate_model(cfg, str(result.final_model_dir), inputs.eval_items, run_dir / "eval" / "final")
+                if cfg.eval.run_base:
+                    comparison = compare_predictions(run_dir / "eval" / "base", run_dir / "eval" / "final", cfg.seed)
+                    (run_dir / "eval" / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n", encoding="utf-8")
+        write_gpu_snapshot(run_dir, device.type, "end")
+    except BaseException as exc:
+        record.update(status="failed", ended_at=_now(), error=f"{type(exc).__name__}: {exc}")
+        _write_run_json(run_dir, record)
+        raise
+    gates = write_gates(run_dir, compute_gates(run_dir))
+    record.update(status="completed" if gates["passed"] else "gates_failed", ended_at=_now())
+    _write_run_json(run_dir, record)
+    write_report(run_dir)
+    write_manifest(run_dir)
+    return run_dir, gates

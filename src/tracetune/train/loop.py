@@ -166,6 +166,8 @@ def fit(cfg: Config, run_dir: Path, model, tokenizer, train: list[Example], val:
         log.info("step %d val_loss %.4f", at_step, val_loss)
 
     epoch_progress = 0.0
+    if val:
+        run_validation(0)  # the baseline the loss_decreased gate compares against
     while step < total_steps:
         batches = plan_batches(lengths, tc.batch_size, cfg.seed, epoch)
         for start in range(0, len(batches), tc.grad_accum_steps):
@@ -212,6 +214,7 @@ def fit(cfg: Config, run_dir: Path, model, tokenizer, train: list[Example], val:
                     "grad_norm": grad_norm,
                     "num_loss_tokens": window["loss_tokens"],
                     "num_tokens": window["tokens"],
+                    "num_samples": window["samples"],
                     "pad_fraction": round(1 - window["tokens"] / window["padded"], 4),
                     "tokens_per_s": round(window["tokens"] / seconds, 2),
                     "samples_per_s": round(window["samples"] / seconds, 3),
@@ -219,7 +222,7 @@ def fit(cfg: Config, run_dir: Path, model, tokenizer, train: list[Example], val:
                     **_memory(device),
                 }
                 write(record)
-                log.info(
+                log.debug(
                     "step %d/%d loss %.4f lr %.3g grad_norm %.3f tok/s %.1f",
                     step, total_steps, record["loss"], record["lr"], grad_norm, record["tokens_per_s"],
                 )
@@ -244,6 +247,22 @@ def fit(cfg: Config, run_dir: Path, model, tokenizer, train: list[Example], val:
     elapsed = time.perf_counter() - started
     metrics.close()
     final_dir = save_final_model(model, tokenizer, run_dir, tc.method)
+    summary = {
+        "planned_steps": total_steps,
+        "num_steps": step,
+        "steps_per_epoch": steps_per_epoch,
+        "elapsed_s": round(elapsed, 3),
+        "num_train_examples": len(train),
+        "num_val_examples": len(val),
+        "num_trainable_params": num_params,
+        "global_batch_size": tc.batch_size * tc.grad_accum_steps,
+        "world_size": 1,
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "method": tc.method,
+        "precision": tc.precision,
+    }
+    (run_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     log.info("training done: %d steps in %.1f s; final model in %s", step, elapsed, final_dir)
     return FitResult(step, total_steps, elapsed, final_dir)
 

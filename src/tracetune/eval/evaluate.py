@@ -1,0 +1,172 @@
+"""Evaluate a model on eval items: predictions.jsonl written as batches finish, then scores.json.
+
+A rerun into the same directory skips ids already in predictions.jsonl (a torn last line is dropped), so
+a crash loses at most the batch in flight. Scores are computed from predictions.jsonl alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tracetune.config import EvalConfig
+from tracetune.data.render import end_of_turn_ids, parse_completion, render_prompt
+from tracetune.data.traces import EvalItem
+from tracetune.eval.generate import generate_batch, timed
+from tracetune.eval.score import answers_match, extract_answer
+from tracetune.eval.stats import mcnemar_exact, paired_bootstrap, wilson_interval
+
+log = logging.getLogger("tracetune")
+
+
+def read_predictions(path: Path) -> list[dict]:
+    """Every complete line of a predictions file; a torn last line (a crash mid-write) is ignored."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _trim_torn_line(path: Path) -> None:
+    if path.is_file():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def score_item(item: EvalItem, completion: str) -> dict:
+    answer, rule = extract_answer(completion)
+    correct, match_rule = answers_match(answer, item.expected_answer)
+    steps, _ = parse_completion(completion)
+    return {
+        "extracted_answer": answer,
+        "extraction_rule": rule,
+        "correct": correct,
+        "match_rule": match_rule,
+        "num_steps": len(steps),
+    }
+
+
+def generate_predictions(model, tokenizer, items: list[EvalItem], cfg: EvalConfig, instruction: str, out_dir: Path, seed: int, bf16: bool) -> Path:
+    """Append one predictions.jsonl line per item not yet done, batch by batch."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "predictions.jsonl"
+    _trim_torn_line(path)
+    done = {row["id"] for row in read_predictions(path)}
+    todo = [item for item in items if item.id not in done]
+    if done:
+        log.info("%s: %d items already done, %d to go", path, len(done), len(todo))
+    stop_ids = end_of_turn_ids(tokenizer)
+    rendered = {item.id: render_prompt(tokenizer, item.prompt, instruction) for item in todo}
+    # Similar lengths in one batch waste less on left padding.
+    todo.sort(key=lambda item: len(rendered[item.id]))
+    model.eval()
+    bar = tqdm(total=len(items), initial=len(done), desc=f"eval {out_dir.name}", unit="item", dynamic_ncols=True)
+    with open(path, "a", encoding="utf-8", newline="\n") as handle:
+        for start in range(0, len(todo), cfg.batch_size):
+            batch = todo[start : start + cfg.batch_size]
+            torch.manual_seed(seed + start)
+            generations, seconds = timed(
+                generate_batch, model, tokenizer, [rendered[i.id] for i in batch], cfg, stop_ids, bf16
+            )
+            for item, gen in zip(batch, generations, strict=True):
+                row = {"id": item.id, "prompt": item.prompt, "expected_answer": item.expected_answer, "completion": gen.completion}
+                row.update(score_item(item, gen.completion))
+                row.update(
+                    num_new_tokens=gen.num_new_tokens,
+                    finish_reason=gen.finish_reason,
+                    latency_ms=round(1000 * seconds / len(batch), 1),
+                    section=item.section,
+                    category=item.category,
+                    difficulty=item.difficulty,
+                )
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            handle.flush()
+            bar.update(len(batch))
+            log.debug("eval batch of %d in %.1f s", len(batch), seconds)
+    bar.close()
+    return path
+
+
+def _accuracy(rows: list[dict]) -> dict:
+    correct = sum(bool(r["correct"]) for r in rows)
+    low, high = wilson_interval(correct, len(rows))
+    return {"num_items": len(rows), "num_correct": correct, "accuracy": correct / len(rows) if rows else 0.0, "ci95": [low, high]}
+
+
+def compute_scores(rows: list[dict]) -> dict:
+    """scores.json content from prediction rows alone."""
+    scores = {**_accuracy(rows), "ci_method": "wilson"}
+    for key in ("section", "category", "difficulty"):
+        groups = defaultdict(list)
+        for row in rows:
+            if row.get(key) is not None:
+                groups[row[key]].append(row)
+        scores[f"by_{key}"] = {name: _accuracy(group) for name, group in sorted(groups.items())}
+    n = max(len(rows), 1)
+    reasons = defaultdict(int)
+    for row in rows:
+        reasons[row["finish_reason"]] += 1
+    scores["format"] = {
+        "extraction_rate": sum(r["extraction_rule"] != "none" for r in rows) / n,
+        "answer_marker_rate": sum(r["extraction_rule"] == "answer_marker" for r in rows) / n,
+        "truncation_rate": reasons["length"] / n,
+        "mean_steps": sum(r["num_steps"] for r in rows) / n,
+        "finish_reasons": dict(reasons),
+    }
+    seconds = sum(r["latency_ms"] for r in rows) / 1000
+    tokens = sum(r["num_new_tokens"] for r in rows)
+    scores["throughput"] = {
+        "generation_s": round(seconds, 2),
+        "num_new_tokens": tokens,
+        "new_tokens_per_s": round(tokens / seconds, 2) if seconds else None,
+        "items_per_s": round(len(rows) / seconds, 3) if seconds else None,
+    }
+    return scores
+
+
+def write_scores(out_dir: Path, items: list[EvalItem], model_name: str) -> dict:
+    """Score the predictions of exactly `items` (in their order) and write scores.json."""
+    by_id = {row["id"]: row for row in read_predictions(out_dir / "predictions.jsonl")}
+    rows = [by_id[item.id] for item in items if item.id in by_id]
+    scores = {"model": model_name, **compute_scores(rows)}
+    (out_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
+    low, high = scores["ci95"]
+    log.info(
+        "%s: accuracy %.1f%% (95%% CI %.1f-%.1f) on %d items",
+        out_dir.name, 100 * scores["accuracy"], 100 * low, 100 * high, scores["num_items"],
+    )
+    return scores
+
+
+def compare_predictions(base_dir: Path, final_dir: Path, seed: int = 0) -> dict:
+    """Paired comparison of two prediction files on their shared ids."""
+    base = {r["id"]: r for r in read_predictions(base_dir / "predictions.jsonl")}
+    final = {r["id"]: r for r in read_predictions(final_dir / "predictions.jsonl")}
+    ids = [i for i in final if i in base]
+    a = [bool(base[i]["correct"]) for i in ids]
+    b = [bool(final[i]["correct"]) for i in ids]
+    improved = [i for i, x, y in zip(ids, a, b, strict=True) if y and not x]
+    regressed = [i for i, x, y in zip(ids, a, b, strict=True) if x and not y]
+    diff, low, high = paired_bootstrap(a, b, seed=seed) if ids else (0.0, 0.0, 0.0)
+    return {
+        "num_paired_items": len(ids),
+        "base_accuracy": sum(a) / len(ids) if ids else 0.0,
+        "final_accuracy": sum(b) / len(ids) if ids else 0.0,
+        "difference": diff,
+        "difference_ci95": [low, high],
+        "ci_method": "paired bootstrap, 10000 resamples",
+        "mcnemar_p": mcnemar_exact(len(improved), len(regressed)),
+        "improved_ids": improved,
+        "regressed_ids": regressed,
+    }

@@ -1,0 +1,76 @@
+"""`tracetune compare`: config, environment, training and eval side by side for two or more runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tracetune.evidence.report import _pct, load_run, training_totals
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _differences(dicts: list[dict]) -> dict[str, list]:
+    keys = sorted(set().union(*dicts))
+    return {k: [d.get(k) for d in dicts] for k in keys if len({json.dumps(d.get(k), sort_keys=True) for d in dicts}) > 1}
+
+
+def compare_runs(run_dirs: list[Path]) -> dict:
+    runs = [load_run(d) for d in run_dirs]
+    envs = [{k: v for k, v in r["env"].items() if k not in ("packages", "hostname")} for r in runs]
+    packages = [r["env"].get("packages", {}) for r in runs]
+    rows = {}
+    for r in runs:
+        totals = training_totals(r)
+        for key, value in totals.items():
+            rows.setdefault(key, []).append(value)
+        for which in ("base", "final"):
+            scores = r[which]
+            rows.setdefault(f"{which}_accuracy", []).append(scores["accuracy"] if scores else None)
+            rows.setdefault(f"{which}_accuracy_ci95", []).append(scores["ci95"] if scores else None)
+        gates = r["gates"]
+        rows.setdefault("gates_passed", []).append(gates["passed"] if gates else None)
+    return {
+        "runs": [str(d) for d in run_dirs],
+        "config_differences": _differences([_flatten(r["config"]) for r in runs]),
+        "environment_differences": _differences(envs),
+        "package_differences": _differences(packages),
+        "metrics": rows,
+    }
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, float) for v in value):
+        return f"[{_pct(value[0])}, {_pct(value[1])}]"
+    return str(value)
+
+
+def to_markdown(result: dict) -> str:
+    names = [Path(r).name for r in result["runs"]]
+    header = "| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
+    out = []
+    for title, key in (
+        ("Config differences", "config_differences"),
+        ("Environment differences", "environment_differences"),
+        ("Package differences", "package_differences"),
+        ("Training and evaluation", "metrics"),
+    ):
+        out.append(f"## {title}\n")
+        rows = result[key]
+        if not rows:
+            out.append("(none)\n")
+            continue
+        out.append(header + "".join(f"| {k} | " + " | ".join(_cell(v) for v in values) + " |\n" for k, values in rows.items()))
+    return "\n".join(out)

@@ -1,0 +1,183 @@
+"""Quality gates computed from the run directory's files alone, so `tracetune verify` can recompute them.
+
+Each gate: name, passed, status (pass | fail | skip), measured value, threshold, and the file it read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tracetune.config import Config, load_config
+from tracetune.data.traces import load_eval_items
+from tracetune.eval.evaluate import read_predictions
+from tracetune.train.checkpoint import latest_good_checkpoint
+
+
+@dataclass
+class Gate:
+    name: str
+    passed: bool
+    value: object
+    threshold: object
+    source: str
+    status: str = ""
+    detail: str = ""
+
+    def __post_init__(self):
+        self.status = self.status or ("pass" if self.passed else "fail")
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(training lines, validation lines) of metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    return [r for r in rows if r.get("split") != "val"], [r for r in rows if r.get("split") == "val"]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def gate_training_completed(run_dir: Path) -> Gate:
+    training = json.loads((run_dir / "training.json").read_text(encoding="utf-8"))
+    train, _ = read_metrics(run_dir)
+    last = train[-1]["step"] if train else 0
+    return Gate("training_completed", last == training["planned_steps"], last, training["planned_steps"], "metrics.jsonl, training.json")
+
+
+def gate_loss_decreased(run_dir: Path, cfg: Config) -> Gate:
+    train, val = read_metrics(run_dir)
+    k = max(1, len(train) // 10)
+    first, last = _mean([r["loss"] for r in train[:k]]), _mean([r["loss"] for r in train[-k:]])
+    value = {"first_10pct_loss": first, "last_10pct_loss": last}
+    passed = len(train) >= 2 and first - last > cfg.gates.min_loss_drop
+    if val:
+        value.update(first_val_loss=val[0]["loss"], last_val_loss=val[-1]["loss"])
+        passed = passed and len(val) >= 2 and val[-1]["loss"] < val[0]["loss"]
+    threshold = f"first - last > {cfg.gates.min_loss_drop}" + ("; last val < first val" if val else "")
+    return Gate("loss_decreased", passed, value, threshold, "metrics.jsonl")
+
+
+def gate_finite(run_dir: Path) -> Gate:
+    train, val = read_metrics(run_dir)
+    bad = [r["step"] for r in train + val for k in ("loss", "grad_norm") if k in r and not math.isfinite(r[k])]
+    return Gate("no_nan_or_inf", not bad, len(bad), 0, "metrics.jsonl", detail=f"steps {bad[:10]}" if bad else "")
+
+
+def _load_checkpoint_model(path: Path, cfg: Config):
+    """A checkpoint's model from its files: full weights, or the base model plus the saved adapter."""
+    from transformers import AutoModelForCausalLM
+
+    if cfg.train.method == "lora":
+        from peft import PeftModel
+
+        from tracetune.models.sources import load_model, load_tokenizer
+
+        base = load_model(cfg.model.source, load_tokenizer(cfg.model.source, cfg.seed), cfg.seed)
+        return PeftModel.from_pretrained(base, path / "model")
+    return AutoModelForCausalLM.from_pretrained(path / "model", dtype="auto")
+
+
+def gate_checkpoint_reloads(run_dir: Path, cfg: Config) -> Gate:
+    from tracetune.models.probe import probe_difference, probe_outputs
+
+    path = latest_good_checkpoint(run_dir / "checkpoints")
+    if path is None:
+        return Gate("checkpoint_reloads", False, None, f"max |diff| <= {cfg.gates.probe_atol}", "checkpoints/", detail="no committed, intact checkpoint")
+    expected = json.loads((path / "probe.json").read_text(encoding="utf-8"))
+    actual = probe_outputs(_load_checkpoint_model(path, cfg), expected["input_ids"])
+    diff = probe_difference(expected, actual)
+    source = f"checkpoints/{path.name}/probe.json"
+    return Gate("checkpoint_reloads", diff <= cfg.gates.probe_atol, diff, cfg.gates.probe_atol, source)
+
+
+def gate_final_model_loads(run_dir: Path) -> Gate:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = run_dir / "final_model"
+    try:
+        AutoTokenizer.from_pretrained(final)
+        model = AutoModelForCausalLM.from_pretrained(final)
+        detail = f"{type(model).__name__}, {sum(p.numel() for p in model.parameters())} params"
+        return Gate("final_model_loads", True, True, True, "final_model/", detail=detail)
+    except (OSError, ValueError) as exc:
+        return Gate("final_model_loads", False, False, True, "final_model/", detail=str(exc)[:300])
+
+
+def gate_gpu_used(run_dir: Path, cfg: Config) -> Gate:
+    env = json.loads((run_dir / "env.json").read_text(encoding="utf-8"))
+    if cfg.train.device != "cuda":
+        return Gate("gpu_used", True, env["device"], "cuda (only when asked)", "env.json", status="skip", detail=f"train.device is {cfg.train.device}")
+    train, _ = read_metrics(run_dir)
+    on_gpu = env["device"] == "cuda" and all("cuda_allocated_mb" in r for r in train)
+    return Gate("gpu_used", on_gpu, env.get("device_name"), "cuda", "env.json, metrics.jsonl")
+
+
+def gate_eval_complete(run_dir: Path, cfg: Config, which: str) -> Gate:
+    items = load_eval_items(cfg.eval.eval_file).records[: cfg.eval.max_items]
+    done = {r["id"] for r in read_predictions(run_dir / "eval" / which / "predictions.jsonl")}
+    missing = [i.id for i in items if i.id not in done]
+    source = f"eval/{which}/predictions.jsonl"
+    return Gate(f"eval_{which}_complete", not missing, len(items) - len(missing), len(items), source, detail=f"missing {missing[:5]}" if missing else "")
+
+
+def gate_finetuned_beats_base(run_dir: Path, cfg: Config) -> Gate:
+    base = json.loads((run_dir / "eval" / "base" / "scores.json").read_text(encoding="utf-8"))
+    final = json.loads((run_dir / "eval" / "final" / "scores.json").read_text(encoding="utf-8"))
+    gain = final["accuracy"] - base["accuracy"]
+    value = {"base": base["accuracy"], "final": final["accuracy"], "gain": gain}
+    return Gate("finetuned_at_least_base", gain >= cfg.gates.min_accuracy_gain, value, f"gain >= {cfg.gates.min_accuracy_gain}", "eval/*/scores.json")
+
+
+def expected_files(cfg: Config) -> list[str]:
+    """Files every complete run directory holds when the gates are computed."""
+    files = ["config.yaml", "run.json", "env.json", "env_snapshot.txt", "gpu_snapshot.txt", "logs/train.log", "metrics.jsonl", "training.json"]
+    files += ["final_model/config.json", "final_model/tokenizer_config.json", "final_model/generation_config.json"]
+    if cfg.train.method == "lora":
+        files += ["adapter/adapter_config.json"]
+    if cfg.eval.eval_file is not None:
+        files += ["logs/eval.log", "eval/final/predictions.jsonl", "eval/final/scores.json"]
+        if cfg.eval.run_base:
+            files += ["eval/base/predictions.jsonl", "eval/base/scores.json", "eval/comparison.json"]
+    return files
+
+
+def gate_evidence_complete(run_dir: Path, cfg: Config) -> Gate:
+    missing = [f for f in expected_files(cfg) if not (run_dir / f).is_file()]
+    if not list((run_dir / "final_model").glob("*.safetensors")):
+        missing.append("final_model/*.safetensors")
+    return Gate("evidence_complete", not missing, missing, [], "run directory", detail=", ".join(missing))
+
+
+def compute_gates(run_dir: Path) -> list[Gate]:
+    """Every gate, from files; a gate whose inputs are missing fails rather than raising."""
+    cfg = load_config(run_dir / "config.yaml")
+    checks = [
+        ("training_completed", lambda: gate_training_completed(run_dir)),
+        ("loss_decreased", lambda: gate_loss_decreased(run_dir, cfg)),
+        ("no_nan_or_inf", lambda: gate_finite(run_dir)),
+        ("checkpoint_reloads", lambda: gate_checkpoint_reloads(run_dir, cfg)),
+        ("final_model_loads", lambda: gate_final_model_loads(run_dir)),
+        ("gpu_used", lambda: gate_gpu_used(run_dir, cfg)),
+    ]
+    if cfg.eval.eval_file is not None:
+        checks.append(("eval_final_complete", lambda: gate_eval_complete(run_dir, cfg, "final")))
+        if cfg.eval.run_base:
+            checks.append(("eval_base_complete", lambda: gate_eval_complete(run_dir, cfg, "base")))
+            checks.append(("finetuned_at_least_base", lambda: gate_finetuned_beats_base(run_dir, cfg)))
+    checks.append(("evidence_complete", lambda: gate_evidence_complete(run_dir, cfg)))
+    gates = []
+    for name, check in checks:
+        try:
+            gates.append(check())
+        except (OSError, KeyError, ValueError, IndexError) as exc:
+            gates.append(Gate(name, False, None, None, "", detail=f"could not compute: {type(exc).__name__}: {exc}"))
+    return gates
+
+
+def write_gates(run_dir: Path, gates: list[Gate]) -> dict:
+    record = {"passed": all(g.passed for g in gates), "gates": [asdict(g) for g in gates]}
+    (run_dir / "gates.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return record

@@ -1,0 +1,61 @@
+"""MANIFEST.sha256 (written last) and `tracetune verify`: re-check every hash and recompute every gate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tracetune.models.sources import sha256_file
+
+MANIFEST = "MANIFEST.sha256"
+
+
+def write_manifest(run_dir: Path) -> int:
+    """sha256 of every file in the run directory, in `sha256sum` format; returns the file count."""
+    files = sorted(p for p in run_dir.rglob("*") if p.is_file() and p.name != MANIFEST and p.name != ".lock")
+    lines = [f"{sha256_file(p)}  {p.relative_to(run_dir).as_posix()}" for p in files]
+    (run_dir / MANIFEST).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return len(files)
+
+
+def check_manifest(run_dir: Path) -> list[str]:
+    """Missing, altered and unlisted files."""
+    path = run_dir / MANIFEST
+    if not path.is_file():
+        return [f"{MANIFEST} missing"]
+    listed = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        digest, _, name = line.partition("  ")
+        listed[name] = digest
+    problems = []
+    for name, digest in listed.items():
+        file = run_dir / name
+        if not file.is_file():
+            problems.append(f"missing: {name}")
+        elif sha256_file(file) != digest:
+            problems.append(f"altered: {name}")
+    present = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
+    problems += [f"not in manifest: {n}" for n in sorted(present - set(listed) - {MANIFEST, ".lock"})]
+    return problems
+
+
+def verify_run(run_dir: Path) -> tuple[list[str], list[dict]]:
+    """(problems, recomputed gates). Problems: hash mismatches, gates that now fail or differ from gates.json."""
+    from dataclasses import asdict
+
+    from tracetune.evidence.gates import compute_gates
+
+    problems = check_manifest(run_dir)
+    recorded = {}
+    if (run_dir / "gates.json").is_file():
+        recorded = {g["name"]: g for g in json.loads((run_dir / "gates.json").read_text(encoding="utf-8"))["gates"]}
+    else:
+        problems.append("gates.json missing")
+    gates = [asdict(g) for g in compute_gates(run_dir)]
+    for gate in gates:
+        if not gate["passed"]:
+            problems.append(f"gate {gate['name']} fails: value {gate['value']}, threshold {gate['threshold']} {gate['detail']}")
+        old = recorded.get(gate["name"])
+        if old is not None and old["passed"] != gate["passed"]:
+            problems.append(f"gate {gate['name']}: recorded passed={old['passed']}, recomputed passed={gate['passed']}")
+    return problems, gates

@@ -1,0 +1,268 @@
+"""summary.md, report.html and loss.png, built from the run directory's files only, never live objects."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from tracetune.evidence.gates import read_metrics  # noqa: E402
+
+
+def _json(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _ci(scores: dict) -> str:
+    low, high = scores["ci95"]
+    return f"{_pct(scores['accuracy'])} [{_pct(low)}, {_pct(high)}]"
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def load_run(run_dir: Path) -> dict:
+    """Every file the report reads, parsed."""
+    train, val = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else ([], [])
+    return {
+        "run": _json(run_dir / "run.json") or {},
+        "config": _config(run_dir),
+        "training": _json(run_dir / "training.json") or {},
+        "env": _json(run_dir / "env.json") or {},
+        "train": train,
+        "val": val,
+        "base": _json(run_dir / "eval" / "base" / "scores.json"),
+        "final": _json(run_dir / "eval" / "final" / "scores.json"),
+        "comparison": _json(run_dir / "eval" / "comparison.json"),
+        "gates": _json(run_dir / "gates.json"),
+    }
+
+
+def _config(run_dir: Path) -> dict:
+    import yaml
+
+    path = run_dir / "config.yaml"
+    return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def training_totals(data: dict) -> dict:
+    train = data["train"]
+    seconds = data["training"].get("elapsed_s") or (train[-1]["elapsed_s"] if train else 0)
+    tokens = sum(r["num_tokens"] for r in train)
+    samples = sum(r.get("num_samples", 0) for r in train)
+    return {
+        "steps": train[-1]["step"] if train else 0,
+        "runtime_s": seconds,
+        "tokens_per_s": tokens / seconds if seconds else 0.0,
+        "samples_per_s": samples / seconds if seconds else 0.0,
+        "final_loss": train[-1]["loss"] if train else None,
+        "final_val_loss": data["val"][-1]["loss"] if data["val"] else None,
+    }
+
+
+def loss_by_epoch(data: dict) -> list[list]:
+    groups = defaultdict(list)
+    for row in data["train"]:
+        groups[max(0, int(row["epoch"] - 1e-9))].append(row["loss"])
+    vals = {}
+    for row in data["val"]:
+        vals[max(0, int(row["epoch"] - 1e-9))] = row["loss"]
+    return [[e + 1, f"{sum(v) / len(v):.4f}", f"{v[0]:.4f}", f"{v[-1]:.4f}", f"{vals[e]:.4f}" if e in vals else "-"] for e, v in sorted(groups.items())]
+
+
+def _artifacts(run_dir: Path) -> list[list]:
+    rows = []
+    for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
+        rows.append([f"`{path.relative_to(run_dir)}`", _size(path.stat().st_size)])
+    return rows
+
+
+def write_summary(run_dir: Path, data: dict) -> str:
+    cfg, run, totals = data["config"], data["run"], training_totals(data)
+    t = cfg.get("train", {})
+    lines = [f"# tracetune run `{run.get('run_id', run_dir.name)}`", ""]
+    lines += [f"Status: **{run.get('status', 'unknown')}**; started {run.get('started_at')}, ended {run.get('ended_at')}.", ""]
+    lines += ["## Configuration", ""]
+    lines += _table(
+        ["setting", "value"],
+        [
+            ["model", cfg.get("model", {}).get("source")],
+            ["method / precision", f"{t.get('method')} / {t.get('precision')}"],
+            ["optimizer, lr, weight decay", f"{t.get('optimizer')}, {t.get('lr')}, {t.get('weight_decay')}"],
+            ["batch x accumulation", f"{t.get('batch_size')} x {t.get('grad_accum_steps')}"],
+            ["epochs / max steps", f"{t.get('num_epochs')} / {t.get('max_steps')}"],
+            ["max sequence length", cfg.get("data", {}).get("max_seq_length")],
+            ["seed", cfg.get("seed")],
+            ["device", f"{data['env'].get('device')} ({data['env'].get('device_name')})"],
+            ["train data", f"{cfg.get('data', {}).get('train_file')} ({data['training'].get('num_train_examples')} train / {data['training'].get('num_val_examples')} val examples)"],
+        ],
+    )
+    lines += ["", "## Training results", ""]
+    lines += _table(
+        ["steps", "runtime (s)", "samples/s", "tokens/s", "final train loss", "final val loss"],
+        [[totals["steps"], f"{totals['runtime_s']:.1f}", f"{totals['samples_per_s']:.3f}", f"{totals['tokens_per_s']:.1f}",
+          f"{totals['final_loss']:.4f}" if totals["final_loss"] is not None else "-",
+          f"{totals['final_val_loss']:.4f}" if totals["final_val_loss"] is not None else "-"]],
+    )
+    lines += ["", "### Loss per epoch", ""]
+    lines += _table(["epoch", "mean train loss", "first", "last", "val loss at epoch end"], loss_by_epoch(data))
+    lines += ["", "## Evaluation", ""]
+    base, final, comp = data["base"], data["final"], data["comparison"]
+    if final:
+        header = ["metric", *(["base"] if base else []), "fine-tuned"]
+        pick = [s for s in (base, final) if s]
+        rows = [
+            ["accuracy [95% CI]", *(_ci(s) for s in pick)],
+            ["items", *(s["num_items"] for s in pick)],
+            ["answer extraction rate", *(_pct(s["format"]["extraction_rate"]) for s in pick)],
+            ["'Answer:' marker rate", *(_pct(s["format"]["answer_marker_rate"]) for s in pick)],
+            ["truncation rate", *(_pct(s["format"]["truncation_rate"]) for s in pick)],
+            ["mean reasoning steps", *(f"{s['format']['mean_steps']:.2f}" for s in pick)],
+            ["new tokens/s", *(s["throughput"]["new_tokens_per_s"] for s in pick)],
+            ["items/s", *(s["throughput"]["items_per_s"] for s in pick)],
+        ]
+        lines += _table(header, rows)
+        for key in ("by_category", "by_difficulty"):
+            names = sorted(final[key])
+            if names:
+                lines += ["", f"### Accuracy {key.replace('_', ' ')}", ""]
+                lines += _table(
+                    [key.removeprefix("by_"), *(["base"] if base else []), "fine-tuned", "items"],
+                    [[n, *([_pct(base[key][n]["accuracy"])] if base and n in base[key] else []), _pct(final[key][n]["accuracy"]), final[key][n]["num_items"]] for n in names],
+                )
+    if comp:
+        low, high = comp["difference_ci95"]
+        lines += ["", "### Fine-tuned versus base", ""]
+        lines += [
+            f"Paired difference {100 * comp['difference']:+.1f} points (95% CI {100 * low:+.1f} to {100 * high:+.1f}, "
+            f"{comp['ci_method']}); exact McNemar p = {comp['mcnemar_p']:.3g}; {len(comp['improved_ids'])} items improved, "
+            f"{len(comp['regressed_ids'])} regressed, out of {comp['num_paired_items']}.",
+        ]
+    if data["gates"]:
+        lines += ["", "## Quality gates", "", f"All passed: **{data['gates']['passed']}**", ""]
+        lines += _table(
+            ["gate", "status", "value", "threshold", "from"],
+            [[g["name"], g["status"], _short(g["value"]), _short(g["threshold"]), g["source"]] for g in data["gates"]["gates"]],
+        )
+    lines += ["", "## Artifacts", ""]
+    lines += _table(["file", "size"], _artifacts(run_dir))
+    text = "\n".join(lines) + "\n"
+    (run_dir / "summary.md").write_text(text, encoding="utf-8")
+    return text
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_short(v)}" for k, v in value.items())
+    return html.escape(str(value))[:80]
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def plot_loss(data: dict) -> bytes:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in data["train"]], [r["loss"] for r in data["train"]], label="train")
+    if data["val"]:
+        ax.plot([r["step"] for r in data["val"]], [r["loss"] for r in data["val"]], "o-", label="validation")
+    ax.set(xlabel="optimizer step", ylabel="loss (per loss token)", title="Loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _png(fig)
+
+
+def plot_series(data: dict, key: str, title: str) -> bytes:
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.plot([r["step"] for r in data["train"]], [r.get(key) for r in data["train"]])
+    ax.set(xlabel="optimizer step", ylabel=key, title=title)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def plot_accuracy(data: dict) -> bytes:
+    final, base = data["final"], data["base"]
+    names = sorted(final["by_category"]) or ["all"]
+    get = lambda s, n: s["by_category"][n]["accuracy"] if n in s["by_category"] else s["accuracy"]  # noqa: E731
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    xs = range(len(names))
+    if base:
+        ax.bar([x - 0.2 for x in xs], [get(base, n) for n in names], width=0.4, label="base")
+    ax.bar([x + (0.2 if base else 0) for x in xs], [get(final, n) for n in names], width=0.4, label="fine-tuned")
+    ax.set_xticks(list(xs), names, rotation=20)
+    ax.set(ylabel="accuracy", ylim=(0, 1), title="Accuracy per category")
+    ax.legend()
+    return _png(fig)
+
+
+def write_report(run_dir: Path) -> None:
+    """Regenerate summary.md, loss.png and report.html from the run directory's files."""
+    data = load_run(run_dir)
+    summary = write_summary(run_dir, data)
+    plots = []
+    if data["train"]:
+        loss_png = plot_loss(data)
+        (run_dir / "loss.png").write_bytes(loss_png)
+        plots += [("Training and validation loss", loss_png), ("Learning rate", plot_series(data, "lr", "Learning rate"))]
+        plots.append(("Throughput", plot_series(data, "tokens_per_s", "Training tokens/s")))
+    if data["final"]:
+        plots.append(("Accuracy per category", plot_accuracy(data)))
+    images = "\n".join(
+        f'<figure><img class="plot" alt="{html.escape(t)}" src="data:image/png;base64,{base64.b64encode(p).decode()}">'
+        f"<figcaption>{html.escape(t)}</figcaption></figure>"
+        for t, p in plots
+    )
+    page = _HTML.format(title=html.escape(run_dir.name), images=images, summary=html.escape(summary), num_plots=len(plots))
+    (run_dir / "report.html").write_text(page, encoding="utf-8")
+
+
+# Self-contained: images are inline data URIs; the small script records how many plots decoded, which the
+# browser test reads back.
+_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>tracetune run {title}</title>
+<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}}
+img.plot{{max-width:100%;border:1px solid #ddd}} pre{{white-space:pre-wrap;background:#f7f7f7;padding:1em}}</style>
+</head><body data-plots-expected="{num_plots}" data-plots-rendered="pending">
+<h1>tracetune run {title}</h1>
+{images}
+<h2>Summary</h2>
+<pre>{summary}</pre>
+<script>
+window.addEventListener("load", function () {{
+  var imgs = Array.prototype.slice.call(document.querySelectorAll("img.plot"));
+  var ok = imgs.filter(function (i) {{ return i.complete && i.naturalWidth > 0; }}).length;
+  document.body.setAttribute("data-plots-rendered", String(ok));
+}});
+</script>
+</body></html>
+"""
