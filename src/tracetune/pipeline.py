@@ -116,6 +116,8 @@ def train_stage(cfg: Config, argv: list[str]) -> Path:
 
 def evaluate_model(cfg: Config, model_source: str, items: list[EvalItem], out_dir: Path) -> dict:
     """Load a model (source string or directory), generate predictions for `items`, write scores.json."""
+    import torch
+
     from tracetune.eval.evaluate import generate_predictions, write_scores
     from tracetune.models.sources import load_model, load_tokenizer
     from tracetune.train.loop import resolve_device
@@ -123,8 +125,9 @@ def evaluate_model(cfg: Config, model_source: str, items: list[EvalItem], out_di
     tokenizer = load_tokenizer(model_source, cfg.seed)
     model = load_model(model_source, tokenizer, cfg.seed, cfg.model.attn_implementation)
     model.to(resolve_device(cfg.train.device))
-    bf16 = cfg.eval.precision == "bf16-autocast"
-    generate_predictions(model, tokenizer, items, cfg.eval, cfg.data.instruction, out_dir, cfg.seed, bf16)
+    if cfg.eval.precision == "bf16":
+        model.to(torch.bfloat16)
+    generate_predictions(model, tokenizer, items, cfg.eval, cfg.data.instruction, out_dir, cfg.seed)
     return write_scores(out_dir, items, model_source)
 
 

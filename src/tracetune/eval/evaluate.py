@@ -57,7 +57,7 @@ def score_item(item: EvalItem, completion: str) -> dict:
     }
 
 
-def generate_predictions(model, tokenizer, items: list[EvalItem], cfg: EvalConfig, instruction: str, out_dir: Path, seed: int, bf16: bool) -> Path:
+def generate_predictions(model, tokenizer, items: list[EvalItem], cfg: EvalConfig, instruction: str, out_dir: Path, seed: int) -> Path:
     """Append one predictions.jsonl line per item not yet done, batch by batch."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "predictions.jsonl"
@@ -77,7 +77,7 @@ def generate_predictions(model, tokenizer, items: list[EvalItem], cfg: EvalConfi
             batch = todo[start : start + cfg.batch_size]
             torch.manual_seed(seed + start)
             generations, seconds = timed(
-                generate_batch, model, tokenizer, [rendered[i.id] for i in batch], cfg, stop_ids, bf16
+                generate_batch, model, tokenizer, [rendered[i.id] for i in batch], cfg, stop_ids
             )
             for item, gen in zip(batch, generations, strict=True):
                 row = {"id": item.id, "prompt": item.prompt, "expected_answer": item.expected_answer, "completion": gen.completion}

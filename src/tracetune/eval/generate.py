@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 
@@ -28,7 +27,7 @@ def _cut(new_ids: list[int], stop_ids: set[int], pad_id: int) -> tuple[list[int]
     return new_ids, False
 
 
-def generate_batch(model, tokenizer, prompts: list[str], cfg: EvalConfig, stop_ids: list[int], bf16: bool) -> list[Generation]:
+def generate_batch(model, tokenizer, prompts: list[str], cfg: EvalConfig, stop_ids: list[int]) -> list[Generation]:
     """Generate completions for already-rendered prompts (chat template applied) in one batch."""
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
@@ -41,8 +40,7 @@ def generate_batch(model, tokenizer, prompts: list[str], cfg: EvalConfig, stop_i
         options.update(temperature=None, top_p=None, top_k=None)
     if cfg.stop_strings:
         options.update(stop_strings=cfg.stop_strings, tokenizer=tokenizer)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode():
         output = model.generate(**encoded, **options)
     results = []
     width = encoded["input_ids"].shape[1]

@@ -1,0 +1,49 @@
+"""Shared fixtures. `slow` tests need the packaged real models (run with TRACETUNE_SLOW=1 or -m slow);
+`gpu` tests need CUDA. Both skip with a reason otherwise."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = REPO / "configs" / "tiny_test.yaml"
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    markexpr = config.getoption("-m") or ""
+    run_slow = os.environ.get("TRACETUNE_SLOW") == "1" or "slow" in markexpr
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow: needs packaged models; set TRACETUNE_SLOW=1 or -m slow"))
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="gpu: no CUDA device visible"))
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+    """Configs name data files relative to the repository root."""
+    monkeypatch.chdir(REPO)
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """Build the tiny test config with overrides; output goes under tmp_path."""
+    from tracetune.config import load_config
+
+    def build(*overrides: str):
+        return load_config(TINY_CONFIG, [f"output.root={tmp_path / 'runs'}", *overrides])
+
+    return build
+
+
+def write_jsonl(path: Path, lines: list) -> Path:
+    """Write raw lines (str) or objects (dict) as JSONL."""
+    import json
+
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines), encoding="utf-8")
+    return path

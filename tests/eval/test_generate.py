@@ -1,0 +1,95 @@
+import json
+
+import torch
+
+from tracetune.config import EvalConfig
+from tracetune.data.render import end_of_turn_ids, render_prompt
+from tracetune.data.traces import EvalItem, load_eval_items
+from tracetune.eval.evaluate import compare_predictions, compute_scores, generate_predictions, read_predictions
+from tracetune.eval.generate import generate_batch
+from tracetune.models.sources import load_model, load_tokenizer
+
+
+def _model():
+    tokenizer = load_tokenizer("tiny:gemma3")
+    model = load_model("tiny:gemma3", tokenizer, seed=0)
+    model.eval()
+    return tokenizer, model
+
+
+def test_batched_generation_equals_unbatched_greedy():
+    tokenizer, model = _model()
+    items = load_eval_items("data/eval.jsonl").records[:6]
+    prompts = [render_prompt(tokenizer, i.prompt, "Think.") for i in items]
+    cfg = EvalConfig(eval_file=None, max_new_tokens=12)
+    stops = end_of_turn_ids(tokenizer)
+    batched = generate_batch(model, tokenizer, prompts, cfg, stops)
+    single = [generate_batch(model, tokenizer, [p], cfg, stops)[0] for p in prompts]
+    assert batched == single
+    assert all(g.num_new_tokens == 12 and g.finish_reason == "length" for g in batched)
+
+
+def test_stop_conditions():
+    tokenizer, model = _model()
+    prompt = render_prompt(tokenizer, "What is 1 + 1?", "")
+    stops = end_of_turn_ids(tokenizer)
+    free = generate_batch(model, tokenizer, [prompt], EvalConfig(eval_file=None, max_new_tokens=10), stops)[0]
+    # Declare a token the model emits at position k (and not before) a stop id: it must stop there, reason eos.
+    ids = tokenizer(free.completion, add_special_tokens=False).input_ids
+    k = next(k for k in range(1, len(ids)) if ids[k] not in ids[:k])
+    forced = EvalConfig(eval_file=None, max_new_tokens=10)
+    eos = generate_batch(model, tokenizer, [prompt], forced, [ids[k], *stops])[0]
+    assert eos.finish_reason == "eos" and eos.num_new_tokens == k
+    cut = free.completion[2:4]
+    stopped = generate_batch(model, tokenizer, [prompt], EvalConfig(eval_file=None, max_new_tokens=10, stop_strings=[cut]), stops)[0]
+    assert stopped.finish_reason == "stop" and cut not in stopped.completion
+
+
+def test_predictions_resume_skips_done_ids_and_drops_a_torn_line(tmp_path):
+    tokenizer, model = _model()
+    items = load_eval_items("data/eval.jsonl").records[:5]
+    cfg = EvalConfig(eval_file=None, max_new_tokens=4, batch_size=2)
+    generate_predictions(model, tokenizer, items[:3], cfg, "", tmp_path, seed=0)
+    path = tmp_path / "predictions.jsonl"
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write('{"id": "torn", "prom')
+    generate_predictions(model, tokenizer, items, cfg, "", tmp_path, seed=0)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    ids = [json.loads(line)["id"] for line in lines]  # every line parses
+    assert sorted(ids) == sorted(i.id for i in items) and len(ids) == len(set(ids))
+    row = json.loads(lines[0])
+    expected_keys = {"id", "prompt", "expected_answer", "completion", "extracted_answer", "extraction_rule", "correct",
+                     "match_rule", "num_steps", "num_new_tokens", "finish_reason", "latency_ms", "section", "category", "difficulty"}
+    assert set(row) == expected_keys
+
+
+def _row(i, correct, category="a", reason="eos", rule="answer_marker"):
+    return {"id": str(i), "correct": correct, "category": category, "section": None, "difficulty": "easy",
+            "finish_reason": reason, "extraction_rule": rule, "num_steps": 2, "latency_ms": 100.0, "num_new_tokens": 10}
+
+
+def test_compute_scores():
+    rows = [_row(0, True), _row(1, False, "b", "length", "none"), _row(2, True, "b"), _row(3, False)]
+    scores = compute_scores(rows)
+    assert scores["accuracy"] == 0.5 and scores["num_items"] == 4
+    assert scores["by_category"]["b"]["num_correct"] == 1 and "by_section" in scores and scores["by_section"] == {}
+    assert scores["format"]["truncation_rate"] == 0.25 and scores["format"]["extraction_rate"] == 0.75
+    assert scores["throughput"]["new_tokens_per_s"] == 100.0 and scores["throughput"]["items_per_s"] == 10.0
+    low, high = scores["ci95"]
+    assert low < 0.5 < high
+
+
+def test_compare_predictions_lists_flips(tmp_path):
+    for name, flags in (("base", [False, True, False, True]), ("final", [True, True, True, False])):
+        (tmp_path / name).mkdir()
+        rows = [_row(i, f) for i, f in enumerate(flags)]
+        (tmp_path / name / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = compare_predictions(tmp_path / "base", tmp_path / "final")
+    assert result["improved_ids"] == ["0", "2"] and result["regressed_ids"] == ["3"]
+    assert result["difference"] == 0.25 and result["num_paired_items"] == 4
+
+
+def test_read_predictions_ignores_missing_file(tmp_path):
+    assert read_predictions(tmp_path / "none.jsonl") == []
+    assert EvalItem("a", "p", "1").category is None
+    assert torch.tensor(1)  # torch import used by model fixtures
