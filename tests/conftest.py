@@ -47,3 +47,25 @@ def write_jsonl(path: Path, lines: list) -> Path:
 
     path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines), encoding="utf-8")
     return path
+
+
+def tiny_run_args(root, *extra: str) -> list[str]:
+    """`tracetune run` arguments for the tiny config writing under `root`."""
+    return [
+        "run",
+        str(TINY_CONFIG),
+        f"output.root={root}",
+        f"data.train_file={REPO}/data/train.jsonl",
+        f"eval.eval_file={REPO}/data/eval.jsonl",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory):
+    """One complete `tracetune run` of the tiny model, shared by the tests that only read it."""
+    from tracetune.cli import main
+
+    root = tmp_path_factory.mktemp("runs")
+    assert main(tiny_run_args(root, "output.run_name=r1")) == 0
+    return root / "r1"

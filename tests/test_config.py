@@ -2,10 +2,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import REPO
 from tracetune.config import Config, dump_config, explain, load_config
 from tracetune.errors import ConfigError
-
-from tests.conftest import REPO
 
 SHIPPED = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -50,7 +49,10 @@ def test_all_problems_are_reported_at_once(tmp_path):
 
 
 def test_dotted_overrides_apply_and_are_typed():
-    cfg = load_config(REPO / "configs" / "quickstart.yaml", ["train.num_epochs=3", "model.source=packaged:smollm2-135m", "train.lr=1e-4"])
+    cfg = load_config(
+        REPO / "configs" / "quickstart.yaml",
+        ["train.num_epochs=3", "model.source=packaged:smollm2-135m", "train.lr=1e-4"],
+    )
     assert cfg.train.num_epochs == 3 and cfg.model.source == "packaged:smollm2-135m" and cfg.train.lr == 1e-4
 
 

@@ -48,7 +48,9 @@ def cmd_models(args) -> int:
         print(prepare_packaged(args.name.removeprefix("packaged:")))
         return 0
     for name, spec in PACKAGED.items():
-        state = f"cached in {packaged_dir(name)}" if is_prepared(name) else "not converted yet (tracetune models prepare)"
+        state = (
+            f"cached in {packaged_dir(name)}" if is_prepared(name) else "not converted yet (tracetune models prepare)"
+        )
         print(f"packaged:{name:<14} {spec.description}; {state}")
     for arch in TINY_ARCHS:
         print(f"tiny:{arch:<19} 2-layer random {arch} with a character tokenizer, for tests")

@@ -48,7 +48,9 @@ class ModelConfig(Section):
         description="Where weights come from: packaged:gemma3-270m | packaged:smollm2-135m | tiny:<gemma3|llama> "
         "| a local Hugging Face directory | a hub id (downloaded where the network allows, else read from cache).",
     )
-    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel passed to transformers.")
+    attn_implementation: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="Attention kernel passed to transformers."
+    )
 
 
 class LoraConfig(Section):

@@ -13,7 +13,15 @@ from pathlib import Path
 
 from tracetune.config import Config, dump_config
 from tracetune.data.render import Example, tokenize_traces
-from tracetune.data.traces import EvalItem, LoadReport, Trace, find_leakage, load_eval_items, load_traces, split_train_val
+from tracetune.data.traces import (
+    EvalItem,
+    LoadReport,
+    Trace,
+    find_leakage,
+    load_eval_items,
+    load_traces,
+    split_train_val,
+)
 from tracetune.errors import DataError, RunDirError
 
 log = logging.getLogger("tracetune")
@@ -56,7 +64,9 @@ def tokenize_inputs(cfg: Config, inputs: Inputs, tokenizer) -> tuple[list[Exampl
     counts = {}
     splits = []
     for name, traces in (("train", inputs.train), ("val", inputs.val)):
-        report = tokenize_traces(tokenizer, traces, d.instruction, d.max_seq_length, d.overlength_policy, str(d.train_file))
+        report = tokenize_traces(
+            tokenizer, traces, d.instruction, d.max_seq_length, d.overlength_policy, str(d.train_file)
+        )
         if report.issues:
             raise DataError(report.issues)
         counts[name] = {
@@ -70,7 +80,9 @@ def tokenize_inputs(cfg: Config, inputs: Inputs, tokenizer) -> tuple[list[Exampl
             log.warning("%s split: %s", name, counts[name])
         splits.append(report.examples)
     if not splits[0]:
-        raise DataError([f"{d.train_file}: no training examples left after tokenization; fix: raise data.max_seq_length"])
+        raise DataError(
+            [f"{d.train_file}: no training examples left after tokenization; fix: raise data.max_seq_length"]
+        )
     return splits[0], splits[1], counts
 
 
@@ -152,8 +164,12 @@ def _git_state() -> dict:
     import subprocess
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10).stdout.strip())
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10).stdout.strip()
+        )
         return {"commit": commit, "dirty": dirty}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
@@ -221,7 +237,9 @@ def run_stage(cfg: Config, argv: list[str]) -> tuple[Path, dict]:
                 evaluate_model(cfg, str(result.final_model_dir), inputs.eval_items, run_dir / "eval" / "final")
                 if cfg.eval.run_base:
                     comparison = compare_predictions(run_dir / "eval" / "base", run_dir / "eval" / "final", cfg.seed)
-                    (run_dir / "eval" / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n", encoding="utf-8")
+                    (run_dir / "eval" / "comparison.json").write_text(
+                        json.dumps(comparison, indent=2) + "\n", encoding="utf-8"
+                    )
         write_gpu_snapshot(run_dir, device.type, "end")
     except BaseException as exc:
         record.update(status="failed", ended_at=_now(), error=f"{type(exc).__name__}: {exc}")

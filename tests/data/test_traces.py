@@ -12,7 +12,13 @@ from tracetune.data.traces import (
     stable_id,
 )
 
-GOOD = {"trace_version": "1.0", "prompt": "What is 2 + 3?", "steps": [{"i": 1, "type": "calc", "content": "2 + 3 = 5"}], "final_answer": "5", "meta": {}}
+GOOD = {
+    "trace_version": "1.0",
+    "prompt": "What is 2 + 3?",
+    "steps": [{"i": 1, "type": "calc", "content": "2 + 3 = 5"}],
+    "final_answer": "5",
+    "meta": {},
+}
 
 # One bad line of each kind: (line text, field named in the error, words in the problem)
 BAD_LINES = [
@@ -24,12 +30,28 @@ BAD_LINES = [
     ('{"prompt": "q", "steps": []}', "final_answer", "missing"),
     ('{"prompt": 7, "final_answer": "1"}', "prompt", "must be a string"),
     ('{"prompt": "q", "final_answer": "1", "steps": "none"}', "steps", "must be a list"),
-    ('{"prompt": "q", "final_answer": "1", "steps": [{"i": "one", "content": "a"}]}', "steps[0].i", "must be an integer"),
-    ('{"prompt": "q", "final_answer": "1", "steps": [{"i": 1, "content": "a"}, {"i": 1, "content": "b"}]}', "steps.i", "duplicate step indices"),
-    ('{"prompt": "q", "final_answer": "1", "steps": [{"i": 1, "content": "a"}, {"i": 3, "content": "b"}]}', "steps.i", "not contiguous"),
-    ('{"prompt": "q", "final_answer": "1", "steps": [{"i": 1, "content": ""}]}', "steps[0].content", "missing or empty"),
+    (
+        '{"prompt": "q", "final_answer": "1", "steps": [{"i": "one", "content": "a"}]}',
+        "steps[0].i",
+        "must be an integer",
+    ),
+    (
+        '{"prompt": "q", "final_answer": "1", "steps": [{"i": 1, "content": "a"}, {"i": 1, "content": "b"}]}',
+        "steps.i",
+        "duplicate step indices",
+    ),
+    (
+        '{"prompt": "q", "final_answer": "1", "steps": [{"i": 1, "content": "a"}, {"i": 3, "content": "b"}]}',
+        "steps.i",
+        "not contiguous",
+    ),
+    (
+        '{"prompt": "q", "final_answer": "1", "steps": [{"i": 1, "content": ""}]}',
+        "steps[0].content",
+        "missing or empty",
+    ),
     ('{"prompt": "q", "final_answer": "1", "trace_version": "9"}', "trace_version", "unsupported version"),
-    ('[1, 2]', "<line>", "expected a JSON object"),
+    ("[1, 2]", "<line>", "expected a JSON object"),
 ]
 
 
@@ -92,7 +114,10 @@ def test_stable_id_is_derived_from_content(tmp_path):
 
 
 def test_gsm8k_adapter_strips_calculator_annotations(tmp_path):
-    row = {"question": "Natalia sold 48 clips. Half as many in May. Total?", "answer": "She sold 48/2 = <<48/2=24>>24 in May.\nTotal 48+24 = <<48+24=72>>72.\n#### 72"}
+    row = {
+        "question": "Natalia sold 48 clips. Half as many in May. Total?",
+        "answer": "She sold 48/2 = <<48/2=24>>24 in May.\nTotal 48+24 = <<48+24=72>>72.\n#### 72",
+    }
     report = load_traces(write_jsonl(tmp_path / "g.jsonl", [row]))
     assert report.format == "gsm8k" and "auto-detected" in report.notes[0]
     trace = report.records[0]
@@ -101,9 +126,19 @@ def test_gsm8k_adapter_strips_calculator_annotations(tmp_path):
 
 
 def test_chat_adapter(tmp_path):
-    row = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "Reasoning:\n1. 2 + 2 = 4\nAnswer: 4"}]}
+    row = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "Reasoning:\n1. 2 + 2 = 4\nAnswer: 4"},
+        ]
+    }
     trace = load_traces(write_jsonl(tmp_path / "c.jsonl", [row])).records[0]
-    assert trace.prompt == "Be brief.\n\n2+2?" and [s.content for s in trace.steps] == ["2 + 2 = 4"] and trace.final_answer == "4"
+    assert (
+        trace.prompt == "Be brief.\n\n2+2?"
+        and [s.content for s in trace.steps] == ["2 + 2 = 4"]
+        and trace.final_answer == "4"
+    )
     bad = load_traces(write_jsonl(tmp_path / "c2.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}]))
     assert bad.errors[0].field == "messages" and "no assistant turn" in bad.errors[0].problem
 
@@ -134,11 +169,14 @@ def test_eval_items_duplicate_ids_and_missing_expected_answer(tmp_path):
 def test_leakage_exact_and_normalised(tmp_path):
     train = load_traces(write_jsonl(tmp_path / "t.jsonl", [GOOD, {**GOOD, "prompt": "Other question here"}])).records
     items = load_eval_items(
-        write_jsonl(tmp_path / "e.jsonl", [
-            {"id": "x", "prompt": "What is 2 + 3?", "expected_answer": "5"},
-            {"id": "y", "prompt": "  other   QUESTION here ", "expected_answer": "5"},
-            {"id": "z", "prompt": "fresh", "expected_answer": "5"},
-        ])
+        write_jsonl(
+            tmp_path / "e.jsonl",
+            [
+                {"id": "x", "prompt": "What is 2 + 3?", "expected_answer": "5"},
+                {"id": "y", "prompt": "  other   QUESTION here ", "expected_answer": "5"},
+                {"id": "z", "prompt": "fresh", "expected_answer": "5"},
+            ],
+        )
     ).records
     issues = find_leakage(train, items, "e.jsonl")
     assert [(i.line, "exact" in i.problem) for i in issues] == [(1, True), (2, False)]
@@ -155,7 +193,7 @@ def test_split_is_stable_when_records_are_added():
     assert {t.id for t in other_seed} != {t.id for t in val_big}
 
 
-@pytest.mark.parametrize("fmt", ["gsm8k", "chat", "alpaca"])
+@pytest.mark.parametrize("fmt", ["native", "gsm8k", "chat", "alpaca", "eval"])
 def test_readme_examples_of_each_format_load(fmt, tmp_path):
     from tests.conftest import REPO
 

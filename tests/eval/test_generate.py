@@ -41,7 +41,9 @@ def test_stop_conditions():
     eos = generate_batch(model, tokenizer, [prompt], forced, [ids[k], *stops])[0]
     assert eos.finish_reason == "eos" and eos.num_new_tokens == k
     cut = free.completion[2:4]
-    stopped = generate_batch(model, tokenizer, [prompt], EvalConfig(eval_file=None, max_new_tokens=10, stop_strings=[cut]), stops)[0]
+    stopped = generate_batch(
+        model, tokenizer, [prompt], EvalConfig(eval_file=None, max_new_tokens=10, stop_strings=[cut]), stops
+    )[0]
     assert stopped.finish_reason == "stop" and cut not in stopped.completion
 
 
@@ -58,14 +60,39 @@ def test_predictions_resume_skips_done_ids_and_drops_a_torn_line(tmp_path):
     ids = [json.loads(line)["id"] for line in lines]  # every line parses
     assert sorted(ids) == sorted(i.id for i in items) and len(ids) == len(set(ids))
     row = json.loads(lines[0])
-    expected_keys = {"id", "prompt", "expected_answer", "completion", "extracted_answer", "extraction_rule", "correct",
-                     "match_rule", "num_steps", "num_new_tokens", "finish_reason", "latency_ms", "section", "category", "difficulty"}
+    expected_keys = {
+        "id",
+        "prompt",
+        "expected_answer",
+        "completion",
+        "extracted_answer",
+        "extraction_rule",
+        "correct",
+        "match_rule",
+        "num_steps",
+        "num_new_tokens",
+        "finish_reason",
+        "latency_ms",
+        "section",
+        "category",
+        "difficulty",
+    }
     assert set(row) == expected_keys
 
 
 def _row(i, correct, category="a", reason="eos", rule="answer_marker"):
-    return {"id": str(i), "correct": correct, "category": category, "section": None, "difficulty": "easy",
-            "finish_reason": reason, "extraction_rule": rule, "num_steps": 2, "latency_ms": 100.0, "num_new_tokens": 10}
+    return {
+        "id": str(i),
+        "correct": correct,
+        "category": category,
+        "section": None,
+        "difficulty": "easy",
+        "finish_reason": reason,
+        "extraction_rule": rule,
+        "num_steps": 2,
+        "latency_ms": 100.0,
+        "num_new_tokens": 10,
+    }
 
 
 def test_compute_scores():

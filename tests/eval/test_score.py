@@ -53,7 +53,16 @@ def test_answers_match(predicted, expected, equal, rule):
 
 @pytest.mark.parametrize(
     "text,value",
-    [("12", 12), ("12.5", 12.5), ("$3", 3), ("1,000,000", 1000000), ("7 km/h", 7), ("1/3", 1 / 3), ("abc", None), ("12 and 13", None)],
+    [
+        ("12", 12),
+        ("12.5", 12.5),
+        ("$3", 3),
+        ("1,000,000", 1000000),
+        ("7 km/h", 7),
+        ("1/3", 1 / 3),
+        ("abc", None),
+        ("12 and 13", None),
+    ],
 )
 def test_parse_number(text, value):
     got = parse_number(text)

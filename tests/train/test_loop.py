@@ -34,7 +34,13 @@ def final_weights(run_dir):
 
 
 def test_loss_falls_when_overfitting_a_small_set(tiny_cfg):
-    cfg = tiny_cfg("data.max_train_records=8", "data.val_fraction=0", "train.eval_every_steps=null", "train.max_steps=40", "train.lr=0.01")
+    cfg = tiny_cfg(
+        "data.max_train_records=8",
+        "data.val_fraction=0",
+        "train.eval_every_steps=null",
+        "train.max_steps=40",
+        "train.lr=0.01",
+    )
     run_dir, _, _ = run_fit(cfg)
     train = losses(run_dir)
     assert len(train) == 40
@@ -130,8 +136,21 @@ def test_metrics_lines_carry_every_field(tiny_cfg):
     run_dir, _, result = run_fit(tiny_cfg("train.log_every_steps=3"))
     train = losses(run_dir)
     assert [r["step"] for r in train] == [3, 6, 8]  # every 3 steps and the last
-    fields = {"step", "epoch", "loss", "lr", "grad_norm", "num_loss_tokens", "num_tokens", "num_samples", "pad_fraction",
-              "tokens_per_s", "samples_per_s", "elapsed_s", "peak_rss_mb"}
+    fields = {
+        "step",
+        "epoch",
+        "loss",
+        "lr",
+        "grad_norm",
+        "num_loss_tokens",
+        "num_tokens",
+        "num_samples",
+        "pad_fraction",
+        "tokens_per_s",
+        "samples_per_s",
+        "elapsed_s",
+        "peak_rss_mb",
+    }
     assert all(set(r) == fields for r in train)
     val = losses(run_dir, "val")
     assert [r["step"] for r in val] == [0, 4, 8] and all(r["split"] == "val" for r in val)
@@ -149,7 +168,9 @@ def test_bf16_modes_train_on_cpu(tiny_cfg, precision):
 
 
 def test_adafactor_and_cosine_train(tiny_cfg):
-    run_dir, _, _ = run_fit(tiny_cfg("train.optimizer=adafactor", "train.scheduler=cosine", "train.lr=0.01", "train.weight_decay=0.01"))
+    run_dir, _, _ = run_fit(
+        tiny_cfg("train.optimizer=adafactor", "train.scheduler=cosine", "train.lr=0.01", "train.weight_decay=0.01")
+    )
     train = losses(run_dir)
     assert train[-1]["loss"] < train[0]["loss"] and train[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
 
@@ -160,7 +181,15 @@ def test_checkpoints_keep_last_n_and_are_committed(tiny_cfg):
     assert names == ["step-000006", "step-000008"]
     for name in names:
         files = {p.name for p in (run_dir / "checkpoints" / name).iterdir()}
-        assert files == {"model", "optimizer.pt", "trainer_state.pt", "config.yaml", "probe.json", "MANIFEST.json", "COMMITTED"}
+        assert files == {
+            "model",
+            "optimizer.pt",
+            "trainer_state.pt",
+            "config.yaml",
+            "probe.json",
+            "MANIFEST.json",
+            "COMMITTED",
+        }
     state = torch.load(run_dir / "checkpoints" / "step-000008" / "trainer_state.pt", weights_only=False)
     assert state["step"] == 8 and set(state["rng"]) >= {"python", "torch"} and "epoch" in state["data"]
 

@@ -7,7 +7,11 @@ from tracetune.train.optim import MasterWeights, lr_lambda, param_groups
 
 @pytest.mark.parametrize(
     "scheduler,expected",
-    [("constant", [0.5, 1.0, 1.0, 1.0, 1.0]), ("linear", [0.5, 1.0, 0.75, 0.5, 0.25]), ("cosine", [0.5, 1.0, 0.8536, 0.5, 0.1464])],
+    [
+        ("constant", [0.5, 1.0, 1.0, 1.0, 1.0]),
+        ("linear", [0.5, 1.0, 0.75, 0.5, 0.25]),
+        ("cosine", [0.5, 1.0, 0.8536, 0.5, 0.1464]),
+    ],
 )
 def test_warmup_then_decay(scheduler, expected):
     f = lr_lambda(TrainConfig(scheduler=scheduler, warmup_steps=1), total_steps=5)

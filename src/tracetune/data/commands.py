@@ -29,7 +29,9 @@ def _token_lengths(report, tokenizer_source: str) -> list[int]:
     return [len(tokenize_trace(tokenizer, t, instruction, end_ids).input_ids) for t in report.records]
 
 
-def validate(path: str, fmt: str, is_eval: bool, against: str | None, tokenizer: str | None, max_len: int | None) -> int:
+def validate(
+    path: str, fmt: str, is_eval: bool, against: str | None, tokenizer: str | None, max_len: int | None
+) -> int:
     if path is None:
         raise TracetuneError("data validate needs a FILE")
     report = _load(path, fmt, is_eval)
@@ -41,7 +43,10 @@ def validate(path: str, fmt: str, is_eval: bool, against: str | None, tokenizer:
             if length > max_len:
                 issues.append(
                     Issue(
-                        path, trace.line, "<record>", f"{length} tokens > max_seq_length {max_len}",
+                        path,
+                        trace.line,
+                        "<record>",
+                        f"{length} tokens > max_seq_length {max_len}",
                         "raise data.max_seq_length or set data.overlength_policy=drop|truncate",
                     )
                 )
@@ -50,7 +55,9 @@ def validate(path: str, fmt: str, is_eval: bool, against: str | None, tokenizer:
     for issue in sorted(issues, key=lambda i: (i.line, i.field)):
         print(issue)
     num_errors = sum(i.severity == "error" for i in issues)
-    print(f"{path}: {len(report.records)} valid record(s), {num_errors} error(s), {len(issues) - num_errors} warning(s)")
+    print(
+        f"{path}: {len(report.records)} valid record(s), {num_errors} error(s), {len(issues) - num_errors} warning(s)"
+    )
     return 1 if num_errors else 0
 
 

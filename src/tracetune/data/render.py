@@ -115,8 +115,13 @@ def tokenize_traces(tokenizer, traces, instruction: str, max_seq_length: int, po
             report.num_overlength += 1
             if policy == "error":
                 report.issues.append(
-                    Issue(path, trace.line, "<record>", f"{len(example.input_ids)} tokens > data.max_seq_length={max_seq_length}",
-                          "raise data.max_seq_length, shorten the record, or set data.overlength_policy=drop|truncate")
+                    Issue(
+                        path,
+                        trace.line,
+                        "<record>",
+                        f"{len(example.input_ids)} tokens > data.max_seq_length={max_seq_length}",
+                        "raise data.max_seq_length, shorten the record, or set data.overlength_policy=drop|truncate",
+                    )
                 )
                 continue
             if policy == "drop":

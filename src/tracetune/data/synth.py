@@ -76,7 +76,9 @@ def _arithmetic(rng: random.Random, level: int):
     total = w.step("Total cost", f"{fmt(c1)} + {fmt(c2)}")
     params = {"a": a, "p": p, "b": b, "q": q}
     if level == 1:
-        prompt = f"{name} buys {a} {many} at ${p} each and {b} {many2} at ${q} each. How many dollars does {name} spend?"
+        prompt = (
+            f"{name} buys {a} {many} at ${p} each and {b} {many2} at ${q} each. How many dollars does {name} spend?"
+        )
         return prompt, w, total, params
     bill = (int(total) // 50 + 1) * 50
     change = w.step("Change", f"{bill} - {fmt(total)}")
@@ -106,7 +108,11 @@ def _percentage(rng: random.Random, level: int):
     return prompt, w, final, {"price": price, "pct": pct, "tax": tax}
 
 
-UNITS = [("rope", "meters", "centimeters", 100), ("bag", "kilograms", "grams", 1000), ("jug", "liters", "milliliters", 1000)]
+UNITS = [
+    ("rope", "meters", "centimeters", 100),
+    ("bag", "kilograms", "grams", 1000),
+    ("jug", "liters", "milliliters", 1000),
+]
 
 
 def _unit_conversion(rng: random.Random, level: int):
@@ -159,7 +165,9 @@ def _comparison(rng: random.Random, level: int):
     va = w.step(f"{x}'s marbles", f"{a} + {b}")
     if level == 0:
         vb = w.step(f"{y}'s marbles", f"{c} + {d}")
-        prompt = f"{x} has {a} marbles and finds {b} more. {y} has {c} marbles and finds {d} more. Who has more marbles?"
+        prompt = (
+            f"{x} has {a} marbles and finds {b} more. {y} has {c} marbles and finds {d} more. Who has more marbles?"
+        )
     else:
         vb = w.step(f"{y}'s marbles", f"{c} - {d}" if level == 1 else f"{c} + {d} * 2")
         y_text = f"gives away {d}" if level == 1 else f"finds {d} more twice"

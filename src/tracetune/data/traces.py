@@ -107,11 +107,25 @@ def read_jsonl(path: Path, issues: list[Issue]) -> list[tuple[int, dict]]:
                 obj = json.loads(text)
             except json.JSONDecodeError as exc:
                 issues.append(
-                    Issue(name, number, "<line>", f"malformed JSON ({exc.msg} at column {exc.colno})", "one JSON object per line")
+                    Issue(
+                        name,
+                        number,
+                        "<line>",
+                        f"malformed JSON ({exc.msg} at column {exc.colno})",
+                        "one JSON object per line",
+                    )
                 )
                 continue
             if not isinstance(obj, dict):
-                issues.append(Issue(name, number, "<line>", f"expected a JSON object, got {type(obj).__name__}", "one JSON object per line"))
+                issues.append(
+                    Issue(
+                        name,
+                        number,
+                        "<line>",
+                        f"expected a JSON object, got {type(obj).__name__}",
+                        "one JSON object per line",
+                    )
+                )
                 continue
             rows.append((number, obj))
     return rows
@@ -225,13 +239,17 @@ def _check_steps(steps, path: str, line: int, issues: list[Issue]) -> tuple[Step
     for n, step in enumerate(steps):
         where = f"steps[{n}]"
         if not isinstance(step, dict):
-            issues.append(Issue(path, line, where, "must be an object", 'write {"i": 1, "type": "calc", "content": "..."}'))
+            issues.append(
+                Issue(path, line, where, "must be an object", 'write {"i": 1, "type": "calc", "content": "..."}')
+            )
             continue
         i, kind, content = step.get("i"), step.get("type", "step"), step.get("content")
         if not isinstance(i, int) or isinstance(i, bool):
-            issues.append(Issue(path, line, f"{where}.i", f"must be an integer, got {i!r}", "number steps 1, 2, 3, ..."))
+            issues.append(
+                Issue(path, line, f"{where}.i", f"must be an integer, got {i!r}", "number steps 1, 2, 3, ...")
+            )
         elif not isinstance(kind, str):
-            issues.append(Issue(path, line, f"{where}.type", f"must be a string, got {kind!r}", "e.g. \"calc\""))
+            issues.append(Issue(path, line, f"{where}.type", f"must be a string, got {kind!r}", 'e.g. "calc"'))
         elif not isinstance(content, str) or not content.strip():
             issues.append(Issue(path, line, f"{where}.content", "missing or empty", "give the step's text"))
         else:
@@ -241,12 +259,20 @@ def _check_steps(steps, path: str, line: int, issues: list[Issue]) -> tuple[Step
     indices = [s.i for s in out]
     duplicates = sorted({i for i in indices if indices.count(i) > 1})
     if duplicates:
-        issues.append(Issue(path, line, "steps.i", f"duplicate step indices {duplicates}", "give each step its own index"))
+        issues.append(
+            Issue(path, line, "steps.i", f"duplicate step indices {duplicates}", "give each step its own index")
+        )
         return None
     start = indices[0] if indices else 1
     if indices and (start not in (0, 1) or indices != list(range(start, start + len(indices)))):
         issues.append(
-            Issue(path, line, "steps.i", f"indices {indices} are not contiguous from 0 or 1", "number steps 1, 2, 3, ... in order")
+            Issue(
+                path,
+                line,
+                "steps.i",
+                f"indices {indices} are not contiguous from 0 or 1",
+                "number steps 1, 2, 3, ... in order",
+            )
         )
         return None
     return tuple(out)
@@ -294,7 +320,13 @@ def load_traces(path: str | Path, fmt: str = "auto") -> LoadReport:
         detected = detect_format(rows[0][1])
         if detected is None:
             report.issues.append(
-                Issue(name, rows[0][0], "<record>", f"cannot tell the format from keys {sorted(rows[0][1])}", "set data.format")
+                Issue(
+                    name,
+                    rows[0][0],
+                    "<record>",
+                    f"cannot tell the format from keys {sorted(rows[0][1])}",
+                    "set data.format",
+                )
             )
             return report
         report.format = detected
@@ -312,7 +344,13 @@ def load_traces(path: str | Path, fmt: str = "auto") -> LoadReport:
         if trace.id in first_line_of_id:
             if explicit_id:
                 report.issues.append(
-                    Issue(name, line, "id", f"duplicate id {trace.id!r} (first on line {first_line_of_id[trace.id]})", "make ids unique")
+                    Issue(
+                        name,
+                        line,
+                        "id",
+                        f"duplicate id {trace.id!r} (first on line {first_line_of_id[trace.id]})",
+                        "make ids unique",
+                    )
                 )
                 continue
         else:
@@ -323,7 +361,9 @@ def load_traces(path: str | Path, fmt: str = "auto") -> LoadReport:
     num_duplicates = sum(c - 1 for c in seen_content.values() if c > 1)
     if num_duplicates:
         report.issues.append(
-            Issue(name, 0, "<records>", f"{num_duplicates} exact duplicate record(s)", "deduplicate the file", "warning")
+            Issue(
+                name, 0, "<records>", f"{num_duplicates} exact duplicate record(s)", "deduplicate the file", "warning"
+            )
         )
     return report
 
@@ -354,7 +394,14 @@ def load_eval_items(path: str | Path, fmt: str = "auto") -> LoadReport:
 def _rename_answer_field(issue: Issue) -> Issue:
     if issue.field != "final_answer":
         return issue
-    return Issue(issue.path, issue.line, "expected_answer", issue.problem, issue.fix.replace("final_answer", "expected_answer"), issue.severity)
+    return Issue(
+        issue.path,
+        issue.line,
+        "expected_answer",
+        issue.problem,
+        issue.fix.replace("final_answer", "expected_answer"),
+        issue.severity,
+    )
 
 
 def normalize_prompt(text: str) -> str:
@@ -373,7 +420,13 @@ def find_leakage(train: list[Trace], items: list[EvalItem], eval_path: str) -> l
             hit, how = normal.get(normalize_prompt(item.prompt)), "normalised"
         if hit is not None:
             issues.append(
-                Issue(eval_path, item.line, "prompt", f"eval item {item.id!r} leaks: {how} match of training line {hit.line}", "remove it from one of the files")
+                Issue(
+                    eval_path,
+                    item.line,
+                    "prompt",
+                    f"eval item {item.id!r} leaks: {how} match of training line {hit.line}",
+                    "remove it from one of the files",
+                )
             )
     return issues
 

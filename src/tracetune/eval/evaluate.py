@@ -57,7 +57,9 @@ def score_item(item: EvalItem, completion: str) -> dict:
     }
 
 
-def generate_predictions(model, tokenizer, items: list[EvalItem], cfg: EvalConfig, instruction: str, out_dir: Path, seed: int) -> Path:
+def generate_predictions(
+    model, tokenizer, items: list[EvalItem], cfg: EvalConfig, instruction: str, out_dir: Path, seed: int
+) -> Path:
     """Append one predictions.jsonl line per item not yet done, batch by batch."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "predictions.jsonl"
@@ -80,7 +82,12 @@ def generate_predictions(model, tokenizer, items: list[EvalItem], cfg: EvalConfi
                 generate_batch, model, tokenizer, [rendered[i.id] for i in batch], cfg, stop_ids
             )
             for item, gen in zip(batch, generations, strict=True):
-                row = {"id": item.id, "prompt": item.prompt, "expected_answer": item.expected_answer, "completion": gen.completion}
+                row = {
+                    "id": item.id,
+                    "prompt": item.prompt,
+                    "expected_answer": item.expected_answer,
+                    "completion": gen.completion,
+                }
                 row.update(score_item(item, gen.completion))
                 row.update(
                     num_new_tokens=gen.num_new_tokens,
@@ -101,7 +108,12 @@ def generate_predictions(model, tokenizer, items: list[EvalItem], cfg: EvalConfi
 def _accuracy(rows: list[dict]) -> dict:
     correct = sum(bool(r["correct"]) for r in rows)
     low, high = wilson_interval(correct, len(rows))
-    return {"num_items": len(rows), "num_correct": correct, "accuracy": correct / len(rows) if rows else 0.0, "ci95": [low, high]}
+    return {
+        "num_items": len(rows),
+        "num_correct": correct,
+        "accuracy": correct / len(rows) if rows else 0.0,
+        "ci95": [low, high],
+    }
 
 
 def compute_scores(rows: list[dict]) -> dict:
@@ -144,7 +156,11 @@ def write_scores(out_dir: Path, items: list[EvalItem], model_name: str) -> dict:
     low, high = scores["ci95"]
     log.info(
         "%s: accuracy %.1f%% (95%% CI %.1f-%.1f) on %d items",
-        out_dir.name, 100 * scores["accuracy"], 100 * low, 100 * high, scores["num_items"],
+        out_dir.name,
+        100 * scores["accuracy"],
+        100 * low,
+        100 * high,
+        scores["num_items"],
     )
     return scores
 

@@ -18,7 +18,9 @@ def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[floa
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def paired_bootstrap(base: list[bool], new: list[bool], num_resamples: int = 10000, seed: int = 0) -> tuple[float, float, float]:
+def paired_bootstrap(
+    base: list[bool], new: list[bool], num_resamples: int = 10000, seed: int = 0
+) -> tuple[float, float, float]:
     """(mean difference new - base, 2.5th and 97.5th percentile of the resampled difference)."""
     assert len(base) == len(new) and base, "paired samples must align"
     diffs = np.array(new, dtype=float) - np.array(base, dtype=float)

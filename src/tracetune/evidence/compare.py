@@ -20,7 +20,9 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def _differences(dicts: list[dict]) -> dict[str, list]:
     keys = sorted(set().union(*dicts))
-    return {k: [d.get(k) for d in dicts] for k in keys if len({json.dumps(d.get(k), sort_keys=True) for d in dicts}) > 1}
+    return {
+        k: [d.get(k) for d in dicts] for k in keys if len({json.dumps(d.get(k), sort_keys=True) for d in dicts}) > 1
+    }
 
 
 def compare_runs(run_dirs: list[Path]) -> dict:
@@ -72,5 +74,7 @@ def to_markdown(result: dict) -> str:
         if not rows:
             out.append("(none)\n")
             continue
-        out.append(header + "".join(f"| {k} | " + " | ".join(_cell(v) for v in values) + " |\n" for k, values in rows.items()))
+        out.append(
+            header + "".join(f"| {k} | " + " | ".join(_cell(v) for v in values) + " |\n" for k, values in rows.items())
+        )
     return "\n".join(out)

@@ -74,7 +74,11 @@ def write_gpu_snapshot(run_dir: Path, device: str, phase: str) -> None:
     path = run_dir / "gpu_snapshot.txt"
     with open(path, "a", encoding="utf-8", newline="\n") as handle:
         if device != "cuda":
-            visible = f"{torch.cuda.device_count()} CUDA device(s) visible" if torch.cuda.is_available() else "no CUDA device visible"
+            visible = (
+                f"{torch.cuda.device_count()} CUDA device(s) visible"
+                if torch.cuda.is_available()
+                else "no CUDA device visible"
+            )
             handle.write(f"[{phase}] No GPU was used: this run ran on the CPU ({visible}).\n")
             return
         handle.write(f"[{phase}] nvidia-smi\n{_nvidia_smi()}\n")

@@ -44,7 +44,13 @@ def gate_training_completed(run_dir: Path) -> Gate:
     training = json.loads((run_dir / "training.json").read_text(encoding="utf-8"))
     train, _ = read_metrics(run_dir)
     last = train[-1]["step"] if train else 0
-    return Gate("training_completed", last == training["planned_steps"], last, training["planned_steps"], "metrics.jsonl, training.json")
+    return Gate(
+        "training_completed",
+        last == training["planned_steps"],
+        last,
+        training["planned_steps"],
+        "metrics.jsonl, training.json",
+    )
 
 
 def gate_loss_decreased(run_dir: Path, cfg: Config) -> Gate:
@@ -85,7 +91,14 @@ def gate_checkpoint_reloads(run_dir: Path, cfg: Config) -> Gate:
 
     path = latest_good_checkpoint(run_dir / "checkpoints")
     if path is None:
-        return Gate("checkpoint_reloads", False, None, f"max |diff| <= {cfg.gates.probe_atol}", "checkpoints/", detail="no committed, intact checkpoint")
+        return Gate(
+            "checkpoint_reloads",
+            False,
+            None,
+            f"max |diff| <= {cfg.gates.probe_atol}",
+            "checkpoints/",
+            detail="no committed, intact checkpoint",
+        )
     expected = json.loads((path / "probe.json").read_text(encoding="utf-8"))
     actual = probe_outputs(_load_checkpoint_model(path, cfg), expected["input_ids"])
     diff = probe_difference(expected, actual)
@@ -109,7 +122,15 @@ def gate_final_model_loads(run_dir: Path) -> Gate:
 def gate_gpu_used(run_dir: Path, cfg: Config) -> Gate:
     env = json.loads((run_dir / "env.json").read_text(encoding="utf-8"))
     if cfg.train.device != "cuda":
-        return Gate("gpu_used", True, env["device"], "cuda (only when asked)", "env.json", status="skip", detail=f"train.device is {cfg.train.device}")
+        return Gate(
+            "gpu_used",
+            True,
+            env["device"],
+            "cuda (only when asked)",
+            "env.json",
+            status="skip",
+            detail=f"train.device is {cfg.train.device}",
+        )
     train, _ = read_metrics(run_dir)
     on_gpu = env["device"] == "cuda" and all("cuda_allocated_mb" in r for r in train)
     return Gate("gpu_used", on_gpu, env.get("device_name"), "cuda", "env.json, metrics.jsonl")
@@ -120,7 +141,14 @@ def gate_eval_complete(run_dir: Path, cfg: Config, which: str) -> Gate:
     done = {r["id"] for r in read_predictions(run_dir / "eval" / which / "predictions.jsonl")}
     missing = [i.id for i in items if i.id not in done]
     source = f"eval/{which}/predictions.jsonl"
-    return Gate(f"eval_{which}_complete", not missing, len(items) - len(missing), len(items), source, detail=f"missing {missing[:5]}" if missing else "")
+    return Gate(
+        f"eval_{which}_complete",
+        not missing,
+        len(items) - len(missing),
+        len(items),
+        source,
+        detail=f"missing {missing[:5]}" if missing else "",
+    )
 
 
 def gate_finetuned_beats_base(run_dir: Path, cfg: Config) -> Gate:
@@ -128,12 +156,27 @@ def gate_finetuned_beats_base(run_dir: Path, cfg: Config) -> Gate:
     final = json.loads((run_dir / "eval" / "final" / "scores.json").read_text(encoding="utf-8"))
     gain = final["accuracy"] - base["accuracy"]
     value = {"base": base["accuracy"], "final": final["accuracy"], "gain": gain}
-    return Gate("finetuned_at_least_base", gain >= cfg.gates.min_accuracy_gain, value, f"gain >= {cfg.gates.min_accuracy_gain}", "eval/*/scores.json")
+    return Gate(
+        "finetuned_at_least_base",
+        gain >= cfg.gates.min_accuracy_gain,
+        value,
+        f"gain >= {cfg.gates.min_accuracy_gain}",
+        "eval/*/scores.json",
+    )
 
 
 def expected_files(cfg: Config) -> list[str]:
     """Files every complete run directory holds when the gates are computed."""
-    files = ["config.yaml", "run.json", "env.json", "env_snapshot.txt", "gpu_snapshot.txt", "logs/train.log", "metrics.jsonl", "training.json"]
+    files = [
+        "config.yaml",
+        "run.json",
+        "env.json",
+        "env_snapshot.txt",
+        "gpu_snapshot.txt",
+        "logs/train.log",
+        "metrics.jsonl",
+        "training.json",
+    ]
     files += ["final_model/config.json", "final_model/tokenizer_config.json", "final_model/generation_config.json"]
     if cfg.train.method == "lora":
         files += ["adapter/adapter_config.json"]

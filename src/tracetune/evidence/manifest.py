@@ -54,7 +54,9 @@ def verify_run(run_dir: Path) -> tuple[list[str], list[dict]]:
     gates = [asdict(g) for g in compute_gates(run_dir)]
     for gate in gates:
         if not gate["passed"]:
-            problems.append(f"gate {gate['name']} fails: value {gate['value']}, threshold {gate['threshold']} {gate['detail']}")
+            problems.append(
+                f"gate {gate['name']} fails: value {gate['value']}, threshold {gate['threshold']} {gate['detail']}"
+            )
         old = recorded.get(gate["name"])
         if old is not None and old["passed"] != gate["passed"]:
             problems.append(f"gate {gate['name']}: recorded passed={old['passed']}, recomputed passed={gate['passed']}")

@@ -89,7 +89,10 @@ def loss_by_epoch(data: dict) -> list[list]:
     vals = {}
     for row in data["val"]:
         vals[max(0, int(row["epoch"] - 1e-9))] = row["loss"]
-    return [[e + 1, f"{sum(v) / len(v):.4f}", f"{v[0]:.4f}", f"{v[-1]:.4f}", f"{vals[e]:.4f}" if e in vals else "-"] for e, v in sorted(groups.items())]
+    return [
+        [e + 1, f"{sum(v) / len(v):.4f}", f"{v[0]:.4f}", f"{v[-1]:.4f}", f"{vals[e]:.4f}" if e in vals else "-"]
+        for e, v in sorted(groups.items())
+    ]
 
 
 def _artifacts(run_dir: Path) -> list[list]:
@@ -103,7 +106,10 @@ def write_summary(run_dir: Path, data: dict) -> str:
     cfg, run, totals = data["config"], data["run"], training_totals(data)
     t = cfg.get("train", {})
     lines = [f"# tracetune run `{run.get('run_id', run_dir.name)}`", ""]
-    lines += [f"Status: **{run.get('status', 'unknown')}**; started {run.get('started_at')}, ended {run.get('ended_at')}.", ""]
+    lines += [
+        f"Status: **{run.get('status', 'unknown')}**; started {run.get('started_at')}, ended {run.get('ended_at')}.",
+        "",
+    ]
     lines += ["## Configuration", ""]
     lines += _table(
         ["setting", "value"],
@@ -116,15 +122,25 @@ def write_summary(run_dir: Path, data: dict) -> str:
             ["max sequence length", cfg.get("data", {}).get("max_seq_length")],
             ["seed", cfg.get("seed")],
             ["device", f"{data['env'].get('device')} ({data['env'].get('device_name')})"],
-            ["train data", f"{cfg.get('data', {}).get('train_file')} ({data['training'].get('num_train_examples')} train / {data['training'].get('num_val_examples')} val examples)"],
+            [
+                "train data",
+                f"{cfg.get('data', {}).get('train_file')} ({data['training'].get('num_train_examples')} train / {data['training'].get('num_val_examples')} val examples)",
+            ],
         ],
     )
     lines += ["", "## Training results", ""]
     lines += _table(
         ["steps", "runtime (s)", "samples/s", "tokens/s", "final train loss", "final val loss"],
-        [[totals["steps"], f"{totals['runtime_s']:.1f}", f"{totals['samples_per_s']:.3f}", f"{totals['tokens_per_s']:.1f}",
-          f"{totals['final_loss']:.4f}" if totals["final_loss"] is not None else "-",
-          f"{totals['final_val_loss']:.4f}" if totals["final_val_loss"] is not None else "-"]],
+        [
+            [
+                totals["steps"],
+                f"{totals['runtime_s']:.1f}",
+                f"{totals['samples_per_s']:.3f}",
+                f"{totals['tokens_per_s']:.1f}",
+                f"{totals['final_loss']:.4f}" if totals["final_loss"] is not None else "-",
+                f"{totals['final_val_loss']:.4f}" if totals["final_val_loss"] is not None else "-",
+            ]
+        ],
     )
     lines += ["", "### Loss per epoch", ""]
     lines += _table(["epoch", "mean train loss", "first", "last", "val loss at epoch end"], loss_by_epoch(data))
@@ -150,7 +166,15 @@ def write_summary(run_dir: Path, data: dict) -> str:
                 lines += ["", f"### Accuracy {key.replace('_', ' ')}", ""]
                 lines += _table(
                     [key.removeprefix("by_"), *(["base"] if base else []), "fine-tuned", "items"],
-                    [[n, *([_pct(base[key][n]["accuracy"])] if base and n in base[key] else []), _pct(final[key][n]["accuracy"]), final[key][n]["num_items"]] for n in names],
+                    [
+                        [
+                            n,
+                            *([_pct(base[key][n]["accuracy"])] if base and n in base[key] else []),
+                            _pct(final[key][n]["accuracy"]),
+                            final[key][n]["num_items"],
+                        ]
+                        for n in names
+                    ],
                 )
     if comp:
         low, high = comp["difference_ci95"]
@@ -164,7 +188,10 @@ def write_summary(run_dir: Path, data: dict) -> str:
         lines += ["", "## Quality gates", "", f"All passed: **{data['gates']['passed']}**", ""]
         lines += _table(
             ["gate", "status", "value", "threshold", "from"],
-            [[g["name"], g["status"], _short(g["value"]), _short(g["threshold"]), g["source"]] for g in data["gates"]["gates"]],
+            [
+                [g["name"], g["status"], _short(g["value"]), _short(g["threshold"]), g["source"]]
+                for g in data["gates"]["gates"]
+            ],
         )
     lines += ["", "## Artifacts", ""]
     lines += _table(["file", "size"], _artifacts(run_dir))
@@ -178,7 +205,7 @@ def _short(value) -> str:
         return f"{value:.4g}"
     if isinstance(value, dict):
         return ", ".join(f"{k}={_short(v)}" for k, v in value.items())
-    return html.escape(str(value))[:80]
+    return str(value).replace("|", "\\|")[:80]
 
 
 # ---------------------------------------------------------------- plots
@@ -233,7 +260,10 @@ def write_report(run_dir: Path) -> None:
     if data["train"]:
         loss_png = plot_loss(data)
         (run_dir / "loss.png").write_bytes(loss_png)
-        plots += [("Training and validation loss", loss_png), ("Learning rate", plot_series(data, "lr", "Learning rate"))]
+        plots += [
+            ("Training and validation loss", loss_png),
+            ("Learning rate", plot_series(data, "lr", "Learning rate")),
+        ]
         plots.append(("Throughput", plot_series(data, "tokens_per_s", "Training tokens/s")))
     if data["final"]:
         plots.append(("Accuracy per category", plot_accuracy(data)))
@@ -242,7 +272,9 @@ def write_report(run_dir: Path) -> None:
         f"<figcaption>{html.escape(t)}</figcaption></figure>"
         for t, p in plots
     )
-    page = _HTML.format(title=html.escape(run_dir.name), images=images, summary=html.escape(summary), num_plots=len(plots))
+    page = _HTML.format(
+        title=html.escape(run_dir.name), images=images, summary=html.escape(summary), num_plots=len(plots)
+    )
     (run_dir / "report.html").write_text(page, encoding="utf-8")
 
 

@@ -49,7 +49,14 @@ def rng_state() -> dict:
 
 
 def save_checkpoint(
-    root: Path, step: int, model, optimizer_state: dict, trainer_state: dict, config_yaml: str, probe: dict, keep_last: int
+    root: Path,
+    step: int,
+    model,
+    optimizer_state: dict,
+    trainer_state: dict,
+    config_yaml: str,
+    probe: dict,
+    keep_last: int,
 ) -> Path:
     """Write one committed checkpoint and prune old ones; returns its directory."""
     final = root / step_dir_name(step)
@@ -62,9 +69,7 @@ def save_checkpoint(
         torch.save(trainer_state, staging / "trainer_state.pt")
         (staging / "config.yaml").write_text(config_yaml, encoding="utf-8")
         (staging / "probe.json").write_text(json.dumps(probe, indent=1) + "\n", encoding="utf-8")
-        manifest = {
-            str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()
-        }
+        manifest = {str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         _fsync_tree(staging)
         shutil.rmtree(final, ignore_errors=True)

@@ -56,7 +56,11 @@ def apply_lora(model, cfg: Config):
 
     lora = cfg.train.lora
     peft_config = LoraConfig(
-        task_type="CAUSAL_LM", r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules
+        task_type="CAUSAL_LM",
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
     )
     return get_peft_model(model, peft_config)
 
@@ -134,18 +138,25 @@ def fit(cfg: Config, run_dir: Path, model, tokenizer, train: list[Example], val:
     num_params = sum(p.numel() for _, p in named)
     log.info(
         "training %s on %s: %d examples, %d val, %d trainable params, %d steps (%d per epoch), global batch %d",
-        tc.method, device, len(train), len(val), num_params, total_steps, steps_per_epoch, tc.batch_size * tc.grad_accum_steps,
+        tc.method,
+        device,
+        len(train),
+        len(val),
+        num_params,
+        total_steps,
+        steps_per_epoch,
+        tc.batch_size * tc.grad_accum_steps,
     )
 
-    metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8", newline="\n")
     started = last_log_time = time.perf_counter()
     window = {"loss_sum": 0.0, "loss_tokens": 0, "tokens": 0, "padded": 0, "samples": 0, "steps": 0}
     step, epoch, last_saved = 0, 0, 0
     bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
 
     def write(record: dict) -> None:
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
+        # One append per line: a crash leaves at most one torn last line.
+        with open(run_dir / "metrics.jsonl", "a", encoding="utf-8", newline="\n") as metrics:
+            metrics.write(json.dumps(record) + "\n")
 
     def save(at_step: int, position: dict) -> None:
         nonlocal last_saved
@@ -155,14 +166,23 @@ def fit(cfg: Config, run_dir: Path, model, tokenizer, train: list[Example], val:
             optimizer_state["master"] = [p.detach() for p in master.master]
         probe = probe_outputs(model, probe_ids)
         path = save_checkpoint(
-            run_dir / "checkpoints", at_step, model, optimizer_state, trainer_state, config_yaml, probe, tc.keep_last_checkpoints
+            run_dir / "checkpoints",
+            at_step,
+            model,
+            optimizer_state,
+            trainer_state,
+            config_yaml,
+            probe,
+            tc.keep_last_checkpoints,
         )
         last_saved = at_step
         log.info("saved checkpoint %s", path.name)
 
     def run_validation(at_step: int) -> None:
         val_loss, n = validate(model, val, cfg, pad_id, device)
-        write({"split": "val", "step": at_step, "epoch": round(epoch_progress, 4), "loss": val_loss, "num_loss_tokens": n})
+        write(
+            {"split": "val", "step": at_step, "epoch": round(epoch_progress, 4), "loss": val_loss, "num_loss_tokens": n}
+        )
         log.info("step %d val_loss %.4f", at_step, val_loss)
 
     epoch_progress = 0.0
@@ -224,7 +244,12 @@ def fit(cfg: Config, run_dir: Path, model, tokenizer, train: list[Example], val:
                 write(record)
                 log.debug(
                     "step %d/%d loss %.4f lr %.3g grad_norm %.3f tok/s %.1f",
-                    step, total_steps, record["loss"], record["lr"], grad_norm, record["tokens_per_s"],
+                    step,
+                    total_steps,
+                    record["loss"],
+                    record["lr"],
+                    grad_norm,
+                    record["tokens_per_s"],
                 )
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 window = dict.fromkeys(window, 0)
@@ -245,7 +270,6 @@ def fit(cfg: Config, run_dir: Path, model, tokenizer, train: list[Example], val:
     if last_saved != step:
         save(step, position)
     elapsed = time.perf_counter() - started
-    metrics.close()
     final_dir = save_final_model(model, tokenizer, run_dir, tc.method)
     summary = {
         "planned_steps": total_steps,

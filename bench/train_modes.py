@@ -1,0 +1,93 @@
+"""Training throughput of tracetune's own modes, side by side: {full, LoRA} x {fp32, bf16 autocast}.
+
+Each mode trains the same model on the same examples for the same number of optimizer steps; modes are
+interleaved (A B C D A B C D ...) for --repeats rounds so drift on the machine hits all of them alike.
+The first --warmup steps of every run are excluded. Writes bench/results/train_modes.{json,md}.
+
+    python bench/train_modes.py --steps 8 --repeats 2            # Gemma 3 270M on this machine
+    python bench/train_modes.py --source tiny:gemma3 --steps 4   # a smoke test in seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+from pathlib import Path
+
+from tracetune.config import load_config
+from tracetune.pipeline import load_for_training, load_inputs, new_run_dir
+from tracetune.train.loop import fit
+
+MODES = [("full", "fp32"), ("full", "bf16-autocast"), ("lora", "fp32"), ("lora", "bf16-autocast")]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def run_once(source: str, method: str, precision: str, steps: int, root: Path, name: str) -> list[dict]:
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml",
+        [
+            f"model.source={source}",
+            f"train.method={method}",
+            f"train.precision={precision}",
+            f"train.max_steps={steps}",
+            "train.log_every_steps=1",
+            "train.eval_every_steps=null",
+            "train.save_every_steps=null",
+            "data.val_fraction=0",
+            "train.lr=1e-5",
+            f"output.root={root}",
+            f"output.run_name={name}",
+        ],
+    )
+    inputs = load_inputs(cfg)
+    tokenizer, model, train, val, _ = load_for_training(cfg, inputs)
+    run_dir = new_run_dir(cfg)
+    fit(cfg, run_dir, model, tokenizer, train, val)
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", default="packaged:gemma3-270m")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    samples: dict[str, list[float]] = {f"{m}/{p}": [] for m, p in MODES}
+    memory: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            for method, precision in MODES:
+                key = f"{method}/{precision}"
+                rows = run_once(args.source, method, precision, args.steps, Path(tmp), f"{method}-{precision}-{repeat}")
+                timed = rows[args.warmup :]
+                tokens = sum(r["num_tokens"] for r in timed)
+                seconds = sum(r["num_tokens"] / r["tokens_per_s"] for r in timed)
+                samples[key].append(tokens / seconds)
+                memory[key] = max(memory.get(key, 0.0), rows[-1].get("peak_rss_mb", 0.0))
+                print(f"{key} repeat {repeat}: {tokens / seconds:.1f} tokens/s", flush=True)
+    baseline = statistics.median(samples["full/fp32"])
+    table = {
+        key: {
+            "median_tokens_per_s": statistics.median(v),
+            "runs": v,
+            "ratio_vs_full_fp32": statistics.median(v) / baseline,
+            "peak_rss_mb": memory[key],
+        }
+        for key, v in samples.items()
+    }
+    result = {"source": args.source, "steps": args.steps, "warmup_steps_excluded": args.warmup, "repeats": args.repeats,
+              "machine": f"{platform.processor() or platform.machine()}", "results": table}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "train_modes.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = ["| mode | median tokens/s | vs full/fp32 | peak RSS (MB) |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['median_tokens_per_s']:.1f} | {v['ratio_vs_full_fp32']:.2f}x | {v['peak_rss_mb']:.0f} |" for k, v in table.items()]
+    (RESULTS / "train_modes.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+import json
+
+from tracetune.cli import main
+
+
+def test_config_explain_and_show(capsys):
+    assert main(["config", "explain"]) == 0
+    out = capsys.readouterr().out
+    assert "train.grad_accum_steps (int, default 1)" in out
+    assert main(["config", "show", "configs/tiny_test.yaml", "train.lr=0.5"]) == 0
+    assert "lr: 0.5" in capsys.readouterr().out
+
+
+def test_models_list(capsys):
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "packaged:gemma3-270m" in out and "packaged:smollm2-135m" in out and "tiny:gemma3" in out
+
+
+def test_data_stats_reports_categories_and_histogram(capsys):
+    assert main(["data", "stats", "data/train.jsonl", "--tokenizer", "tiny:gemma3"]) == 0
+    out = capsys.readouterr().out
+    assert "arithmetic" in out and "steps per record" in out and "p50" in out
+
+
+def test_eval_command_writes_predictions_and_scores(tmp_path):
+    out = tmp_path / "ev"
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                "tiny:gemma3",
+                "--eval-set",
+                "data/eval.jsonl",
+                "--out",
+                str(out),
+                "eval.max_items=3",
+                "eval.max_new_tokens=4",
+            ]
+        )
+        == 0
+    )
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["num_items"] == 3 and (out / "logs" / "eval.log").is_file()
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 3

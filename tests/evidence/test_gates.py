@@ -1,0 +1,77 @@
+import json
+import math
+import shutil
+
+from tracetune.config import load_config
+from tracetune.evidence.gates import compute_gates, gate_finite, gate_loss_decreased, gate_training_completed
+
+
+def _copy(tiny_run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, copy)
+    return copy
+
+
+def _rewrite_metrics(run_dir, change):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = change(rows)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_flat_loss_fails_loss_decreased(tiny_run_dir, tmp_path):
+    run = _copy(tiny_run_dir, tmp_path)
+    _rewrite_metrics(run, lambda rows: [{**r, "loss": 2.0} for r in rows])
+    gate = gate_loss_decreased(run, load_config(run / "config.yaml"))
+    assert not gate.passed and gate.value["first_10pct_loss"] == gate.value["last_10pct_loss"] == 2.0
+
+
+def test_nan_fails_the_finite_gate(tiny_run_dir, tmp_path):
+    run = _copy(tiny_run_dir, tmp_path)
+    _rewrite_metrics(
+        run, lambda rows: [{**r, "loss": math.nan} if r["step"] == 3 and "split" not in r else r for r in rows]
+    )
+    gate = gate_finite(run)
+    assert not gate.passed and gate.value == 1 and "3" in gate.detail
+
+
+def test_missing_steps_fail_training_completed(tiny_run_dir, tmp_path):
+    run = _copy(tiny_run_dir, tmp_path)
+    _rewrite_metrics(run, lambda rows: [r for r in rows if r["step"] < 6])
+    gate = gate_training_completed(run)
+    assert not gate.passed and (gate.value, gate.threshold) == (5, 8)
+
+
+def test_corrupt_checkpoint_falls_back_then_fails(tiny_run_dir, tmp_path):
+    run = _copy(tiny_run_dir, tmp_path)
+    newest = run / "checkpoints" / "step-000008" / "model" / "model.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[-10] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    gates = {g.name: g for g in compute_gates(run)}
+    assert gates["checkpoint_reloads"].passed and "step-000004" in gates["checkpoint_reloads"].source
+    (run / "checkpoints" / "step-000004" / "COMMITTED").unlink()
+    gates = {g.name: g for g in compute_gates(run)}
+    assert not gates["checkpoint_reloads"].passed
+
+
+def test_probe_mismatch_fails_checkpoint_reloads(tiny_run_dir, tmp_path):
+    run = _copy(tiny_run_dir, tmp_path)
+    for step in ("step-000004", "step-000008"):
+        ckpt = run / "checkpoints" / step
+        probe = json.loads((ckpt / "probe.json").read_text())
+        probe["max"][0][0] += 0.5
+        (ckpt / "probe.json").write_text(json.dumps(probe))
+        manifest = json.loads((ckpt / "MANIFEST.json").read_text())
+        from tracetune.models.sources import sha256_file
+
+        manifest["probe.json"] = sha256_file(ckpt / "probe.json")
+        (ckpt / "MANIFEST.json").write_text(json.dumps(manifest))
+    gate = {g.name: g for g in compute_gates(run)}["checkpoint_reloads"]
+    assert not gate.passed and abs(gate.value - 0.5) < 1e-3
+
+
+def test_missing_file_fails_evidence_complete(tiny_run_dir, tmp_path):
+    run = _copy(tiny_run_dir, tmp_path)
+    (run / "env_snapshot.txt").unlink()
+    gate = {g.name: g for g in compute_gates(run)}["evidence_complete"]
+    assert not gate.passed and gate.value == ["env_snapshot.txt"]
