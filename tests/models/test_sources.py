@@ -25,8 +25,12 @@ def test_unknown_tiny_arch():
 
 
 def test_unreachable_hub_id_gives_a_clear_error(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
     monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(SourceError) as info:
         load_tokenizer("no-such-org/no-such-model")
     text = str(info.value)

@@ -95,9 +95,13 @@ def loss_by_epoch(data: dict) -> list[list]:
     ]
 
 
+# Written after the summary, so they are not listed in it (and regenerating it gives the same text).
+REPORT_OUTPUTS = ("summary.md", "report.html", "loss.png", "MANIFEST.sha256")
+
+
 def _artifacts(run_dir: Path) -> list[list]:
     rows = []
-    for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
+    for path in sorted(p for p in run_dir.rglob("*") if p.is_file() and p.name not in REPORT_OUTPUTS):
         rows.append([f"`{path.relative_to(run_dir)}`", _size(path.stat().st_size)])
     return rows
 
@@ -193,7 +197,7 @@ def write_summary(run_dir: Path, data: dict) -> str:
                 for g in data["gates"]["gates"]
             ],
         )
-    lines += ["", "## Artifacts", ""]
+    lines += ["", "## Artifacts", "", f"Besides {', '.join(REPORT_OUTPUTS)}, written after this list:", ""]
     lines += _table(["file", "size"], _artifacts(run_dir))
     text = "\n".join(lines) + "\n"
     (run_dir / "summary.md").write_text(text, encoding="utf-8")
