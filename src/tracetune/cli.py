@@ -1,7 +1,8 @@
 """Thin dispatch: parse arguments, call one function per verb, map errors to exit codes.
 
 Exit codes: 0 success; 1 a check found problems (data validate, verify); 2 user error (bad config, data,
-model source, run directory); 3 a quality gate failed (everything was still written).
+model source, run directory); 3 a quality gate failed (everything was still written); 4 training hit a
+NaN/inf; 130 / 143 stopped by SIGINT / SIGTERM after saving a checkpoint.
 """
 
 from __future__ import annotations
@@ -83,8 +84,17 @@ def cmd_run(args) -> int:
     from tracetune.errors import GateFailure
     from tracetune.pipeline import run_stage
 
-    cfg = load_config(args.config, args.overrides)
-    run_dir, gates = run_stage(cfg, sys.argv)
+    if args.verb == "resume":
+        cfg = load_config(Path(args.run_dir) / "config.yaml")
+        if cfg.output.root / cfg.output.run_name != Path(args.run_dir).resolve():
+            cfg.output.root, cfg.output.run_name = Path(args.run_dir).resolve().parent, Path(args.run_dir).name
+        resume = True
+    else:
+        cfg = load_config(args.config, args.overrides)
+        resume = args.resume
+        if resume and cfg.output.run_name is None:
+            raise TracetuneError("--resume needs output.run_name (the run directory to continue)")
+    run_dir, gates = run_stage(cfg, sys.argv, resume=resume)
     for gate in gates["gates"]:
         print(f"  {gate['status']:<4}  {gate['name']}")
     print(f"run directory: {run_dir}\nsummary: {run_dir / 'summary.md'}\nreport: {run_dir / 'report.html'}")
@@ -166,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("run", help="the whole pipeline: base eval, train, final eval, gates, report")
     _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue the run directory output.run_name names")
+    p.set_defaults(func=cmd_run)
+
+    p = verbs.add_parser("resume", help="continue an interrupted run from its last committed checkpoint")
+    p.add_argument("run_dir")
     p.set_defaults(func=cmd_run)
 
     p = verbs.add_parser("verify", help="re-check every hash and recompute every gate of a run directory")

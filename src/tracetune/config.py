@@ -106,6 +106,13 @@ class TrainConfig(Section):
     save_every_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps (and at the end).")
     keep_last_checkpoints: int = Field(2, ge=1, description="Committed checkpoints to keep.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    nonfinite_policy: Literal["stop", "skip"] = Field(
+        "stop", description="On a NaN/inf loss or gradient: stop (after checkpointing the last good state) or skip."
+    )
+    max_skipped_steps: int = Field(10, ge=0, description="With nonfinite_policy=skip, stop after this many skips.")
+    record_example_ids: bool = Field(
+        False, description="Write example_ids.jsonl: the ids of the examples each optimizer step consumed."
+    )
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads; null keeps torch's default.")
 
 

@@ -6,7 +6,10 @@ and before a run directory exists.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -86,12 +89,80 @@ def tokenize_inputs(cfg: Config, inputs: Inputs, tokenizer) -> tuple[list[Exampl
     return splits[0], splits[1], counts
 
 
+def run_dir_of(cfg: Config) -> Path:
+    """The run directory a config names; a missing run_name becomes a UTC timestamp, recorded in the config."""
+    if cfg.output.run_name is None:
+        cfg.output.run_name = datetime.now(UTC).strftime("run-%Y%m%dT%H%M%SZ")
+    return cfg.output.root / cfg.output.run_name
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """An exclusive lock beside the run directory, so two processes never share one (released on exit or crash)."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    path = run_dir.parent / f".{run_dir.name}.lock"
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise RunDirError(
+                f"run directory {run_dir} is in use by another process ({handle.read().strip()})"
+            ) from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        yield
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resumable(run_dir: Path, cfg: Config, world_size: int = 1) -> None:
+    """Refuse to resume when anything that shapes training changed; list every change."""
+    import json
+
+    from tracetune.config import load_config
+    from tracetune.models.sources import sha256_file
+
+    if not (run_dir / "config.yaml").is_file():
+        raise RunDirError(f"nothing to resume: {run_dir} is not a run directory (no config.yaml)")
+    # Where the run lives (output.*) may change, e.g. a moved directory; nothing else may.
+    saved = {
+        k: v
+        for k, v in _flatten(load_config(run_dir / "config.yaml").model_dump(mode="json")).items()
+        if not k.startswith("output.")
+    }
+    now = {k: v for k, v in _flatten(cfg.model_dump(mode="json")).items() if not k.startswith("output.")}
+    changes = [
+        f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)
+    ]
+    run = json.loads((run_dir / "run.json").read_text(encoding="utf-8")) if (run_dir / "run.json").is_file() else {}
+    for path, digest in run.get("data_sha256", {}).items():
+        current = sha256_file(Path(path)) if Path(path).is_file() else "missing"
+        if current != digest:
+            changes.append(f"data {path}: sha256 {digest[:12]}... -> {current[:12]}")
+    if run.get("world_size", world_size) != world_size:
+        changes.append(f"world size: {run['world_size']} -> {world_size}")
+    if changes:
+        raise RunDirError(f"cannot resume {run_dir}: the run changed:\n    " + "\n    ".join(changes))
+
+
 def new_run_dir(cfg: Config) -> Path:
     """Create the run directory; refuse one that already exists so nothing is overwritten."""
-    name = cfg.output.run_name or datetime.now(UTC).strftime("run-%Y%m%dT%H%M%SZ")
-    run_dir = cfg.output.root / name
+    run_dir = run_dir_of(cfg)
     if run_dir.exists():
-        raise RunDirError(f"run directory {run_dir} already exists; fix: choose another output.run_name")
+        raise RunDirError(
+            f"run directory {run_dir} already exists; fix: choose another output.run_name, or continue it with "
+            f"`tracetune resume {run_dir}`"
+        )
     run_dir.mkdir(parents=True)
     (run_dir / "logs").mkdir()
     (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
@@ -119,10 +190,11 @@ def train_stage(cfg: Config, argv: list[str]) -> Path:
     resolve_device(cfg.train.device)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    run_dir = new_run_dir(cfg)
-    with log_to_file(run_dir / "logs" / "train.log"):
-        tokenizer, model, train, val, _ = load_for_training(cfg, inputs)
-        fit(cfg, run_dir, model, tokenizer, train, val)
+    with run_lock(run_dir_of(cfg)):
+        run_dir = new_run_dir(cfg)
+        with log_to_file(run_dir / "logs" / "train.log"):
+            tokenizer, model, train, val, _ = load_for_training(cfg, inputs)
+            fit(cfg, run_dir, model, tokenizer, train, val)
     return run_dir
 
 
@@ -185,9 +257,36 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def run_stage(cfg: Config, argv: list[str]) -> tuple[Path, dict]:
-    """`tracetune run`: base eval, train, final eval, gates, report, manifest. Returns (run_dir, gates record)."""
+def _train_or_resume(cfg: Config, inputs: Inputs, run_dir: Path, resume: bool):
+    """Train, or continue from the newest intact checkpoint; a finished training (training.json) is kept."""
     import gc
+    import json
+
+    from tracetune.logs import log_to_file
+    from tracetune.train.checkpoint import latest_good_checkpoint
+    from tracetune.train.loop import fit
+
+    if resume and (run_dir / "training.json").is_file():
+        log.info("training already finished in %s", run_dir)
+        return run_dir / "final_model"
+    checkpoint = latest_good_checkpoint(run_dir / "checkpoints") if resume else None
+    if resume and checkpoint is None:  # nothing committed: start training over
+        for name in ("metrics.jsonl", "example_ids.jsonl"):
+            (run_dir / name).unlink(missing_ok=True)
+    with log_to_file(run_dir / "logs" / "train.log"):
+        tokenizer, model, train, val, counts = load_for_training(cfg, inputs)
+        log.info("tokenized: %s", json.dumps(counts))
+        result = fit(cfg, run_dir, model, tokenizer, train, val, resume_from=checkpoint)
+    del model
+    gc.collect()
+    return result.final_model_dir
+
+
+def run_stage(cfg: Config, argv: list[str], resume: bool = False) -> tuple[Path, dict]:
+    """`tracetune run`: base eval, train, final eval, gates, report, manifest. Returns (run_dir, gates record).
+
+    With `resume`, continue the run directory the config names: finished items and steps are kept.
+    """
     import json
 
     import tracetune
@@ -196,58 +295,65 @@ def run_stage(cfg: Config, argv: list[str]) -> tuple[Path, dict]:
     from tracetune.evidence.gates import compute_gates, write_gates
     from tracetune.evidence.manifest import write_manifest
     from tracetune.evidence.report import write_report
+    from tracetune.faults import STOP, Interrupted
     from tracetune.logs import log_to_file
     from tracetune.models.sources import sha256_file
-    from tracetune.train.loop import fit, resolve_device
+    from tracetune.train.loop import resolve_device
 
     inputs = load_inputs(cfg)
     device = resolve_device(cfg.train.device)
-    run_dir = new_run_dir(cfg)
-    data_files = [cfg.data.train_file] + ([cfg.eval.eval_file] if cfg.eval.eval_file else [])
-    record = {
-        "run_id": run_dir.name,
-        "argv": argv,
-        "started_at": _now(),
-        "ended_at": None,
-        "status": "running",
-        "seed": cfg.seed,
-        "tracetune_version": tracetune.__version__,
-        "git": _git_state(),
-        "data_sha256": {str(p): sha256_file(p) for p in data_files},
-        "world_size": 1,
-    }
-    _write_run_json(run_dir, record)
-    write_env(run_dir, device.type)
-    write_gpu_snapshot(run_dir, device.type, "start")
-    try:
-        if inputs.eval_items is not None and cfg.eval.run_base:
-            with log_to_file(run_dir / "logs" / "eval.log"):
-                log.info("evaluating the base model %s", cfg.model.source)
-                evaluate_model(cfg, cfg.model.source, inputs.eval_items, run_dir / "eval" / "base")
-            gc.collect()
-        with log_to_file(run_dir / "logs" / "train.log"):
-            tokenizer, model, train, val, counts = load_for_training(cfg, inputs)
-            log.info("tokenized: %s", json.dumps(counts))
-            result = fit(cfg, run_dir, model, tokenizer, train, val)
-        del model
-        gc.collect()
-        if inputs.eval_items is not None:
-            with log_to_file(run_dir / "logs" / "eval.log"):
-                log.info("evaluating the fine-tuned model %s", result.final_model_dir)
-                evaluate_model(cfg, str(result.final_model_dir), inputs.eval_items, run_dir / "eval" / "final")
-                if cfg.eval.run_base:
-                    comparison = compare_predictions(run_dir / "eval" / "base", run_dir / "eval" / "final", cfg.seed)
-                    (run_dir / "eval" / "comparison.json").write_text(
-                        json.dumps(comparison, indent=2) + "\n", encoding="utf-8"
-                    )
-        write_gpu_snapshot(run_dir, device.type, "end")
-    except BaseException as exc:
-        record.update(status="failed", ended_at=_now(), error=f"{type(exc).__name__}: {exc}")
+    run_dir = run_dir_of(cfg)
+    with run_lock(run_dir), STOP:
+        if resume:
+            check_resumable(run_dir, cfg)
+            record = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+            record.setdefault("resumed_at", []).append(_now())
+            record.update(status="running", ended_at=None)
+            record.pop("error", None)
+        else:
+            run_dir = new_run_dir(cfg)
+            data_files = [cfg.data.train_file] + ([cfg.eval.eval_file] if cfg.eval.eval_file else [])
+            record = {
+                "run_id": run_dir.name,
+                "argv": argv,
+                "started_at": _now(),
+                "ended_at": None,
+                "status": "running",
+                "seed": cfg.seed,
+                "tracetune_version": tracetune.__version__,
+                "git": _git_state(),
+                "data_sha256": {str(p): sha256_file(p) for p in data_files},
+                "world_size": 1,
+            }
         _write_run_json(run_dir, record)
-        raise
-    gates = write_gates(run_dir, compute_gates(run_dir))
-    record.update(status="completed" if gates["passed"] else "gates_failed", ended_at=_now())
-    _write_run_json(run_dir, record)
-    write_report(run_dir)
-    write_manifest(run_dir)
+        if not (run_dir / "env.json").is_file():
+            write_env(run_dir, device.type)
+        write_gpu_snapshot(run_dir, device.type, "start")
+        try:
+            if inputs.eval_items is not None and cfg.eval.run_base:
+                with log_to_file(run_dir / "logs" / "eval.log"):
+                    log.info("evaluating the base model %s", cfg.model.source)
+                    evaluate_model(cfg, cfg.model.source, inputs.eval_items, run_dir / "eval" / "base")
+            final_model = _train_or_resume(cfg, inputs, run_dir, resume)
+            if inputs.eval_items is not None:
+                with log_to_file(run_dir / "logs" / "eval.log"):
+                    log.info("evaluating the fine-tuned model %s", final_model)
+                    evaluate_model(cfg, str(final_model), inputs.eval_items, run_dir / "eval" / "final")
+                    if cfg.eval.run_base:
+                        comparison = compare_predictions(
+                            run_dir / "eval" / "base", run_dir / "eval" / "final", cfg.seed
+                        )
+                        text = json.dumps(comparison, indent=2) + "\n"
+                        (run_dir / "eval" / "comparison.json").write_text(text, encoding="utf-8")
+            write_gpu_snapshot(run_dir, device.type, "end")
+        except BaseException as exc:
+            status = "interrupted" if isinstance(exc, Interrupted | KeyboardInterrupt) else "failed"
+            record.update(status=status, ended_at=_now(), error=f"{type(exc).__name__}: {exc}")
+            _write_run_json(run_dir, record)
+            raise
+        gates = write_gates(run_dir, compute_gates(run_dir))
+        record.update(status="completed" if gates["passed"] else "gates_failed", ended_at=_now())
+        _write_run_json(run_dir, record)
+        write_report(run_dir)
+        write_manifest(run_dir)
     return run_dir, gates

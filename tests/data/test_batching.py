@@ -25,7 +25,10 @@ def test_collate_masks_prompt_and_padding():
     batch = collate([Example("a", (5, 6, 7, 8), 2), Example("b", (9, 10), 1)], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
-    assert batch["labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 7, 8], [IGNORE_INDEX, 10, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["labels"].tolist() == [
+        [IGNORE_INDEX, IGNORE_INDEX, 7, 8],
+        [IGNORE_INDEX, 10, IGNORE_INDEX, IGNORE_INDEX],
+    ]
 
 
 def test_no_cross_example_contamination():
@@ -33,7 +36,9 @@ def test_no_cross_example_contamination():
     tokenizer = load_tokenizer("tiny:gemma3")
     model = load_model("tiny:gemma3", tokenizer, 0).eval()
     a = Example("a", tuple(tokenizer("What is 2 + 2? Answer: 4").input_ids), 10)
-    b = Example("b", tuple(tokenizer("A much longer neighbouring example with more tokens. Answer: 12345").input_ids), 20)
+    b = Example(
+        "b", tuple(tokenizer("A much longer neighbouring example with more tokens. Answer: 12345").input_ids), 20
+    )
     with torch.no_grad():
         alone = [loss_sum(model, collate([e], tokenizer.pad_token_id))[0] for e in (a, b)]
         together, n = loss_sum(model, collate([a, b], tokenizer.pad_token_id))

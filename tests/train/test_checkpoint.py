@@ -2,6 +2,7 @@ import pytest
 
 from tracetune.models.sources import load_model, load_tokenizer
 from tracetune.train.checkpoint import (
+    CheckpointError,
     committed_checkpoints,
     latest_good_checkpoint,
     save_checkpoint,
@@ -48,9 +49,16 @@ def test_failed_save_removes_staging_and_keeps_the_previous(saved, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
+    def no_permission(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
     monkeypatch.setattr(model, "save_pretrained", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointError, match="could not write checkpoint step-000009: .*No space left.*intact"):
         save_checkpoint(root, 9, model, {}, {}, "", {}, keep_last=1)
     assert not list(root.glob("*.staging"))
     assert latest_good_checkpoint(root) == root / "step-000003"
     assert [p.name for p in committed_checkpoints(root)] == ["step-000001", "step-000002", "step-000003"]
+    monkeypatch.setattr(model, "save_pretrained", no_permission)
+    with pytest.raises(CheckpointError, match="Permission denied"):
+        save_checkpoint(root, 10, model, {}, {}, "", {}, keep_last=1)
+    assert latest_good_checkpoint(root) == root / "step-000003" and not list(root.glob("*.staging"))

@@ -131,8 +131,8 @@ def read_jsonl(path: Path, issues: list[Issue]) -> list[tuple[int, dict]]:
     return rows
 
 
-def detect_format(obj: dict) -> str | None:
-    """Guess a record's format from its keys."""
+def detect_format(obj: dict, default: str = "native") -> str | None:
+    """Guess a record's format from its keys; `default` when only a prompt says what it is."""
     if "expected_answer" in obj:
         return "eval"
     if "final_answer" in obj or "steps" in obj or "trace_version" in obj:
@@ -143,6 +143,8 @@ def detect_format(obj: dict) -> str | None:
         return "chat"
     if "instruction" in obj and "output" in obj:
         return "alpaca"
+    if "prompt" in obj:
+        return default
     return None
 
 
@@ -304,7 +306,7 @@ def _to_trace(rec: dict, path: str, line: int, issues: list[Issue]) -> Trace | N
 # ---------------------------------------------------------------- whole files
 
 
-def load_traces(path: str | Path, fmt: str = "auto") -> LoadReport:
+def load_traces(path: str | Path, fmt: str = "auto", default_format: str = "native") -> LoadReport:
     """Read, adapt and validate a file of training traces; the report lists every issue."""
     path = Path(path)
     name = str(path)
@@ -317,7 +319,7 @@ def load_traces(path: str | Path, fmt: str = "auto") -> LoadReport:
         report.issues.append(Issue(name, 0, "<file>", "file has no records", "add one JSON object per line"))
         return report
     if fmt == "auto" and rows:
-        detected = detect_format(rows[0][1])
+        detected = detect_format(rows[0][1], default_format)
         if detected is None:
             report.issues.append(
                 Issue(
@@ -370,7 +372,7 @@ def load_traces(path: str | Path, fmt: str = "auto") -> LoadReport:
 
 def load_eval_items(path: str | Path, fmt: str = "auto") -> LoadReport:
     """Read eval items: the eval format, or any trace format whose final answer becomes expected_answer."""
-    report = load_traces(path, fmt)
+    report = load_traces(path, fmt, default_format="eval")
     items = []
     for trace in report.records:
         meta = trace.meta

@@ -20,6 +20,7 @@ from tracetune.data.traces import EvalItem
 from tracetune.eval.generate import generate_batch, timed
 from tracetune.eval.score import answers_match, extract_answer
 from tracetune.eval.stats import mcnemar_exact, paired_bootstrap, wilson_interval
+from tracetune.faults import STOP, crash_point
 
 log = logging.getLogger("tracetune")
 
@@ -100,6 +101,8 @@ def generate_predictions(
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             handle.flush()
             bar.update(len(batch))
+            crash_point(f"eval-{out_dir.name}/batch-{start // cfg.batch_size}")
+            STOP.check(f"during evaluation ({out_dir.name}); finished items are kept")
             log.debug("eval batch of %d in %.1f s", len(batch), seconds)
     bar.close()
     return path

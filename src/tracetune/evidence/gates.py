@@ -33,7 +33,8 @@ class Gate:
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(training lines, validation lines) of metrics.jsonl."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
-    return [r for r in rows if r.get("split") != "val"], [r for r in rows if r.get("split") == "val"]
+    train = [r for r in rows if r.get("split") != "val" and "loss" in r]  # skipped-step events carry no loss
+    return train, [r for r in rows if r.get("split") == "val"]
 
 
 def _mean(values: list[float]) -> float:

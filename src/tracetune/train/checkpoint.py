@@ -20,10 +20,16 @@ from pathlib import Path
 
 import torch
 
+from tracetune.errors import TracetuneError
+from tracetune.faults import crash_point
 from tracetune.models.sources import sha256_file
 
 COMMIT_MARKER = "COMMITTED"
 MANIFEST = "MANIFEST.json"
+
+
+class CheckpointError(TracetuneError):
+    """A checkpoint could not be written (disk full, permissions)."""
 
 
 def step_dir_name(step: int) -> str:
@@ -65,6 +71,7 @@ def save_checkpoint(
     staging.mkdir(parents=True)
     try:
         model.save_pretrained(staging / "model")
+        crash_point(f"checkpoint-{step}/model-written")
         torch.save(optimizer_state, staging / "optimizer.pt")
         torch.save(trainer_state, staging / "trainer_state.pt")
         (staging / "config.yaml").write_text(config_yaml, encoding="utf-8")
@@ -72,10 +79,17 @@ def save_checkpoint(
         manifest = {str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         _fsync_tree(staging)
+        crash_point(f"checkpoint-{step}/staged")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
+        crash_point(f"checkpoint-{step}/renamed")
         (final / COMMIT_MARKER).write_text(f"{step}\n", encoding="utf-8")
         _fsync_tree(final)
+    except OSError as exc:  # disk full, permission denied: report it; the previous checkpoint is untouched
+        shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(
+            f"could not write checkpoint {final.name}: {exc}; earlier checkpoints are intact"
+        ) from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -13,7 +13,7 @@ import math
 import random
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,8 +23,9 @@ from tracetune.config import Config, dump_config
 from tracetune.data.batching import IGNORE_INDEX, collate, plan_batches
 from tracetune.data.render import Example
 from tracetune.errors import TracetuneError
+from tracetune.faults import STOP, crash_point, nan_injected
 from tracetune.models.probe import probe_outputs
-from tracetune.train.checkpoint import rng_state, save_checkpoint
+from tracetune.train.checkpoint import rng_state, save_checkpoint, verify_checkpoint
 from tracetune.train.loss import loss_sum
 from tracetune.train.optim import MasterWeights, build_optimizer, lr_lambda, param_groups
 
@@ -33,6 +34,8 @@ log = logging.getLogger("tracetune")
 
 class NonFiniteLossError(TracetuneError):
     """The loss or gradient norm was NaN/inf; no optimizer step was applied."""
+
+    exit_code = 4
 
 
 @dataclass
@@ -109,8 +112,86 @@ def _probe_ids(examples: list[Example]) -> list[list[int]]:
     return [list(examples[0].input_ids[:32])]
 
 
-def fit(cfg: Config, run_dir: Path, model, tokenizer, train: list[Example], val: list[Example]) -> FitResult:
-    """Train `model` on `train`, validating on `val`; write metrics, checkpoints and final_model."""
+@dataclass
+class Progress:
+    """Everything about where training is that a checkpoint must restore for an exact resume."""
+
+    step: int = 0
+    epoch: int = 0
+    next_batch: int = 0  # index into the epoch's batch plan of the next micro-batch
+    elapsed_s: float = 0.0
+    num_skipped_steps: int = 0
+    window: dict = field(default_factory=lambda: dict(_EMPTY_WINDOW))
+
+
+_EMPTY_WINDOW = {"loss_sum": 0.0, "loss_tokens": 0, "tokens": 0, "padded": 0, "samples": 0}
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    # One append per line: a crash leaves at most one torn last line, which a resume trims.
+    with open(path, "a", encoding="utf-8", newline="\n") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def trim_jsonl(path: Path, last_step: int) -> None:
+    """Keep the complete lines whose step is at most `last_step` (drops a torn line and anything later)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row["step"] <= last_step:
+            kept.append(line + "\n")
+    path.write_text("".join(kept), encoding="utf-8", newline="\n")
+
+
+def _restore(path: Path, model, optimizer, scheduler, master: MasterWeights | None, method: str) -> Progress:
+    """Load weights (or adapter), optimizer, scheduler and RNG states from a checkpoint directory."""
+    from safetensors.torch import load_file
+
+    if method == "lora":
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(path / "model" / "adapter_model.safetensors"))
+    else:
+        weights = {}
+        for file in sorted((path / "model").glob("*.safetensors")):
+            weights.update(load_file(file))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        tied = {name for name in missing if "lm_head" in name and model.config.tie_word_embeddings}
+        assert not unexpected and set(missing) == tied, (missing, unexpected)
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)
+    optimizer.load_state_dict(optimizer_state["optimizer"])
+    if master:
+        with torch.no_grad():
+            for target, saved in zip(master.master, optimizer_state["master"], strict=True):
+                target.copy_(saved)
+    state = torch.load(path / "trainer_state.pt", weights_only=False)
+    scheduler.load_state_dict(state["scheduler"])
+    random.setstate(state["rng"]["python"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return Progress(**state["progress"])
+
+
+def fit(
+    cfg: Config,
+    run_dir: Path,
+    model,
+    tokenizer,
+    train: list[Example],
+    val: list[Example],
+    resume_from: Path | None = None,
+) -> FitResult:
+    """Train `model` on `train`, validating on `val`; write metrics, checkpoints and final_model.
+
+    With `resume_from` (a committed checkpoint), continue exactly where it left off: same weights, optimizer,
+    schedule, RNG, data order and position; metrics.jsonl lines after the checkpoint are dropped first.
+    """
     tc = cfg.train
     device = resolve_device(tc.device)
     random.seed(cfg.seed)
@@ -136,6 +217,17 @@ def fit(cfg: Config, run_dir: Path, model, tokenizer, train: list[Example], val:
     probe_ids = _probe_ids(val or train)
     config_yaml = dump_config(cfg)
     num_params = sum(p.numel() for _, p in named)
+    metrics_path, ids_path = run_dir / "metrics.jsonl", run_dir / "example_ids.jsonl"
+
+    progress = Progress()
+    if resume_from is not None:
+        problems = verify_checkpoint(resume_from)
+        if problems:
+            raise TracetuneError(f"cannot resume from {resume_from}: {'; '.join(problems)}")
+        progress = _restore(resume_from, model, optimizer, scheduler, master, tc.method)
+        trim_jsonl(metrics_path, progress.step)
+        trim_jsonl(ids_path, progress.step)
+        log.info("resumed from %s at step %d", resume_from.name, progress.step)
     log.info(
         "training %s on %s: %d examples, %d val, %d trainable params, %d steps (%d per epoch), global batch %d",
         tc.method,
@@ -147,27 +239,28 @@ def fit(cfg: Config, run_dir: Path, model, tokenizer, train: list[Example], val:
         steps_per_epoch,
         tc.batch_size * tc.grad_accum_steps,
     )
+    last_saved = progress.step if resume_from is not None else -1
+    clock = time.perf_counter() - progress.elapsed_s  # elapsed_s continues across a resume
+    last_log_time = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True)
 
-    started = last_log_time = time.perf_counter()
-    window = {"loss_sum": 0.0, "loss_tokens": 0, "tokens": 0, "padded": 0, "samples": 0, "steps": 0}
-    step, epoch, last_saved = 0, 0, 0
-    bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
-
-    def write(record: dict) -> None:
-        # One append per line: a crash leaves at most one torn last line.
-        with open(run_dir / "metrics.jsonl", "a", encoding="utf-8", newline="\n") as metrics:
-            metrics.write(json.dumps(record) + "\n")
-
-    def save(at_step: int, position: dict) -> None:
+    def save() -> None:
         nonlocal last_saved
-        trainer_state = {"step": at_step, "scheduler": scheduler.state_dict(), "rng": rng_state(), "data": position}
+        progress.elapsed_s = time.perf_counter() - clock
+        trainer_state = {
+            "step": progress.step,
+            "progress": vars(progress) | {"window": dict(progress.window)},
+            "data": {"epoch": progress.epoch, "next_batch": progress.next_batch},
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+        }
         optimizer_state = {"optimizer": optimizer.state_dict()}
         if master:
             optimizer_state["master"] = [p.detach() for p in master.master]
         probe = probe_outputs(model, probe_ids)
         path = save_checkpoint(
             run_dir / "checkpoints",
-            at_step,
+            progress.step,
             model,
             optimizer_state,
             trainer_state,
@@ -175,107 +268,134 @@ def fit(cfg: Config, run_dir: Path, model, tokenizer, train: list[Example], val:
             probe,
             tc.keep_last_checkpoints,
         )
-        last_saved = at_step
+        last_saved = progress.step
         log.info("saved checkpoint %s", path.name)
 
-    def run_validation(at_step: int) -> None:
+    def run_validation() -> None:
         val_loss, n = validate(model, val, cfg, pad_id, device)
-        write(
-            {"split": "val", "step": at_step, "epoch": round(epoch_progress, 4), "loss": val_loss, "num_loss_tokens": n}
-        )
-        log.info("step %d val_loss %.4f", at_step, val_loss)
+        epoch = round(progress.epoch + progress.next_batch / max(1, num_batches), 4)
+        record = {"split": "val", "step": progress.step, "epoch": epoch, "loss": val_loss, "num_loss_tokens": n}
+        _append_jsonl(metrics_path, record)
+        log.info("step %d val_loss %.4f", progress.step, val_loss)
 
-    epoch_progress = 0.0
-    if val:
-        run_validation(0)  # the baseline the loss_decreased gate compares against
-    while step < total_steps:
-        batches = plan_batches(lengths, tc.batch_size, cfg.seed, epoch)
-        for start in range(0, len(batches), tc.grad_accum_steps):
-            micro = [collate([train[i] for i in b], pad_id) for b in batches[start : start + tc.grad_accum_steps]]
-            # Normalise by the loss tokens of the whole optimizer step, so accumulation equals one big batch.
-            step_tokens = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro)
-            step_loss = 0.0
-            for batch in micro:
-                with _autocast(cfg, device):
-                    s, _ = loss_sum(model, _to(batch, device))
-                (s / step_tokens).backward()
-                step_loss += s.item()
-                window["tokens"] += int(batch["attention_mask"].sum())
-                window["padded"] += batch["attention_mask"].numel()
-                window["samples"] += batch["input_ids"].shape[0]
-            if master:
-                master.grads_to_master()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(step_params, tc.max_grad_norm or float("inf")))
-            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+    num_batches = len(plan_batches(lengths, tc.batch_size, cfg.seed, 0))
+    if val and progress.step == 0 and resume_from is None:
+        run_validation()  # the baseline the loss_decreased gate compares against
+    with STOP:
+        while progress.step < total_steps:
+            batches = plan_batches(lengths, tc.batch_size, cfg.seed, progress.epoch)
+            for start in range(progress.next_batch, len(batches), tc.grad_accum_steps):
+                chunk = batches[start : start + tc.grad_accum_steps]
+                micro = [collate([train[i] for i in b], pad_id) for b in chunk]
+                # Normalise by the loss tokens of the whole optimizer step, so accumulation equals one big batch.
+                step_tokens = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro)
+                step_loss = 0.0
+                for k, batch in enumerate(micro):
+                    with _autocast(cfg, device):
+                        s, _ = loss_sum(model, _to(batch, device))
+                    if nan_injected(progress.step + 1):
+                        s = s * float("nan")
+                    (s / step_tokens).backward()
+                    step_loss += s.item()
+                    crash_point(f"step-{progress.step + 1}/micro-{k}")
+                if master:
+                    master.grads_to_master()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(step_params, tc.max_grad_norm or float("inf")))
+                finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
+                if finite:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLossError(
-                    f"non-finite loss or gradient at step {step + 1} (loss {step_loss}, grad_norm {grad_norm}); "
-                    "no update was applied; fix: lower train.lr or use fp32"
-                )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if master:
-                master.master_to_model()
-            step += 1
-            epoch_progress = epoch + min(1.0, (start + len(micro)) / len(batches))
-            window["loss_sum"] += step_loss
-            window["loss_tokens"] += step_tokens
-            window["steps"] += 1
-
-            if step % tc.log_every_steps == 0 or step == total_steps:
-                now = time.perf_counter()
-                seconds = now - last_log_time
-                record = {
-                    "step": step,
-                    "epoch": round(epoch_progress, 4),
-                    "loss": window["loss_sum"] / window["loss_tokens"],
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": grad_norm,
-                    "num_loss_tokens": window["loss_tokens"],
-                    "num_tokens": window["tokens"],
-                    "num_samples": window["samples"],
-                    "pad_fraction": round(1 - window["tokens"] / window["padded"], 4),
-                    "tokens_per_s": round(window["tokens"] / seconds, 2),
-                    "samples_per_s": round(window["samples"] / seconds, 3),
-                    "elapsed_s": round(now - started, 3),
-                    **_memory(device),
-                }
-                write(record)
-                log.debug(
-                    "step %d/%d loss %.4f lr %.3g grad_norm %.3f tok/s %.1f",
-                    step,
-                    total_steps,
-                    record["loss"],
-                    record["lr"],
-                    grad_norm,
-                    record["tokens_per_s"],
-                )
-                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                window = dict.fromkeys(window, 0)
-                window["loss_sum"] = 0.0
-                last_log_time = time.perf_counter()
-            bar.update(1)
-            position = {"epoch": epoch, "next_batch": start + len(micro)}
-            if val and tc.eval_every_steps and step % tc.eval_every_steps == 0 and step != total_steps:
-                run_validation(step)
-            if tc.save_every_steps and step % tc.save_every_steps == 0:
-                save(step, position)
-            if step >= total_steps:
-                break
-        epoch += 1
+                if not finite:
+                    progress.num_skipped_steps += 1
+                    if tc.nonfinite_policy == "stop" or progress.num_skipped_steps > tc.max_skipped_steps:
+                        if last_saved != progress.step:
+                            save()  # the weights are those after the last good step
+                        raise NonFiniteLossError(
+                            f"non-finite loss or gradient at step {progress.step + 1} (loss {step_loss}, grad_norm "
+                            f"{grad_norm}); no update was applied and the last good state is checkpointed; "
+                            "fix: lower train.lr, use fp32, or set train.nonfinite_policy=skip"
+                        )
+                    log.warning("step %d: non-finite loss or gradient, update skipped", progress.step + 1)
+                if master and finite:
+                    master.master_to_model()
+                scheduler.step()
+                progress.step += 1
+                progress.next_batch = start + len(chunk)
+                crash_point(f"step-{progress.step}/updated")
+                if tc.record_example_ids:
+                    _append_jsonl(ids_path, {"step": progress.step, "ids": [train[i].id for b in chunk for i in b]})
+                window = progress.window
+                for batch in micro:
+                    window["tokens"] += int(batch["attention_mask"].sum())
+                    window["padded"] += batch["attention_mask"].numel()
+                    window["samples"] += batch["input_ids"].shape[0]
+                if finite:
+                    window["loss_sum"] += step_loss
+                    window["loss_tokens"] += step_tokens
+                epoch_progress = progress.epoch + progress.next_batch / len(batches)
+                if not finite:
+                    record = {"step": progress.step, "epoch": round(epoch_progress, 4), "event": "skipped_nonfinite"}
+                    _append_jsonl(metrics_path, record)
+                elif progress.step % tc.log_every_steps == 0 or progress.step == total_steps:
+                    now = time.perf_counter()
+                    seconds = max(now - last_log_time, 1e-9)
+                    record = {
+                        "step": progress.step,
+                        "epoch": round(epoch_progress, 4),
+                        "loss": window["loss_sum"] / window["loss_tokens"],
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": grad_norm,
+                        "num_loss_tokens": window["loss_tokens"],
+                        "num_tokens": window["tokens"],
+                        "num_samples": window["samples"],
+                        "pad_fraction": round(1 - window["tokens"] / window["padded"], 4),
+                        "tokens_per_s": round(window["tokens"] / seconds, 2),
+                        "samples_per_s": round(window["samples"] / seconds, 3),
+                        "elapsed_s": round(now - clock, 3),
+                        **_memory(device),
+                    }
+                    _append_jsonl(metrics_path, record)
+                    log.debug(
+                        "step %d/%d loss %.4f lr %.3g grad_norm %.3f tok/s %.1f",
+                        progress.step,
+                        total_steps,
+                        record["loss"],
+                        record["lr"],
+                        grad_norm,
+                        record["tokens_per_s"],
+                    )
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    progress.window = dict(_EMPTY_WINDOW)
+                    last_log_time = time.perf_counter()
+                    crash_point(f"step-{progress.step}/logged")
+                bar.update(1)
+                done = progress.step >= total_steps
+                # Validation comes before the save, so a checkpoint at step N follows every line of step N.
+                if val and (done or (tc.eval_every_steps and progress.step % tc.eval_every_steps == 0)):
+                    run_validation()
+                if done or (tc.save_every_steps and progress.step % tc.save_every_steps == 0):
+                    save()
+                if STOP.requested is not None:
+                    if last_saved != progress.step:
+                        save()
+                    bar.close()
+                    STOP.check(f"after step {progress.step}")
+                if done:
+                    break
+            else:
+                progress.epoch += 1
+                progress.next_batch = 0
+                crash_point(f"epoch-{progress.epoch}/start")
     bar.close()
-    if val:
-        run_validation(step)
-    if last_saved != step:
-        save(step, position)
-    elapsed = time.perf_counter() - started
+    elapsed = time.perf_counter() - clock
     final_dir = save_final_model(model, tokenizer, run_dir, tc.method)
     summary = {
         "planned_steps": total_steps,
-        "num_steps": step,
+        "num_steps": progress.step,
+        "num_skipped_steps": progress.num_skipped_steps,
         "steps_per_epoch": steps_per_epoch,
         "elapsed_s": round(elapsed, 3),
+        "resumed": resume_from is not None,
         "num_train_examples": len(train),
         "num_val_examples": len(val),
         "num_trainable_params": num_params,
@@ -287,8 +407,8 @@ def fit(cfg: Config, run_dir: Path, model, tokenizer, train: list[Example], val:
         "precision": tc.precision,
     }
     (run_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    log.info("training done: %d steps in %.1f s; final model in %s", step, elapsed, final_dir)
-    return FitResult(step, total_steps, elapsed, final_dir)
+    log.info("training done: %d steps in %.1f s; final model in %s", progress.step, elapsed, final_dir)
+    return FitResult(progress.step, total_steps, elapsed, final_dir)
 
 
 def save_final_model(model, tokenizer, run_dir: Path, method: str) -> Path:
