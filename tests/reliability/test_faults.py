@@ -222,3 +222,21 @@ def test_explicitly_loading_a_bad_checkpoint_names_the_bad_file(reference, tmp_p
     tokenizer, model, train, val, _ = load_for_training(cfg, load_inputs(cfg))
     with pytest.raises(TracetuneError, match="step-000010/trainer_state.pt: sha256 mismatch"):
         fit(cfg, copy, model, tokenizer, train, val, resume_from=bad)
+
+
+def test_second_signal_exits_at_once_and_sigint_maps_to_130():
+    script = (
+        "import os, signal, time\n"
+        "from tracetune.faults import STOP\n"
+        "with STOP:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    assert STOP.requested == signal.SIGINT\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(5)\n"
+        "print('not reached')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 143 and "not reached" not in result.stdout
+    from tracetune.faults import Interrupted
+
+    assert Interrupted(signal.SIGINT, "here").exit_code == 130
