@@ -1,0 +1,307 @@
+"""tracetune versus TRL SFTTrainer versus the old pipeline, side by side in one invocation (`make bench`).
+
+Training: the same model, examples, learning rate, optimizer (AdamW), precision (bf16 autocast) and number
+of optimizer steps, 4 examples per optimizer step for each system:
+  tracetune  `fit`: length-bucketed dynamic padding, completion-only loss, LM head only at loss positions
+  trl        SFTTrainer on prompt-completion conversations: completion-only loss, batch 4, its default padding
+  old        transformers Trainer, every example padded (and truncated) to 128 tokens, batch 1 x accumulation 4,
+             loss on every token, as the system we replace did
+Each (system, repeat) is its own process, run interleaved A B C A B C ..., so peak RSS is per system and drift
+hits all alike. The first --warmup steps are excluded from speeds. After training, every system's model is
+scored with the same validation loss (completion tokens of the same held-out examples).
+
+Generation: tracetune's batched generation versus the old way (one prompt at a time, max_new_tokens 50, no
+stop strings), same model and dtype: items/s, new tokens/s and the share of identical extracted answers.
+
+Writes bench/results/bench.json and bench/results/bench.md.
+    python bench/run.py --steps 6 --repeats 3            # about 15 minutes on 2 cores
+    python bench/run.py --steps 3 --repeats 1 --eval-items 6 --source tiny:gemma3   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+SYSTEMS = ("tracetune", "trl", "old")
+LR = 5e-5
+
+
+def _config(source: str, steps: int, root: Path, name: str):
+    from tracetune.config import load_config
+
+    return load_config(
+        REPO / "configs" / "quickstart.yaml",
+        [f"model.source={source}", f"train.max_steps={steps}", "train.log_every_steps=1", "train.eval_every_steps=null",
+         "train.save_every_steps=null", "train.warmup_steps=0", f"train.lr={LR}", "train.batch_size=4",
+         "train.grad_accum_steps=1", "train.precision=bf16-autocast", "data.max_train_records=200",
+         "data.val_fraction=0.1", f"output.root={root}", f"output.run_name={name}"],
+    )
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _val_loss(model, cfg, tokenizer, val) -> float:
+    from tracetune.train.loop import validate
+
+    import torch
+
+    return validate(model, val, cfg, tokenizer.pad_token_id, torch.device("cpu"))[0]
+
+
+class StepClock:
+    """Wall time and token counts per optimizer step, for the transformers Trainer workers."""
+
+    def __init__(self):
+        self.step_times: list[float] = []
+        self.tokens = self.padded = self.loss_tokens = self.samples = 0
+        self.per_step: list[dict] = []
+        self._last = time.perf_counter()
+
+    def count(self, batch: dict) -> dict:
+        self.tokens += int(batch["attention_mask"].sum())
+        self.padded += batch["attention_mask"].numel()
+        self.loss_tokens += int((batch["labels"][:, 1:] != -100).sum())
+        self.samples += batch["input_ids"].shape[0]
+        return batch
+
+    def step(self) -> None:
+        now = time.perf_counter()
+        self.per_step.append({"seconds": now - self._last, "tokens": self.tokens, "loss_tokens": self.loss_tokens,
+                              "samples": self.samples, "padded": self.padded})
+        self.tokens = self.padded = self.loss_tokens = self.samples = 0
+        self._last = now
+
+
+def _summarise(per_step: list[dict], warmup: int, losses: list[float], val_loss: float) -> dict:
+    timed = per_step[warmup:]
+    seconds = sum(s["seconds"] for s in timed)
+    return {
+        "real_tokens_per_s": sum(s["tokens"] for s in timed) / seconds,
+        "loss_tokens_per_s": sum(s["loss_tokens"] for s in timed) / seconds,
+        "samples_per_s": sum(s["samples"] for s in timed) / seconds,
+        "seconds_per_step": seconds / len(timed),
+        "pad_fraction": 1 - sum(s["tokens"] for s in per_step) / sum(s["padded"] for s in per_step),
+        "final_train_loss": losses[-1],
+        "val_loss": val_loss,
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
+def worker_tracetune(args, tmp: Path) -> dict:
+    from tracetune.pipeline import load_for_training, load_inputs, new_run_dir
+    from tracetune.train.loop import fit
+
+    cfg = _config(args.source, args.steps, tmp, "tt")
+    inputs = load_inputs(cfg)
+    tokenizer, model, train, val, _ = load_for_training(cfg, inputs)
+    run_dir = new_run_dir(cfg)
+    fit(cfg, run_dir, model, tokenizer, train, val)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r.get("split") != "val"]
+    per_step = [{"seconds": r["num_tokens"] / r["tokens_per_s"], "tokens": r["num_tokens"], "loss_tokens": r["num_loss_tokens"],
+                 "samples": r["num_samples"], "padded": r["num_tokens"] / (1 - r["pad_fraction"])} for r in steps]
+    val_loss = [r for r in rows if r.get("split") == "val"][-1]["loss"]
+    return _summarise(per_step, args.warmup, [r["loss"] for r in steps], val_loss)
+
+
+def _hf_pieces(args, tmp: Path):
+    from tracetune.models.sources import load_model, load_tokenizer
+    from tracetune.pipeline import load_inputs, tokenize_inputs
+
+    cfg = _config(args.source, args.steps, tmp, "hf")
+    inputs = load_inputs(cfg)
+    tokenizer = load_tokenizer(cfg.model.source)
+    _, val, _ = tokenize_inputs(cfg, inputs, tokenizer)
+    model = load_model(cfg.model.source, tokenizer)
+    return cfg, inputs, tokenizer, model, val
+
+
+def _clock_callback(clock: StepClock):
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            clock.step()
+
+    return Clock()
+
+
+def _training_args(cls, args, tmp: Path, batch: int, accum: int, **extra):
+    return cls(
+        output_dir=str(tmp / "out"), per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
+        learning_rate=LR, max_steps=args.steps, bf16=True, use_cpu=True, logging_steps=1, save_strategy="no",
+        report_to=[], optim="adamw_torch", lr_scheduler_type="linear", warmup_steps=0, seed=0,
+        dataloader_num_workers=0, disable_tqdm=True, **extra,
+    )
+
+
+def worker_trl(args, tmp: Path) -> dict:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from tracetune.data.render import render_completion, user_message
+
+    cfg, inputs, tokenizer, model, val = _hf_pieces(args, tmp)
+    rows = [
+        {"prompt": [{"role": "user", "content": user_message(t.prompt, cfg.data.instruction)}],
+         "completion": [{"role": "assistant", "content": render_completion(t.steps, t.final_answer)}]}
+        for t in inputs.train
+    ]
+    config = _training_args(SFTConfig, args, tmp, 4, 1, max_length=cfg.data.max_seq_length)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    clock = StepClock()
+    collator = trainer.data_collator
+    trainer.data_collator = lambda features: clock.count(collator(features))
+    trainer.add_callback(_clock_callback(clock))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return _summarise(clock.per_step, args.warmup, losses, _val_loss(model, cfg, tokenizer, val))
+
+
+def worker_old(args, tmp: Path) -> dict:
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from tracetune.data.render import render_completion, render_prompt
+
+    cfg, inputs, tokenizer, model, val = _hf_pieces(args, tmp)
+    texts = [render_prompt(tokenizer, t.prompt, cfg.data.instruction) + render_completion(t.steps, t.final_answer) for t in inputs.train]
+    encoded = tokenizer(texts, add_special_tokens=False, padding="max_length", truncation=True, max_length=128)
+    rows = []
+    for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"], strict=True):
+        labels = [i if m else -100 for i, m in zip(ids, mask, strict=True)]
+        rows.append({"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)})
+    clock = StepClock()
+
+    def collate(features):
+        return clock.count({k: torch.stack([f[k] for f in features]) for k in features[0]})
+
+    trainer = Trainer(model=model, args=_training_args(TrainingArguments, args, tmp, 1, 4), train_dataset=rows, data_collator=collate)
+    trainer.add_callback(_clock_callback(clock))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return _summarise(clock.per_step, args.warmup, losses, _val_loss(model, cfg, tokenizer, val))
+
+
+def worker_generate(args, tmp: Path) -> dict:
+    """Both generation ways on the same items and model, in this one process."""
+    import torch
+
+    from tracetune.config import EvalConfig
+    from tracetune.data.render import end_of_turn_ids, render_prompt
+    from tracetune.data.traces import load_eval_items
+    from tracetune.eval.generate import generate_batch
+    from tracetune.eval.score import extract_answer
+    from tracetune.models.sources import load_model, load_tokenizer
+
+    source = args.eval_model or args.source
+    tokenizer = load_tokenizer(source)
+    model = load_model(source, tokenizer).to(torch.bfloat16).eval()
+    items = load_eval_items(REPO / "data" / "eval.jsonl").records[: args.eval_items]
+    instruction = _config(args.source, 1, tmp, "g").data.instruction
+    prompts = [render_prompt(tokenizer, i.prompt, instruction) for i in items]
+    stops = end_of_turn_ids(tokenizer)
+    started = time.perf_counter()
+    batched = []
+    cfg = EvalConfig(eval_file=None, max_new_tokens=96, batch_size=25)
+    for k in range(0, len(prompts), cfg.batch_size):
+        batched += generate_batch(model, tokenizer, prompts[k : k + cfg.batch_size], cfg, stops)
+    batched_s = time.perf_counter() - started
+    started = time.perf_counter()
+    old_cfg = EvalConfig(eval_file=None, max_new_tokens=50)
+    single = [generate_batch(model, tokenizer, [p], old_cfg, [tokenizer.eos_token_id])[0] for p in prompts]
+    single_s = time.perf_counter() - started
+    same = sum(extract_answer(a.completion)[0] == extract_answer(b.completion)[0] for a, b in zip(batched, single, strict=True))
+    return {
+        "model": source,
+        "num_items": len(items),
+        "tracetune": {"seconds": batched_s, "items_per_s": len(items) / batched_s,
+                      "new_tokens_per_s": sum(g.num_new_tokens for g in batched) / batched_s},
+        "old": {"seconds": single_s, "items_per_s": len(items) / single_s,
+                "new_tokens_per_s": sum(g.num_new_tokens for g in single) / single_s},
+        "identical_answer_share": same / len(items),
+    }
+
+
+WORKERS = {"tracetune": worker_tracetune, "trl": worker_trl, "old": worker_old, "generate": worker_generate}
+
+
+def _spawn(system: str, args) -> dict:
+    command = [sys.executable, __file__, "--worker", system, "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--source", args.source, "--eval-items", str(args.eval_items)]
+    if args.eval_model:
+        command += ["--eval-model", args.eval_model]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    if result.returncode != 0:
+        raise SystemExit(f"{system} failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _table(result: dict) -> str:
+    med = result["training_median"]
+    keys = [("real_tokens_per_s", "real tokens/s", ".1f"), ("loss_tokens_per_s", "loss tokens/s", ".1f"),
+            ("samples_per_s", "samples/s", ".3f"), ("seconds_per_step", "s / optimizer step", ".2f"),
+            ("peak_rss_mb", "peak RSS (MB)", ".0f"), ("pad_fraction", "pad fraction", ".3f"),
+            ("final_train_loss", "final train loss", ".4f"), ("val_loss", "validation loss", ".4f")]
+    lines = ["| metric | " + " | ".join(SYSTEMS) + " | tracetune / trl | tracetune / old |", "|---|---|---|---|---|---|"]
+    for key, label, fmt in keys:
+        values = [med[s][key] for s in SYSTEMS]
+        ratios = [f"{values[0] / v:.2f}x" if v else "-" for v in values[1:]]
+        lines.append(f"| {label} | " + " | ".join(format(v, fmt) for v in values) + " | " + " | ".join(ratios) + " |")
+    gen = result["generation"]
+    lines += ["", f"Generation on {gen['num_items']} eval items ({gen['model']}):", "",
+              "| metric | tracetune batched | old one-at-a-time | ratio |", "|---|---|---|---|"]
+    for key in ("items_per_s", "new_tokens_per_s"):
+        a, b = gen["tracetune"][key], gen["old"][key]
+        lines.append(f"| {key} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
+    lines.append(f"| identical extracted answers | {100 * gen['identical_answer_share']:.0f}% | | |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", choices=sorted(WORKERS))
+    parser.add_argument("--source", default="packaged:gemma3-270m")
+    parser.add_argument("--eval-model", help="model for the generation comparison (default: --source)")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--eval-items", type=int, default=20)
+    args = parser.parse_args()
+    if args.worker:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(json.dumps(WORKERS[args.worker](args, Path(tmp))))
+        return
+    runs = {s: [] for s in SYSTEMS}
+    for repeat in range(args.repeats):
+        for system in SYSTEMS:  # interleaved A B C A B C ...
+            runs[system].append(_spawn(system, args))
+            print(f"repeat {repeat} {system}: {runs[system][-1]['real_tokens_per_s']:.1f} real tokens/s", flush=True)
+    median = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in runs.items()}
+    result = {
+        "machine": {"processor": platform.processor(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "source": args.source, "steps": args.steps, "warmup_excluded": args.warmup, "repeats": args.repeats,
+        "training_runs": runs, "training_median": median, "generation": _spawn("generate", args),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "bench.md").write_text(_table(result))
+    print(_table(result))
+
+
+if __name__ == "__main__":
+    main()
