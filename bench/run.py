@@ -43,10 +43,22 @@ def _config(source: str, steps: int, root: Path, name: str):
 
     return load_config(
         REPO / "configs" / "quickstart.yaml",
-        [f"model.source={source}", f"train.max_steps={steps}", "train.log_every_steps=1", "train.eval_every_steps=null",
-         "train.save_every_steps=null", "train.warmup_steps=0", f"train.lr={LR}", "train.batch_size=4",
-         "train.grad_accum_steps=1", "train.precision=bf16-autocast", "data.max_train_records=200",
-         "data.val_fraction=0.1", f"output.root={root}", f"output.run_name={name}"],
+        [
+            f"model.source={source}",
+            f"train.max_steps={steps}",
+            "train.log_every_steps=1",
+            "train.eval_every_steps=null",
+            "train.save_every_steps=null",
+            "train.warmup_steps=0",
+            f"train.lr={LR}",
+            "train.batch_size=4",
+            "train.grad_accum_steps=1",
+            "train.precision=bf16-autocast",
+            "data.max_train_records=200",
+            "data.val_fraction=0.1",
+            f"output.root={root}",
+            f"output.run_name={name}",
+        ],
     )
 
 
@@ -55,9 +67,9 @@ def _peak_rss_mb() -> float:
 
 
 def _val_loss(model, cfg, tokenizer, val) -> float:
-    from tracetune.train.loop import validate
-
     import torch
+
+    from tracetune.train.loop import validate
 
     return validate(model, val, cfg, tokenizer.pad_token_id, torch.device("cpu"))[0]
 
@@ -80,8 +92,15 @@ class StepClock:
 
     def step(self) -> None:
         now = time.perf_counter()
-        self.per_step.append({"seconds": now - self._last, "tokens": self.tokens, "loss_tokens": self.loss_tokens,
-                              "samples": self.samples, "padded": self.padded})
+        self.per_step.append(
+            {
+                "seconds": now - self._last,
+                "tokens": self.tokens,
+                "loss_tokens": self.loss_tokens,
+                "samples": self.samples,
+                "padded": self.padded,
+            }
+        )
         self.tokens = self.padded = self.loss_tokens = self.samples = 0
         self._last = now
 
@@ -112,22 +131,50 @@ def worker_tracetune(args, tmp: Path) -> dict:
     fit(cfg, run_dir, model, tokenizer, train, val)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r.get("split") != "val"]
-    per_step = [{"seconds": r["num_tokens"] / r["tokens_per_s"], "tokens": r["num_tokens"], "loss_tokens": r["num_loss_tokens"],
-                 "samples": r["num_samples"], "padded": r["num_tokens"] / (1 - r["pad_fraction"])} for r in steps]
+    per_step = [
+        {
+            "seconds": r["num_tokens"] / r["tokens_per_s"],
+            "tokens": r["num_tokens"],
+            "loss_tokens": r["num_loss_tokens"],
+            "samples": r["num_samples"],
+            "padded": r["num_tokens"] / (1 - r["pad_fraction"]),
+        }
+        for r in steps
+    ]
     val_loss = [r for r in rows if r.get("split") == "val"][-1]["loss"]
     return _summarise(per_step, args.warmup, [r["loss"] for r in steps], val_loss)
 
 
 def _hf_pieces(args, tmp: Path):
+    """Config, traces in tracetune's epoch-0 batch order, tokenizer, model and tokenized val split.
+
+    Feeding the transformers workers the examples in exactly the order tracetune consumes them (and sampling
+    sequentially) makes every optimizer step see the same 4 examples, so the losses are comparable step by step.
+    """
+    from tracetune.data.batching import plan_batches
     from tracetune.models.sources import load_model, load_tokenizer
     from tracetune.pipeline import load_inputs, tokenize_inputs
 
     cfg = _config(args.source, args.steps, tmp, "hf")
     inputs = load_inputs(cfg)
     tokenizer = load_tokenizer(cfg.model.source)
-    _, val, _ = tokenize_inputs(cfg, inputs, tokenizer)
+    train, val, _ = tokenize_inputs(cfg, inputs, tokenizer)
+    by_id = {t.id: t for t in inputs.train}
+    plan = plan_batches([len(e.input_ids) for e in train], cfg.train.batch_size, cfg.seed, 0)
+    ordered = [by_id[train[i].id] for batch in plan for i in batch]
     model = load_model(cfg.model.source, tokenizer)
-    return cfg, inputs, tokenizer, model, val
+    return cfg, ordered, tokenizer, model, val
+
+
+def _sequential(trainer_cls):
+    """The trainer class with shuffling off, so it consumes the dataset in the given order."""
+    from torch.utils.data import SequentialSampler
+
+    class Sequential(trainer_cls):
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    return Sequential
 
 
 def _clock_callback(clock: StepClock):
@@ -142,10 +189,24 @@ def _clock_callback(clock: StepClock):
 
 def _training_args(cls, args, tmp: Path, batch: int, accum: int, **extra):
     return cls(
-        output_dir=str(tmp / "out"), per_device_train_batch_size=batch, gradient_accumulation_steps=accum,
-        learning_rate=LR, max_steps=args.steps, bf16=True, use_cpu=True, logging_steps=1, save_strategy="no",
-        report_to=[], optim="adamw_torch", lr_scheduler_type="linear", warmup_steps=0, seed=0,
-        dataloader_num_workers=0, disable_tqdm=True, **extra,
+        output_dir=str(tmp / "out"),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum,
+        learning_rate=LR,
+        max_steps=args.steps,
+        bf16=True,
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        optim="adamw_torch",
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        seed=0,
+        weight_decay=0.01,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **extra,
     )
 
 
@@ -155,14 +216,18 @@ def worker_trl(args, tmp: Path) -> dict:
 
     from tracetune.data.render import render_completion, user_message
 
-    cfg, inputs, tokenizer, model, val = _hf_pieces(args, tmp)
+    cfg, traces, tokenizer, model, val = _hf_pieces(args, tmp)
     rows = [
-        {"prompt": [{"role": "user", "content": user_message(t.prompt, cfg.data.instruction)}],
-         "completion": [{"role": "assistant", "content": render_completion(t.steps, t.final_answer)}]}
-        for t in inputs.train
+        {
+            "prompt": [{"role": "user", "content": user_message(t.prompt, cfg.data.instruction)}],
+            "completion": [{"role": "assistant", "content": render_completion(t.steps, t.final_answer)}],
+        }
+        for t in traces
     ]
     config = _training_args(SFTConfig, args, tmp, 4, 1, max_length=cfg.data.max_seq_length)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer = _sequential(SFTTrainer)(
+        model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
     clock = StepClock()
     collator = trainer.data_collator
     trainer.data_collator = lambda features: clock.count(collator(features))
@@ -178,19 +243,26 @@ def worker_old(args, tmp: Path) -> dict:
 
     from tracetune.data.render import render_completion, render_prompt
 
-    cfg, inputs, tokenizer, model, val = _hf_pieces(args, tmp)
-    texts = [render_prompt(tokenizer, t.prompt, cfg.data.instruction) + render_completion(t.steps, t.final_answer) for t in inputs.train]
+    cfg, traces, tokenizer, model, val = _hf_pieces(args, tmp)
+    texts = [
+        render_prompt(tokenizer, t.prompt, cfg.data.instruction) + render_completion(t.steps, t.final_answer)
+        for t in traces
+    ]
     encoded = tokenizer(texts, add_special_tokens=False, padding="max_length", truncation=True, max_length=128)
     rows = []
     for ids, mask in zip(encoded["input_ids"], encoded["attention_mask"], strict=True):
         labels = [i if m else -100 for i, m in zip(ids, mask, strict=True)]
-        rows.append({"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)})
+        rows.append(
+            {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
+        )
     clock = StepClock()
 
     def collate(features):
         return clock.count({k: torch.stack([f[k] for f in features]) for k in features[0]})
 
-    trainer = Trainer(model=model, args=_training_args(TrainingArguments, args, tmp, 1, 4), train_dataset=rows, data_collator=collate)
+    trainer = _sequential(Trainer)(
+        model=model, args=_training_args(TrainingArguments, args, tmp, 1, 4), train_dataset=rows, data_collator=collate
+    )
     trainer.add_callback(_clock_callback(clock))
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -225,14 +297,22 @@ def worker_generate(args, tmp: Path) -> dict:
     old_cfg = EvalConfig(eval_file=None, max_new_tokens=50)
     single = [generate_batch(model, tokenizer, [p], old_cfg, [tokenizer.eos_token_id])[0] for p in prompts]
     single_s = time.perf_counter() - started
-    same = sum(extract_answer(a.completion)[0] == extract_answer(b.completion)[0] for a, b in zip(batched, single, strict=True))
+    same = sum(
+        extract_answer(a.completion)[0] == extract_answer(b.completion)[0] for a, b in zip(batched, single, strict=True)
+    )
     return {
         "model": source,
         "num_items": len(items),
-        "tracetune": {"seconds": batched_s, "items_per_s": len(items) / batched_s,
-                      "new_tokens_per_s": sum(g.num_new_tokens for g in batched) / batched_s},
-        "old": {"seconds": single_s, "items_per_s": len(items) / single_s,
-                "new_tokens_per_s": sum(g.num_new_tokens for g in single) / single_s},
+        "tracetune": {
+            "seconds": batched_s,
+            "items_per_s": len(items) / batched_s,
+            "new_tokens_per_s": sum(g.num_new_tokens for g in batched) / batched_s,
+        },
+        "old": {
+            "seconds": single_s,
+            "items_per_s": len(items) / single_s,
+            "new_tokens_per_s": sum(g.num_new_tokens for g in single) / single_s,
+        },
         "identical_answer_share": same / len(items),
     }
 
@@ -241,8 +321,20 @@ WORKERS = {"tracetune": worker_tracetune, "trl": worker_trl, "old": worker_old, 
 
 
 def _spawn(system: str, args) -> dict:
-    command = [sys.executable, __file__, "--worker", system, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--source", args.source, "--eval-items", str(args.eval_items)]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        system,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--source",
+        args.source,
+        "--eval-items",
+        str(args.eval_items),
+    ]
     if args.eval_model:
         command += ["--eval-model", args.eval_model]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
@@ -253,18 +345,32 @@ def _spawn(system: str, args) -> dict:
 
 def _table(result: dict) -> str:
     med = result["training_median"]
-    keys = [("real_tokens_per_s", "real tokens/s", ".1f"), ("loss_tokens_per_s", "loss tokens/s", ".1f"),
-            ("samples_per_s", "samples/s", ".3f"), ("seconds_per_step", "s / optimizer step", ".2f"),
-            ("peak_rss_mb", "peak RSS (MB)", ".0f"), ("pad_fraction", "pad fraction", ".3f"),
-            ("final_train_loss", "final train loss", ".4f"), ("val_loss", "validation loss", ".4f")]
-    lines = ["| metric | " + " | ".join(SYSTEMS) + " | tracetune / trl | tracetune / old |", "|---|---|---|---|---|---|"]
+    keys = [
+        ("real_tokens_per_s", "real tokens/s", ".1f"),
+        ("loss_tokens_per_s", "loss tokens/s", ".1f"),
+        ("samples_per_s", "samples/s", ".3f"),
+        ("seconds_per_step", "s / optimizer step", ".2f"),
+        ("peak_rss_mb", "peak RSS (MB)", ".0f"),
+        ("pad_fraction", "pad fraction", ".3f"),
+        ("final_train_loss", "final train loss", ".4f"),
+        ("val_loss", "validation loss", ".4f"),
+    ]
+    lines = [
+        "| metric | " + " | ".join(SYSTEMS) + " | tracetune / trl | tracetune / old |",
+        "|---|---|---|---|---|---|",
+    ]
     for key, label, fmt in keys:
         values = [med[s][key] for s in SYSTEMS]
         ratios = [f"{values[0] / v:.2f}x" if v else "-" for v in values[1:]]
         lines.append(f"| {label} | " + " | ".join(format(v, fmt) for v in values) + " | " + " | ".join(ratios) + " |")
     gen = result["generation"]
-    lines += ["", f"Generation on {gen['num_items']} eval items ({gen['model']}):", "",
-              "| metric | tracetune batched | old one-at-a-time | ratio |", "|---|---|---|---|"]
+    lines += [
+        "",
+        f"Generation on {gen['num_items']} eval items ({gen['model']}):",
+        "",
+        "| metric | tracetune batched | old one-at-a-time | ratio |",
+        "|---|---|---|---|",
+    ]
     for key in ("items_per_s", "new_tokens_per_s"):
         a, b = gen["tracetune"][key], gen["old"][key]
         lines.append(f"| {key} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
@@ -294,8 +400,13 @@ def main() -> None:
     median = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in runs.items()}
     result = {
         "machine": {"processor": platform.processor(), "cores": os.cpu_count(), "python": platform.python_version()},
-        "source": args.source, "steps": args.steps, "warmup_excluded": args.warmup, "repeats": args.repeats,
-        "training_runs": runs, "training_median": median, "generation": _spawn("generate", args),
+        "source": args.source,
+        "steps": args.steps,
+        "warmup_excluded": args.warmup,
+        "repeats": args.repeats,
+        "training_runs": runs,
+        "training_median": median,
+        "generation": _spawn("generate", args),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench.json").write_text(json.dumps(result, indent=2) + "\n")

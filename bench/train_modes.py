@@ -79,12 +79,21 @@ def main() -> None:
         }
         for key, v in samples.items()
     }
-    result = {"source": args.source, "steps": args.steps, "warmup_steps_excluded": args.warmup, "repeats": args.repeats,
-              "machine": f"{platform.processor() or platform.machine()}", "results": table}
+    result = {
+        "source": args.source,
+        "steps": args.steps,
+        "warmup_steps_excluded": args.warmup,
+        "repeats": args.repeats,
+        "machine": f"{platform.processor() or platform.machine()}",
+        "results": table,
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "train_modes.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["| mode | median tokens/s | vs full/fp32 | peak RSS (MB) |", "|---|---|---|---|"]
-    lines += [f"| {k} | {v['median_tokens_per_s']:.1f} | {v['ratio_vs_full_fp32']:.2f}x | {v['peak_rss_mb']:.0f} |" for k, v in table.items()]
+    lines += [
+        f"| {k} | {v['median_tokens_per_s']:.1f} | {v['ratio_vs_full_fp32']:.2f}x | {v['peak_rss_mb']:.0f} |"
+        for k, v in table.items()
+    ]
     (RESULTS / "train_modes.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tracetune.config import Config, dump_config
+from tracetune.config import Config, dump_config, flatten
 from tracetune.data.render import Example, tokenize_traces
 from tracetune.data.traces import (
     EvalItem,
@@ -115,16 +115,6 @@ def run_lock(run_dir: Path):
         yield
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def check_resumable(run_dir: Path, cfg: Config, world_size: int = 1) -> None:
     """Refuse to resume when anything that shapes training changed; list every change."""
     import json
@@ -137,10 +127,10 @@ def check_resumable(run_dir: Path, cfg: Config, world_size: int = 1) -> None:
     # Where the run lives (output.*) may change, e.g. a moved directory; nothing else may.
     saved = {
         k: v
-        for k, v in _flatten(load_config(run_dir / "config.yaml").model_dump(mode="json")).items()
+        for k, v in flatten(load_config(run_dir / "config.yaml").model_dump(mode="json")).items()
         if not k.startswith("output.")
     }
-    now = {k: v for k, v in _flatten(cfg.model_dump(mode="json")).items() if not k.startswith("output.")}
+    now = {k: v for k, v in flatten(cfg.model_dump(mode="json")).items() if not k.startswith("output.")}
     changes = [
         f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)
     ]

@@ -5,17 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tracetune.config import flatten
 from tracetune.evidence.report import _pct, load_run, training_totals
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _differences(dicts: list[dict]) -> dict[str, list]:
@@ -42,7 +33,7 @@ def compare_runs(run_dirs: list[Path]) -> dict:
         rows.setdefault("gates_passed", []).append(gates["passed"] if gates else None)
     return {
         "runs": [str(d) for d in run_dirs],
-        "config_differences": _differences([_flatten(r["config"]) for r in runs]),
+        "config_differences": _differences([flatten(r["config"]) for r in runs]),
         "environment_differences": _differences(envs),
         "package_differences": _differences(packages),
         "metrics": rows,

@@ -1,0 +1,66 @@
+"""Where one optimizer step's time goes (Gemma 3 270M, batch 4, bf16 autocast): decoder forward, LM head
+and loss, backward, optimizer. Run: python bench/profile_step.py [--precision fp32] [--steps 4]"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from tracetune.config import load_config
+from tracetune.data.batching import collate
+from tracetune.pipeline import load_for_training, load_inputs
+from tracetune.train.loss import _unwrap
+from tracetune.train.optim import build_optimizer, param_groups
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--precision", default="bf16-autocast")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--source", default="packaged:gemma3-270m")
+    args = parser.parse_args()
+    cfg = load_config(
+        REPO / "configs" / "quickstart.yaml", [f"model.source={args.source}", "data.max_train_records=64"]
+    )
+    tokenizer, model, train, _, _ = load_for_training(cfg, load_inputs(cfg))
+    model.train()
+    optimizer = build_optimizer(param_groups(list(model.named_parameters()), 0.01), cfg.train, torch.device("cpu"))
+    auto = args.precision == "bf16-autocast"
+    totals: dict[str, float] = {}
+    for step in range(args.steps + 1):
+        batch = collate(train[4 * step : 4 * step + 4], tokenizer.pad_token_id)
+        inner = _unwrap(model)
+        marks = [time.perf_counter()]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=auto):
+            hidden = inner.get_decoder()(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state
+            marks.append(time.perf_counter())
+            targets = batch["labels"][:, 1:]
+            mask = targets != -100
+            logits = inner.get_output_embeddings()(hidden[:, :-1][mask]).float()
+            loss = torch.nn.functional.cross_entropy(logits, targets[mask])
+        marks.append(time.perf_counter())
+        loss.backward()
+        marks.append(time.perf_counter())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        marks.append(time.perf_counter())
+        if step == 0:
+            continue  # warmup
+        for name, a, b in zip(["decoder forward", "head + loss", "backward", "clip + optimizer"], marks, marks[1:]):
+            totals[name] = totals.get(name, 0.0) + (b - a)
+    total = sum(totals.values())
+    for name, seconds in totals.items():
+        print(f"{name:<18} {seconds / args.steps:6.2f} s/step  {100 * seconds / total:5.1f}%")
+    print(f"{'total':<18} {total / args.steps:6.2f} s/step")
+
+
+if __name__ == "__main__":
+    main()
