@@ -54,7 +54,9 @@ def main() -> None:
         marks.append(time.perf_counter())
         if step == 0:
             continue  # warmup
-        for name, a, b in zip(["decoder forward", "head + loss", "backward", "clip + optimizer"], marks, marks[1:]):
+        for name, a, b in zip(
+            ["decoder forward", "head + loss", "backward", "clip + optimizer"], marks[:-1], marks[1:], strict=True
+        ):
             totals[name] = totals.get(name, 0.0) + (b - a)
     total = sum(totals.values())
     for name, seconds in totals.items():
