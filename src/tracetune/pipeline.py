@@ -120,7 +120,7 @@ def check_resumable(run_dir: Path, cfg: Config, world_size: int = 1) -> None:
     import json
 
     from tracetune.config import load_config
-    from tracetune.models.sources import sha256_file
+    from tracetune.hashing import sha256_file
 
     if not (run_dir / "config.yaml").is_file():
         raise RunDirError(f"nothing to resume: {run_dir} is not a run directory (no config.yaml)")
@@ -286,8 +286,8 @@ def run_stage(cfg: Config, argv: list[str], resume: bool = False) -> tuple[Path,
     from tracetune.evidence.manifest import write_manifest
     from tracetune.evidence.report import write_report
     from tracetune.faults import STOP, Interrupted
+    from tracetune.hashing import sha256_file
     from tracetune.logs import log_to_file
-    from tracetune.models.sources import sha256_file
     from tracetune.train.loop import resolve_device
 
     inputs = load_inputs(cfg)

@@ -62,7 +62,7 @@ def test_probe_mismatch_fails_checkpoint_reloads(tiny_run_dir, tmp_path):
         probe["max"][0][0] += 0.5
         (ckpt / "probe.json").write_text(json.dumps(probe))
         manifest = json.loads((ckpt / "MANIFEST.json").read_text())
-        from tracetune.models.sources import sha256_file
+        from tracetune.hashing import sha256_file
 
         manifest["probe.json"] = sha256_file(ckpt / "probe.json")
         (ckpt / "MANIFEST.json").write_text(json.dumps(manifest))

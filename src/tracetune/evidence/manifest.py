@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tracetune.models.sources import sha256_file
+from tracetune.hashing import hash_mismatches, sha256_file
 
 MANIFEST = "MANIFEST.sha256"
 
@@ -27,13 +27,7 @@ def check_manifest(run_dir: Path) -> list[str]:
     for line in path.read_text(encoding="utf-8").splitlines():
         digest, _, name = line.partition("  ")
         listed[name] = digest
-    problems = []
-    for name, digest in listed.items():
-        file = run_dir / name
-        if not file.is_file():
-            problems.append(f"missing: {name}")
-        elif sha256_file(file) != digest:
-            problems.append(f"altered: {name}")
+    problems = [f"{kind}: {name}" for name, kind in hash_mismatches(run_dir, listed)]
     present = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
     problems += [f"not in manifest: {n}" for n in sorted(present - set(listed) - {MANIFEST, ".lock"})]
     return problems

@@ -7,7 +7,6 @@ Every later load is a plain `from_pretrained(dir)`.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from tracetune.data.render import CHATML_TEMPLATE, GEMMA_CHAT_TEMPLATE
 from tracetune.errors import SourceError
+from tracetune.hashing import sha256_file
 
 
 def cache_root() -> Path:
@@ -51,14 +51,6 @@ PACKAGED = {
     "smollm2-135m": Packaged("smollm2-135m", _smollm2_gguf, CHATML_TEMPLATE, "SmolLM2 135M Instruct (Q4_1 GGUF)"),
 }
 TINY_ARCHS = ("gemma3", "llama")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def packaged_dir(name: str) -> Path:

@@ -22,7 +22,7 @@ import torch
 
 from tracetune.errors import TracetuneError
 from tracetune.faults import crash_point
-from tracetune.models.sources import sha256_file
+from tracetune.hashing import hash_mismatches, sha256_file
 
 COMMIT_MARKER = "COMMITTED"
 MANIFEST = "MANIFEST.json"
@@ -104,14 +104,8 @@ def verify_checkpoint(path: Path) -> list[str]:
     if not (path / MANIFEST).is_file():
         return [f"{path.name}: no {MANIFEST}"]
     manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    problems = []
-    for name, digest in manifest.items():
-        file = path / name
-        if not file.is_file():
-            problems.append(f"{path.name}/{name}: missing")
-        elif sha256_file(file) != digest:
-            problems.append(f"{path.name}/{name}: sha256 mismatch (altered or truncated)")
-    return problems
+    reasons = {"missing": "missing", "altered": "sha256 mismatch (altered or truncated)"}
+    return [f"{path.name}/{name}: {reasons[kind]}" for name, kind in hash_mismatches(path, manifest)]
 
 
 def committed_checkpoints(root: Path) -> list[Path]:
