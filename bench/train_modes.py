@@ -57,7 +57,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     samples: dict[str, list[float]] = {f"{m}/{p}": [] for m, p in MODES}
-    memory: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             for method, precision in MODES:
@@ -67,7 +66,6 @@ def main() -> None:
                 tokens = sum(r["num_tokens"] for r in timed)
                 seconds = sum(r["num_tokens"] / r["tokens_per_s"] for r in timed)
                 samples[key].append(tokens / seconds)
-                memory[key] = max(memory.get(key, 0.0), rows[-1].get("peak_rss_mb", 0.0))
                 print(f"{key} repeat {repeat}: {tokens / seconds:.1f} tokens/s", flush=True)
     baseline = statistics.median(samples["full/fp32"])
     table = {
@@ -75,7 +73,6 @@ def main() -> None:
             "median_tokens_per_s": statistics.median(v),
             "runs": v,
             "ratio_vs_full_fp32": statistics.median(v) / baseline,
-            "peak_rss_mb": memory[key],
         }
         for key, v in samples.items()
     }
@@ -89,11 +86,9 @@ def main() -> None:
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "train_modes.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["| mode | median tokens/s | vs full/fp32 | peak RSS (MB) |", "|---|---|---|---|"]
-    lines += [
-        f"| {k} | {v['median_tokens_per_s']:.1f} | {v['ratio_vs_full_fp32']:.2f}x | {v['peak_rss_mb']:.0f} |"
-        for k, v in table.items()
-    ]
+    # All modes share one process, so peak RSS would be the maximum over modes: bench/run.py measures memory.
+    lines = ["| mode | median tokens/s | vs full/fp32 |", "|---|---|---|"]
+    lines += [f"| {k} | {v['median_tokens_per_s']:.1f} | {v['ratio_vs_full_fp32']:.2f}x |" for k, v in table.items()]
     (RESULTS / "train_modes.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
