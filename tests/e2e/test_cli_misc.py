@@ -44,3 +44,15 @@ def test_eval_command_writes_predictions_and_scores(tmp_path):
     scores = json.loads((out / "scores.json").read_text())
     assert scores["num_items"] == 3 and (out / "logs" / "eval.log").is_file()
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 3
+
+
+def test_train_command_writes_a_model_and_metrics(tmp_path):
+    from tests.conftest import TINY_CONFIG
+
+    args = ["train", str(TINY_CONFIG), f"output.root={tmp_path}", "output.run_name=t", "train.max_steps=2"]
+    assert main(args) == 0
+    run_dir = tmp_path / "t"
+    assert (run_dir / "final_model" / "model.safetensors").is_file() and (run_dir / "logs" / "train.log").is_file()
+    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"val"' not in x]
+    assert steps == [1, 2]
+    assert main(args) == 2  # never overwrites

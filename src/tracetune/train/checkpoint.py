@@ -16,6 +16,7 @@ import json
 import os
 import random
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -128,3 +129,49 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
     committed = committed_checkpoints(root)
     for old in committed[: max(0, len(committed) - keep_last)]:
         shutil.rmtree(old)
+
+
+@dataclass
+class Progress:
+    """Everything about where training is that a checkpoint must restore for an exact resume."""
+
+    step: int = 0
+    epoch: int = 0
+    next_batch: int = 0  # index into the epoch's batch plan of the next micro-batch
+    elapsed_s: float = 0.0
+    num_skipped_steps: int = 0
+    # Sums since the last metrics line, so a resumed run logs the same averages.
+    window: dict = field(
+        default_factory=lambda: {"loss_sum": 0.0, "loss_tokens": 0, "tokens": 0, "padded": 0, "samples": 0}
+    )
+
+
+def restore_checkpoint(path: Path, model, optimizer, scheduler, master, method: str) -> Progress:
+    """Load weights (or adapter), optimizer (and fp32 master weights), scheduler and RNG states from a
+    checkpoint directory into the live objects; return where training was."""
+    from safetensors.torch import load_file
+
+    if method == "lora":
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(path / "model" / "adapter_model.safetensors"))
+    else:
+        weights = {}
+        for file in sorted((path / "model").glob("*.safetensors")):
+            weights.update(load_file(file))
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        tied = {name for name in missing if "lm_head" in name and model.config.tie_word_embeddings}
+        assert not unexpected and set(missing) == tied, (missing, unexpected)
+    optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)
+    optimizer.load_state_dict(optimizer_state["optimizer"])
+    if master:
+        with torch.no_grad():
+            for target, saved in zip(master.master, optimizer_state["master"], strict=True):
+                target.copy_(saved)
+    state = torch.load(path / "trainer_state.pt", weights_only=False)
+    scheduler.load_state_dict(state["scheduler"])
+    random.setstate(state["rng"]["python"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return Progress(**state["progress"])

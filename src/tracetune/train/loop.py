@@ -13,7 +13,7 @@ import math
 import random
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from tracetune.data.render import Example
 from tracetune.errors import TracetuneError
 from tracetune.faults import STOP, crash_point, nan_injected
 from tracetune.models.probe import probe_outputs
-from tracetune.train.checkpoint import rng_state, save_checkpoint, verify_checkpoint
+from tracetune.train.checkpoint import Progress, restore_checkpoint, rng_state, save_checkpoint, verify_checkpoint
 from tracetune.train.loss import loss_sum
 from tracetune.train.optim import MasterWeights, build_optimizer, lr_lambda, param_groups
 
@@ -112,21 +112,6 @@ def _probe_ids(examples: list[Example]) -> list[list[int]]:
     return [list(examples[0].input_ids[:32])]
 
 
-@dataclass
-class Progress:
-    """Everything about where training is that a checkpoint must restore for an exact resume."""
-
-    step: int = 0
-    epoch: int = 0
-    next_batch: int = 0  # index into the epoch's batch plan of the next micro-batch
-    elapsed_s: float = 0.0
-    num_skipped_steps: int = 0
-    window: dict = field(default_factory=lambda: dict(_EMPTY_WINDOW))
-
-
-_EMPTY_WINDOW = {"loss_sum": 0.0, "loss_tokens": 0, "tokens": 0, "padded": 0, "samples": 0}
-
-
 def _append_jsonl(path: Path, record: dict) -> None:
     # One append per line: a crash leaves at most one torn last line, which a resume trims.
     with open(path, "a", encoding="utf-8", newline="\n") as handle:
@@ -146,36 +131,6 @@ def trim_jsonl(path: Path, last_step: int) -> None:
         if row["step"] <= last_step:
             kept.append(line + "\n")
     path.write_text("".join(kept), encoding="utf-8", newline="\n")
-
-
-def _restore(path: Path, model, optimizer, scheduler, master: MasterWeights | None, method: str) -> Progress:
-    """Load weights (or adapter), optimizer, scheduler and RNG states from a checkpoint directory."""
-    from safetensors.torch import load_file
-
-    if method == "lora":
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, load_file(path / "model" / "adapter_model.safetensors"))
-    else:
-        weights = {}
-        for file in sorted((path / "model").glob("*.safetensors")):
-            weights.update(load_file(file))
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        tied = {name for name in missing if "lm_head" in name and model.config.tie_word_embeddings}
-        assert not unexpected and set(missing) == tied, (missing, unexpected)
-    optimizer_state = torch.load(path / "optimizer.pt", weights_only=False)
-    optimizer.load_state_dict(optimizer_state["optimizer"])
-    if master:
-        with torch.no_grad():
-            for target, saved in zip(master.master, optimizer_state["master"], strict=True):
-                target.copy_(saved)
-    state = torch.load(path / "trainer_state.pt", weights_only=False)
-    scheduler.load_state_dict(state["scheduler"])
-    random.setstate(state["rng"]["python"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return Progress(**state["progress"])
 
 
 def fit(
@@ -224,7 +179,7 @@ def fit(
         problems = verify_checkpoint(resume_from)
         if problems:
             raise TracetuneError(f"cannot resume from {resume_from}: {'; '.join(problems)}")
-        progress = _restore(resume_from, model, optimizer, scheduler, master, tc.method)
+        progress = restore_checkpoint(resume_from, model, optimizer, scheduler, master, tc.method)
         trim_jsonl(metrics_path, progress.step)
         trim_jsonl(ids_path, progress.step)
         log.info("resumed from %s at step %d", resume_from.name, progress.step)
@@ -365,7 +320,7 @@ def fit(
                         record["tokens_per_s"],
                     )
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                    progress.window = dict(_EMPTY_WINDOW)
+                    progress.window = Progress().window
                     last_log_time = time.perf_counter()
                     crash_point(f"step-{progress.step}/logged")
                 bar.update(1)
