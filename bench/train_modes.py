@@ -2,7 +2,7 @@
 
 Each mode trains the same model on the same examples for the same number of optimizer steps; modes are
 interleaved (A B C D A B C D ...) for --repeats rounds so drift on the machine hits all of them alike.
-The first --warmup steps of every run are excluded. Writes bench/results/train_modes.{json,md}.
+The first --warmup steps of every run are excluded. Writes bench/results/<--out>.{json,md} (default train_modes).
 
     python bench/train_modes.py --steps 8 --repeats 2            # Gemma 3 270M on this machine
     python bench/train_modes.py --source tiny:gemma3 --steps 4   # a smoke test in seconds
@@ -21,7 +21,7 @@ from tracetune.config import load_config
 from tracetune.pipeline import load_for_training, load_inputs, new_run_dir
 from tracetune.train.loop import fit
 
-MODES = [("full", "fp32"), ("full", "bf16-autocast"), ("lora", "fp32"), ("lora", "bf16-autocast")]
+MODES = ["full/fp32", "full/bf16-autocast", "lora/fp32", "lora/bf16-autocast"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -55,24 +55,26 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--modes", nargs="+", default=MODES, help="method/precision pairs, first is the baseline")
+    parser.add_argument("--out", default="train_modes", help="result file stem under bench/results")
     args = parser.parse_args()
-    samples: dict[str, list[float]] = {f"{m}/{p}": [] for m, p in MODES}
+    samples: dict[str, list[float]] = {mode: [] for mode in args.modes}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
-            for method, precision in MODES:
-                key = f"{method}/{precision}"
+            for key in args.modes:
+                method, precision = key.split("/")
                 rows = run_once(args.source, method, precision, args.steps, Path(tmp), f"{method}-{precision}-{repeat}")
                 timed = rows[args.warmup :]
                 tokens = sum(r["num_tokens"] for r in timed)
                 seconds = sum(r["num_tokens"] / r["tokens_per_s"] for r in timed)
                 samples[key].append(tokens / seconds)
                 print(f"{key} repeat {repeat}: {tokens / seconds:.1f} tokens/s", flush=True)
-    baseline = statistics.median(samples["full/fp32"])
+    baseline = statistics.median(samples[args.modes[0]])
     table = {
         key: {
             "median_tokens_per_s": statistics.median(v),
             "runs": v,
-            "ratio_vs_full_fp32": statistics.median(v) / baseline,
+            "ratio_vs_first": statistics.median(v) / baseline,
         }
         for key, v in samples.items()
     }
@@ -85,11 +87,11 @@ def main() -> None:
         "results": table,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "train_modes.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
     # All modes share one process, so peak RSS would be the maximum over modes: bench/run.py measures memory.
-    lines = ["| mode | median tokens/s | vs full/fp32 |", "|---|---|---|"]
-    lines += [f"| {k} | {v['median_tokens_per_s']:.1f} | {v['ratio_vs_full_fp32']:.2f}x |" for k, v in table.items()]
-    (RESULTS / "train_modes.md").write_text("\n".join(lines) + "\n")
+    lines = [f"| mode | median tokens/s | vs {args.modes[0]} |", "|---|---|---|"]
+    lines += [f"| {k} | {v['median_tokens_per_s']:.1f} | {v['ratio_vs_first']:.2f}x |" for k, v in table.items()]
+    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
