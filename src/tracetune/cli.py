@@ -86,8 +86,8 @@ def cmd_run(args) -> int:
 
     if args.verb == "resume":
         cfg = load_config(Path(args.run_dir) / "config.yaml")
-        if cfg.output.root / cfg.output.run_name != Path(args.run_dir).resolve():
-            cfg.output.root, cfg.output.run_name = Path(args.run_dir).resolve().parent, Path(args.run_dir).name
+        run_dir = Path(args.run_dir).resolve()  # the directory may have moved since config.yaml was written
+        cfg.output.root, cfg.output.run_name = run_dir.parent, run_dir.name
         resume = True
     else:
         cfg = load_config(args.config, args.overrides)

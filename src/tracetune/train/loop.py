@@ -326,10 +326,13 @@ def fit(
                 bar.update(1)
                 done = progress.step >= total_steps
                 # Validation comes before the save, so a checkpoint at step N follows every line of step N.
+                # Their time is kept out of the next line's tokens/s, which measures training alone.
+                paused = time.perf_counter()
                 if val and (done or (tc.eval_every_steps and progress.step % tc.eval_every_steps == 0)):
                     run_validation()
                 if done or (tc.save_every_steps and progress.step % tc.save_every_steps == 0):
                     save()
+                last_log_time += time.perf_counter() - paused
                 if STOP.requested is not None:
                     if last_saved != progress.step:
                         save()
