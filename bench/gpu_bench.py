@@ -43,17 +43,11 @@ def build(arch: str):
             hidden_activation="gelu_pytorch_tanh",
             tie_word_embeddings=True,
         )
-    else:
-        config = GemmaConfig(
-            vocab_size=1024,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=32,
-            tie_word_embeddings=True,
-        )
+    else:  # tracetune's own 2-layer test model, for a smoke test anywhere
+        from tracetune.models.sources import load_model, load_tokenizer
+
+        model = load_model("tiny:gemma3", load_tokenizer("tiny:gemma3")).to(torch.bfloat16)
+        return model, model.config
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16), config
 
