@@ -74,6 +74,8 @@ def cmd_eval(args) -> int:
     from tracetune.pipeline import eval_stage
 
     overrides = [f"model.source={args.model}", f"eval.eval_file={args.eval_set}", *args.overrides]
+    if args.config is None:  # evaluation needs no training data
+        overrides.insert(0, "data.train_file=null")
     cfg = load_config(args.config, overrides)
     print(eval_stage(cfg, args.model, Path(args.out) if args.out else None))
     return 0

@@ -65,7 +65,9 @@ class LoraConfig(Section):
 
 
 class DataConfig(Section):
-    train_file: ExistingFile = Field(Path("data/train.jsonl"), description="Training traces (JSONL).")
+    train_file: ExistingFile | None = Field(
+        Path("data/train.jsonl"), description="Training traces (JSONL); needed by train and run, not by eval."
+    )
     format: Literal["auto", "native", "gsm8k", "chat", "alpaca"] = Field(
         "auto", description="Record format of train_file; auto detects it from the first record."
     )

@@ -25,7 +25,7 @@ from tracetune.data.traces import (
     load_traces,
     split_train_val,
 )
-from tracetune.errors import DataError, RunDirError
+from tracetune.errors import ConfigError, DataError, RunDirError
 
 log = logging.getLogger("tracetune")
 
@@ -40,6 +40,8 @@ class Inputs:
 
 def load_inputs(cfg: Config) -> Inputs:
     """Read and validate the training data and eval set; raise DataError listing every problem."""
+    if cfg.data.train_file is None:
+        raise ConfigError("config", ["data.train_file: training needs a file; fix: set data.train_file=PATH"])
     train_report = load_traces(cfg.data.train_file, cfg.data.format)
     reports, errors = [train_report], list(train_report.errors)
     eval_items = None

@@ -56,3 +56,19 @@ def test_train_command_writes_a_model_and_metrics(tmp_path):
     steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"val"' not in x]
     assert steps == [1, 2]
     assert main(args) == 2  # never overwrites
+
+
+def test_eval_works_outside_the_repository(tmp_path, monkeypatch):
+    from tests.conftest import REPO
+
+    monkeypatch.chdir(tmp_path)
+    args = ["eval", "--model", "tiny:llama", "--eval-set", str(REPO / "data" / "eval.jsonl"), "--out", "ev"]
+    assert main([*args, "eval.max_items=2", "eval.max_new_tokens=2"]) == 0
+    assert json.loads((tmp_path / "ev" / "scores.json").read_text())["num_items"] == 2
+
+
+def test_train_without_a_training_file_is_a_clear_error(tmp_path, capsys):
+    from tests.conftest import TINY_CONFIG
+
+    assert main(["train", str(TINY_CONFIG), f"output.root={tmp_path}", "data.train_file=null"]) == 2
+    assert "data.train_file: training needs a file" in capsys.readouterr().err
