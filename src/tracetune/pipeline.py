@@ -171,22 +171,25 @@ def load_for_training(cfg: Config, inputs: Inputs):
     return tokenizer, model, train, val, counts
 
 
-def train_stage(cfg: Config, argv: list[str]) -> Path:
-    """`tracetune train`: validate inputs, create the run directory, fine-tune, write final_model/."""
+def prepare(cfg: Config):
+    """Every check before a run directory exists: inputs, device, CPU threads. Returns (inputs, device)."""
     import torch
 
-    from tracetune.logs import log_to_file
-    from tracetune.train.loop import fit, resolve_device
+    from tracetune.train.loop import resolve_device
 
     inputs = load_inputs(cfg)
-    resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    return inputs, device
+
+
+def train_stage(cfg: Config, argv: list[str]) -> Path:
+    """`tracetune train`: validate inputs, create the run directory, fine-tune, write final_model/."""
+    inputs, _ = prepare(cfg)
     with run_lock(run_dir_of(cfg)):
         run_dir = new_run_dir(cfg)
-        with log_to_file(run_dir / "logs" / "train.log"):
-            tokenizer, model, train, val, _ = load_for_training(cfg, inputs)
-            fit(cfg, run_dir, model, tokenizer, train, val)
+        _train_or_resume(cfg, inputs, run_dir, resume=False)
     return run_dir
 
 
@@ -290,10 +293,8 @@ def run_stage(cfg: Config, argv: list[str], resume: bool = False) -> tuple[Path,
     from tracetune.faults import STOP, Interrupted
     from tracetune.hashing import sha256_file
     from tracetune.logs import log_to_file
-    from tracetune.train.loop import resolve_device
 
-    inputs = load_inputs(cfg)
-    device = resolve_device(cfg.train.device)
+    inputs, device = prepare(cfg)
     run_dir = run_dir_of(cfg)
     with run_lock(run_dir), STOP:
         if resume:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tracetune.data.render import CHATML_TEMPLATE, GEMMA_CHAT_TEMPLATE
+from tracetune.data.render import CHATML_TEMPLATE, GEMMA_CHAT_TEMPLATE, end_of_turn_ids
 from tracetune.errors import SourceError
 from tracetune.hashing import sha256_file
 
@@ -84,7 +84,7 @@ def prepare_packaged(name: str, log=print) -> Path:
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    model.generation_config.eos_token_id = _stop_ids(tokenizer)
+    model.generation_config.eos_token_id = end_of_turn_ids(tokenizer)
     staging = target.with_name(target.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
@@ -96,12 +96,6 @@ def prepare_packaged(name: str, log=print) -> Path:
     os.replace(staging, target)
     log(f"converted in {record['convert_seconds']} s")
     return target
-
-
-def _stop_ids(tokenizer) -> list[int]:
-    from tracetune.data.render import end_of_turn_ids
-
-    return end_of_turn_ids(tokenizer)
 
 
 # ---------------------------------------------------------------- tiny models for tests
@@ -156,7 +150,7 @@ def tiny_model(arch: str, tokenizer, seed: int):
         raise SourceError(f"unknown tiny architecture {arch!r}; known: {', '.join(TINY_ARCHS)}")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
-    model.generation_config.eos_token_id = _stop_ids(tokenizer)
+    model.generation_config.eos_token_id = end_of_turn_ids(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
 
@@ -213,7 +207,7 @@ def load_model(source: str, tokenizer, seed: int = 0, attn_implementation: str =
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
     except OSError as exc:
         raise _hub_error(source, exc) from exc
-    stops = _stop_ids(tokenizer)
+    stops = end_of_turn_ids(tokenizer)
     model.generation_config.eos_token_id = stops
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

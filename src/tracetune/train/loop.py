@@ -68,9 +68,8 @@ def apply_lora(model, cfg: Config):
     return get_peft_model(model, peft_config)
 
 
-def planned_steps(num_examples: int, cfg: Config) -> tuple[int, int]:
+def planned_steps(batches_per_epoch: int, cfg: Config) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps)."""
-    batches_per_epoch = len(plan_batches([0] * num_examples, cfg.train.batch_size, cfg.seed, 0))
     per_epoch = math.ceil(batches_per_epoch / cfg.train.grad_accum_steps)
     return per_epoch, cfg.train.max_steps or per_epoch * cfg.train.num_epochs
 
@@ -165,10 +164,11 @@ def fit(
     step_params = master.master if master else [p for _, p in named]
     groups = param_groups(list(zip([n for n, _ in named], step_params, strict=True)), tc.weight_decay)
     optimizer = build_optimizer(groups, tc, device)
-    steps_per_epoch, total_steps = planned_steps(len(train), cfg)
+    lengths = [len(e.input_ids) for e in train]
+    num_batches = len(plan_batches(lengths, tc.batch_size, cfg.seed, 0))  # the same count every epoch
+    steps_per_epoch, total_steps = planned_steps(num_batches, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc, total_steps))
     pad_id = tokenizer.pad_token_id
-    lengths = [len(e.input_ids) for e in train]
     probe_ids = _probe_ids(val or train)
     config_yaml = dump_config(cfg)
     num_params = sum(p.numel() for _, p in named)
@@ -233,7 +233,6 @@ def fit(
         _append_jsonl(metrics_path, record)
         log.info("step %d val_loss %.4f", progress.step, val_loss)
 
-    num_batches = len(plan_batches(lengths, tc.batch_size, cfg.seed, 0))
     if val and progress.step == 0 and resume_from is None:
         run_validation()  # the baseline the loss_decreased gate compares against
     with STOP:
