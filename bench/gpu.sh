@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
 # GPU benchmark for one prepared device call: Gemma-2B architecture (random weights), seq 128, bf16 weights
-# with fp32 master weights, fused AdamW; samples/s and MFU. Writes $OUT/gpu_bench.json when OUT is set.
-set -euo pipefail
+# with fp32 master weights, fused AdamW; samples/s and MFU per shape. Writes $OUT/gpu_bench.jsonl when OUT
+# is set (bench/results/gpu_bench.jsonl otherwise). A shape that fails (out of memory, say) is logged and
+# the next one still runs.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench/results}"
 mkdir -p "$out"
-nvidia-smi || true
-for batch in 8 32; do
-  python bench/gpu_bench.py --device cuda --arch gemma-2b --batch "$batch" --seq 128 --steps 20 --warmup 5 \
-    | tee "$out/gpu_bench_batch$batch.json"
-done
+nvidia-smi
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+run() {  # one shape in its own process, so an out-of-memory failure cannot poison the next
+  echo "== $*"
+  timeout 150 python3 bench/gpu_bench.py --device cuda --arch gemma-2b --seq 128 --steps 15 --warmup 3 "$@" \
+    | python3 -c "import json,sys; print(json.dumps(json.loads(sys.stdin.read())))" >> "$out/gpu_bench.jsonl" \
+    || echo "FAILED: $*"
+  tail -n 1 "$out/gpu_bench.jsonl"
+}
+run --batch 1 --accum 4      # the old run's shape (batch 1 x grad-accum 4)
+run --batch 8
+run --batch 32
+run --batch 16 --accum 4
+run --batch 16 --accum 4 --compile

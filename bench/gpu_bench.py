@@ -27,7 +27,7 @@ from tracetune.train.optim import MasterWeights, param_groups
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "RTX 5090": 209.5}
 
 
-def build(arch: str):
+def build(arch: str, device: torch.device):
     from transformers import AutoModelForCausalLM, GemmaConfig
 
     if arch == "gemma-2b":  # google/gemma-2b's config.json
@@ -49,7 +49,8 @@ def build(arch: str):
         model = load_model("tiny:gemma3", load_tokenizer("tiny:gemma3")).to(torch.bfloat16)
         return model, model.config
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16), config
+    with device:  # initialise on the GPU: 2.5B parameters initialised on the host take minutes
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16), config
 
 
 def matmul_peak_tflops(device: torch.device, size: int, repeats: int = 20) -> float:
@@ -78,10 +79,15 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     args = parser.parse_args()
     device = torch.device(args.device)
-    model, config = build(args.arch)
+    model, config = build(args.arch, device)
     model.to(device).train()
+    if args.compile:  # one compiled region per decoder layer, as torchtitan does
+        for layer in model.get_decoder().layers:
+            layer.compile()
     params = [p for p in model.parameters() if p.requires_grad]
     master = MasterWeights(params)
     groups = param_groups(list(zip([n for n, _ in model.named_parameters()], master.master, strict=True)), 0.01)
@@ -92,8 +98,9 @@ def main() -> None:
     for step in range(args.warmup + args.steps):
         sync(device)
         started = time.perf_counter()
-        s, n = loss_sum(model, batch)
-        (s / n).backward()
+        for _ in range(args.accum):
+            s, n = loss_sum(model, batch)
+            (s / (n * args.accum)).backward()
         master.grads_to_master()
         torch.nn.utils.clip_grad_norm_(master.master, 1.0)
         optimizer.step()
@@ -106,7 +113,8 @@ def main() -> None:
     embedding = model.get_input_embeddings().weight.numel()
     matmul_params = sum(p.numel() for p in params) - embedding + config.vocab_size * config.hidden_size
     attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * args.seq
-    flops_per_step = args.batch * args.seq * (6 * matmul_params + attention)
+    samples_per_step = args.batch * args.accum
+    flops_per_step = samples_per_step * args.seq * (6 * matmul_params + attention)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     datasheet = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None)
     measured = matmul_peak_tflops(device, 8192 if device.type == "cuda" else 1024)
@@ -115,11 +123,13 @@ def main() -> None:
         "device": name,
         "arch": args.arch,
         "batch": args.batch,
+        "accum": args.accum,
+        "compile": args.compile,
         "seq": args.seq,
         "steps_timed": len(times),
         "seconds_per_step": seconds,
-        "samples_per_s": args.batch / seconds,
-        "tokens_per_s": args.batch * args.seq / seconds,
+        "samples_per_s": samples_per_step / seconds,
+        "tokens_per_s": samples_per_step * args.seq / seconds,
         "matmul_params": matmul_params,
         "achieved_tflops": achieved,
         "datasheet_bf16_tflops": datasheet,

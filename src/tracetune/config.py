@@ -142,7 +142,14 @@ class GatesConfig(Section):
     min_accuracy_gain: float = Field(
         0.0, description="Fine-tuned accuracy minus base accuracy must be at least this (0 = no worse)."
     )
-    probe_atol: float = Field(0.0, ge=0, description="Max abs logit difference when a checkpoint is reloaded.")
+    probe_atol: float = Field(
+        0.0, ge=0, description="Max abs logit difference when a checkpoint is reloaded on the device it was saved on."
+    )
+    probe_cross_device_atol: float = Field(
+        0.1,
+        ge=0,
+        description="Max abs logit difference when a GPU run's checkpoint is reloaded on CPU (kernels round differently).",
+    )
 
 
 class OutputConfig(Section):

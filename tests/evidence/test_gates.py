@@ -2,6 +2,9 @@ import json
 import math
 import shutil
 
+import pytest
+import torch
+
 from tracetune.config import load_config
 from tracetune.evidence.gates import compute_gates, gate_finite, gate_loss_decreased, gate_training_completed
 
@@ -54,20 +57,41 @@ def test_corrupt_checkpoint_falls_back_then_fails(tiny_run_dir, tmp_path):
     assert not gates["checkpoint_reloads"].passed
 
 
-def test_probe_mismatch_fails_checkpoint_reloads(tiny_run_dir, tmp_path):
-    run = _copy(tiny_run_dir, tmp_path)
-    for step in ("step-000004", "step-000008"):
-        ckpt = run / "checkpoints" / step
+def _edit_probes(run, edit) -> None:
+    """Apply `edit` to every checkpoint's probe.json and re-seal its manifest, as a writer would have."""
+    from tracetune.hashing import sha256_file
+
+    for ckpt in sorted((run / "checkpoints").glob("step-*")):
         probe = json.loads((ckpt / "probe.json").read_text())
-        probe["max"][0][0] += 0.5
+        edit(probe)
         (ckpt / "probe.json").write_text(json.dumps(probe))
         manifest = json.loads((ckpt / "MANIFEST.json").read_text())
-        from tracetune.hashing import sha256_file
-
         manifest["probe.json"] = sha256_file(ckpt / "probe.json")
         (ckpt / "MANIFEST.json").write_text(json.dumps(manifest))
+
+
+def test_probe_mismatch_fails_checkpoint_reloads(tiny_run_dir, tmp_path):
+    run = _copy(tiny_run_dir, tmp_path)
+    _edit_probes(run, lambda probe: probe["max"][0].__setitem__(0, probe["max"][0][0] + 0.5))
     gate = {g.name: g for g in compute_gates(run)}["checkpoint_reloads"]
     assert not gate.passed and abs(gate.value - 0.5) < 1e-3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA to reload a CUDA probe on CPU")
+def test_cuda_probe_reloads_on_cpu_within_the_cross_device_tolerance(tiny_run_dir, tmp_path):
+    run = _copy(tiny_run_dir, tmp_path)
+
+    def recorded_on_cuda(probe, shift):
+        probe["device"] = "cuda"
+        probe["argmax"][0][0] += 1  # a near-tie flipped by another device's rounding is not a failure
+        probe["max"][0][0] += shift
+
+    _edit_probes(run, lambda probe: recorded_on_cuda(probe, 0.05))
+    gate = {g.name: g for g in compute_gates(run)}["checkpoint_reloads"]
+    assert gate.passed and 0.04 < gate.value < 0.06 and gate.threshold == 0.1
+    assert gate.detail == "probe recorded on cuda, reloaded on cpu"
+    _edit_probes(run, lambda probe: recorded_on_cuda(probe, 0.5))  # beyond rounding: a different model
+    assert not {g.name: g for g in compute_gates(run)}["checkpoint_reloads"].passed
 
 
 def test_missing_file_fails_evidence_complete(tiny_run_dir, tmp_path):

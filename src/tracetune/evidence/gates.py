@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from tracetune.config import Config, load_config
 from tracetune.data.traces import load_eval_items
 from tracetune.eval.evaluate import read_predictions
@@ -101,10 +103,15 @@ def gate_checkpoint_reloads(run_dir: Path, cfg: Config) -> Gate:
             detail="no committed, intact checkpoint",
         )
     expected = json.loads((path / "probe.json").read_text(encoding="utf-8"))
-    actual = probe_outputs(_load_checkpoint_model(path, cfg), expected["input_ids"])
-    diff = probe_difference(expected, actual)
+    recorded = expected.get("device", "cpu")
+    device = recorded if recorded == "cpu" or (recorded == "cuda" and torch.cuda.is_available()) else "cpu"
+    actual = probe_outputs(_load_checkpoint_model(path, cfg).to(device), expected["input_ids"])
+    same_device = device == recorded
+    diff = probe_difference(expected, actual, compare_argmax=same_device)
+    atol = cfg.gates.probe_atol if same_device else cfg.gates.probe_cross_device_atol
     source = f"checkpoints/{path.name}/probe.json"
-    return Gate("checkpoint_reloads", diff <= cfg.gates.probe_atol, diff, cfg.gates.probe_atol, source)
+    detail = f"probe recorded on {recorded}, reloaded on {device}"
+    return Gate("checkpoint_reloads", diff <= atol, diff, atol, source, detail=detail)
 
 
 def gate_final_model_loads(run_dir: Path) -> Gate:
