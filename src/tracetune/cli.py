@@ -87,7 +87,7 @@ def cmd_run(args) -> int:
     from tracetune.pipeline import run_stage
 
     if args.verb == "resume":
-        cfg = load_config(Path(args.run_dir) / "config.yaml")
+        cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)
         run_dir = Path(args.run_dir).resolve()  # the directory may have moved since config.yaml was written
         cfg.output.root, cfg.output.run_name = run_dir.parent, run_dir.name
         resume = True
@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("resume", help="continue an interrupted run from its last committed checkpoint")
     p.add_argument("run_dir")
+    p.add_argument(
+        "overrides", nargs="*", help="key=value; only train.grad_accum_steps may change (another world size)"
+    )
     p.set_defaults(func=cmd_run)
 
     p = verbs.add_parser("verify", help="re-check every hash and recompute every gate of a run directory")
@@ -211,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     except json.JSONDecodeError as exc:  # a corrupted file inside a run directory
         print(f"error: invalid JSON: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if "tracetune.train.distributed" in sys.modules:  # leave torchrun's process group cleanly
+            sys.modules["tracetune.train.distributed"].shutdown()
 
 
 if __name__ == "__main__":

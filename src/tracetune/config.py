@@ -93,6 +93,14 @@ class TrainConfig(Section):
         "fp32",
         description="fp32; bf16 autocast over fp32 weights; or bf16 weights with fp32 master weights in the optimizer.",
     )
+    distributed: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto",
+        description=(
+            "Under torchrun: ddp replicates the model on every rank; fsdp shards it (FSDP2, one unit per decoder "
+            "layer, sharded checkpoints); auto picks fsdp on CUDA when a full replica's training state would not "
+            "fit in 60% of a GPU, else ddp."
+        ),
+    )
     optimizer: Literal["adamw", "adafactor"] = Field("adamw", description="Optimizer.")
     lr: float = Field(2e-5, gt=0, le=1, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, le=1, description="Decoupled weight decay; norms and biases are skipped.")
@@ -148,7 +156,10 @@ class GatesConfig(Section):
     probe_cross_device_atol: float = Field(
         0.1,
         ge=0,
-        description="Max abs logit difference when a GPU run's checkpoint is reloaded on CPU (kernels round differently).",
+        description=(
+            "Max abs logit difference when a reload cannot be exact: a GPU run's checkpoint reloaded on CPU, or an "
+            "FSDP checkpoint (bf16 compute over sharded weights) reloaded into a plain model."
+        ),
     )
 
 
@@ -177,6 +188,10 @@ class Config(Section):
     def _cross_checks(self) -> Config:
         if self.train.eval_every_steps and self.data.val_fraction == 0:
             raise ValueError("train.eval_every_steps needs data.val_fraction > 0; fix: set data.val_fraction=0.05")
+        if self.train.distributed == "fsdp" and self.train.method == "lora":
+            raise ValueError(
+                "train.distributed=fsdp shards full fine-tuning only; fix: use train.distributed=ddp with lora"
+            )
         return self
 
 

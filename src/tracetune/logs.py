@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -12,11 +13,19 @@ LOGGER = logging.getLogger("tracetune")
 _FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
 
 
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise): only rank 0 writes logs; others print warnings."""
+    return int(os.environ.get("RANK", "0"))
+
+
 class _TqdmHandler(logging.Handler):
     """Console output that keeps an active progress bar on the bottom line."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        tqdm.write(self.format(record), file=sys.stderr)
+        if _rank() == 0:
+            tqdm.write(self.format(record), file=sys.stderr)
+        elif record.levelno >= logging.WARNING:
+            tqdm.write(f"[rank {_rank()}] {self.format(record)}", file=sys.stderr)
 
 
 def setup_console(level: int = logging.INFO) -> None:
@@ -35,14 +44,18 @@ class log_to_file:  # noqa: N801 - used as a context manager, reads like a funct
     """Send the tracetune logger to `path` (UTF-8, LF) for the duration of a `with` block."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.handler = logging.FileHandler(path, mode="a", encoding="utf-8")
-        self.handler.setFormatter(_FORMAT)
+        self.handler = None
+        if _rank() == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+            self.handler.setFormatter(_FORMAT)
 
     def __enter__(self):
-        LOGGER.addHandler(self.handler)
+        if self.handler:
+            LOGGER.addHandler(self.handler)
         return self
 
     def __exit__(self, *exc):
-        LOGGER.removeHandler(self.handler)
-        self.handler.close()
+        if self.handler:
+            LOGGER.removeHandler(self.handler)
+            self.handler.close()

@@ -118,7 +118,11 @@ def run_lock(run_dir: Path):
 
 
 def check_resumable(run_dir: Path, cfg: Config, world_size: int = 1) -> None:
-    """Refuse to resume when anything that shapes training changed; list every change."""
+    """Refuse to resume when anything that shapes training changed; list every change.
+
+    The world size may change when the global batch (micro-batch x accumulation x ranks) does not: a run
+    of 2 ranks x 2 accumulation continues on 1 process with train.grad_accum_steps=4.
+    """
     import json
 
     from tracetune.config import load_config
@@ -127,12 +131,16 @@ def check_resumable(run_dir: Path, cfg: Config, world_size: int = 1) -> None:
     if not (run_dir / "config.yaml").is_file():
         raise RunDirError(f"nothing to resume: {run_dir} is not a run directory (no config.yaml)")
     # Where the run lives (output.*) may change, e.g. a moved directory; nothing else may.
-    saved = {
-        k: v
-        for k, v in flatten(load_config(run_dir / "config.yaml").model_dump(mode="json")).items()
-        if not k.startswith("output.")
-    }
-    now = {k: v for k, v in flatten(cfg.model_dump(mode="json")).items() if not k.startswith("output.")}
+    saved_cfg = load_config(run_dir / "config.yaml")
+
+    def shaping(c: Config) -> dict:
+        return {
+            k: v
+            for k, v in flatten(c.model_dump(mode="json")).items()
+            if not k.startswith("output.") and k != "train.grad_accum_steps"  # checked as part of the global batch
+        }
+
+    saved, now = shaping(saved_cfg), shaping(cfg)
     changes = [
         f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)
     ]
@@ -141,8 +149,17 @@ def check_resumable(run_dir: Path, cfg: Config, world_size: int = 1) -> None:
         current = sha256_file(Path(path)) if Path(path).is_file() else "missing"
         if current != digest:
             changes.append(f"data {path}: sha256 {digest[:12]}... -> {current[:12]}")
-    if run.get("world_size", world_size) != world_size:
-        changes.append(f"world size: {run['world_size']} -> {world_size}")
+    saved_world = run.get("world_size", 1)
+    before = saved_cfg.train.batch_size * saved_cfg.train.grad_accum_steps * saved_world
+    after = cfg.train.batch_size * cfg.train.grad_accum_steps * world_size
+    if before != after:
+        accum = before / (cfg.train.batch_size * world_size)
+        fix = f"train.grad_accum_steps={int(accum)}" if accum == int(accum) else f"a world size dividing {before}"
+        changes.append(
+            f"global batch: {before} ({saved_cfg.train.batch_size} x {saved_cfg.train.grad_accum_steps} x "
+            f"{saved_world} ranks) -> {after} ({cfg.train.batch_size} x {cfg.train.grad_accum_steps} x "
+            f"{world_size} ranks); fix: keep it with {fix}"
+        )
     if changes:
         raise RunDirError(f"cannot resume {run_dir}: the run changed:\n    " + "\n    ".join(changes))
 
@@ -172,13 +189,17 @@ def load_for_training(cfg: Config, inputs: Inputs):
 
 
 def prepare(cfg: Config):
-    """Every check before a run directory exists: inputs, device, CPU threads. Returns (inputs, device)."""
+    """Every check before a run directory exists: inputs, device, CPU threads; under torchrun, join the
+    process group. Returns (inputs, this rank's device)."""
     import torch
 
+    from tracetune.train import distributed
     from tracetune.train.loop import resolve_device
 
     inputs = load_inputs(cfg)
     device = resolve_device(cfg.train.device)
+    distributed.init_from_env(cfg.train.device)
+    device = distributed.rank_device(device)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     return inputs, device
@@ -186,11 +207,29 @@ def prepare(cfg: Config):
 
 def train_stage(cfg: Config, argv: list[str]) -> Path:
     """`tracetune train`: validate inputs, create the run directory, fine-tune, write final_model/."""
+    from tracetune.train import distributed
+
     inputs, _ = prepare(cfg)
-    with run_lock(run_dir_of(cfg)):
-        run_dir = new_run_dir(cfg)
+    run_dir = _agreed_run_dir(cfg)
+    with _main_lock(run_dir):
+        distributed.on_main(lambda: new_run_dir(cfg))
         _train_or_resume(cfg, inputs, run_dir, resume=False)
     return run_dir
+
+
+def _agreed_run_dir(cfg: Config) -> Path:
+    """The run directory, named by rank 0 (a timestamped name must not differ between ranks)."""
+    from tracetune.train import distributed
+
+    cfg.output.run_name = distributed.broadcast_from_main(run_dir_of(cfg).name)
+    return run_dir_of(cfg)
+
+
+def _main_lock(run_dir: Path):
+    """The run lock, held by rank 0 (the one process that writes the run directory)."""
+    from tracetune.train import distributed
+
+    return run_lock(run_dir) if distributed.current().is_main else contextlib.nullcontext()
 
 
 def evaluate_model(cfg: Config, model_source: str, items: list[EvalItem], out_dir: Path) -> dict:
@@ -199,15 +238,16 @@ def evaluate_model(cfg: Config, model_source: str, items: list[EvalItem], out_di
 
     from tracetune.eval.evaluate import generate_predictions, write_scores
     from tracetune.models.sources import load_model, load_tokenizer
+    from tracetune.train import distributed
     from tracetune.train.loop import resolve_device
 
     tokenizer = load_tokenizer(model_source, cfg.seed)
     model = load_model(model_source, tokenizer, cfg.seed, cfg.model.attn_implementation)
-    model.to(resolve_device(cfg.train.device))
+    model.to(distributed.rank_device(resolve_device(cfg.train.device)))
     if cfg.eval.precision == "bf16":
         model.to(torch.bfloat16)
     generate_predictions(model, tokenizer, items, cfg.eval, cfg.data.instruction, out_dir, cfg.seed)
-    return write_scores(out_dir, items, model_source)
+    return distributed.on_main(lambda: write_scores(out_dir, items, model_source))
 
 
 def eval_stage(cfg: Config, model_source: str, out_dir: Path | None) -> Path:
@@ -215,13 +255,18 @@ def eval_stage(cfg: Config, model_source: str, out_dir: Path | None) -> Path:
     from tracetune.config import dump_config
     from tracetune.data.traces import load_eval_items
     from tracetune.logs import log_to_file
+    from tracetune.train import distributed
 
     report = load_eval_items(cfg.eval.eval_file)
     report.raise_on_errors()
     items = report.records[: cfg.eval.max_items]
-    out_dir = out_dir or cfg.output.root / datetime.now(UTC).strftime("eval-%Y%m%dT%H%M%SZ")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "eval_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    distributed.init_from_env(cfg.train.device)
+    out_dir = out_dir or cfg.output.root / distributed.broadcast_from_main(
+        datetime.now(UTC).strftime("eval-%Y%m%dT%H%M%SZ")
+    )
+    if distributed.current().is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "eval_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     with log_to_file(out_dir / "logs" / "eval.log"):
         evaluate_model(cfg, model_source, items, out_dir)
     return out_dir
@@ -258,6 +303,7 @@ def _train_or_resume(cfg: Config, inputs: Inputs, run_dir: Path, resume: bool):
     import json
 
     from tracetune.logs import log_to_file
+    from tracetune.train import distributed
     from tracetune.train.checkpoint import latest_good_checkpoint
     from tracetune.train.loop import fit
 
@@ -265,7 +311,7 @@ def _train_or_resume(cfg: Config, inputs: Inputs, run_dir: Path, resume: bool):
         log.info("training already finished in %s", run_dir)
         return run_dir / "final_model"
     checkpoint = latest_good_checkpoint(run_dir / "checkpoints") if resume else None
-    if resume and checkpoint is None:  # nothing committed: start training over
+    if resume and checkpoint is None and distributed.current().is_main:  # nothing committed: start over
         for name in ("metrics.jsonl", "example_ids.jsonl"):
             (run_dir / name).unlink(missing_ok=True)
     with log_to_file(run_dir / "logs" / "train.log"):
@@ -293,35 +339,44 @@ def run_stage(cfg: Config, argv: list[str], resume: bool = False) -> tuple[Path,
     from tracetune.faults import STOP, Interrupted
     from tracetune.hashing import sha256_file
     from tracetune.logs import log_to_file
+    from tracetune.train import distributed
 
     inputs, device = prepare(cfg)
-    run_dir = run_dir_of(cfg)
-    with run_lock(run_dir), STOP:
-        if resume:
-            check_resumable(run_dir, cfg)
-            record = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-            record.setdefault("resumed_at", []).append(_now())
-            record.update(status="running", ended_at=None)
-            record.pop("error", None)
-        else:
-            run_dir = new_run_dir(cfg)
-            data_files = [cfg.data.train_file] + ([cfg.eval.eval_file] if cfg.eval.eval_file else [])
-            record = {
-                "run_id": run_dir.name,
-                "argv": argv,
-                "started_at": _now(),
-                "ended_at": None,
-                "status": "running",
-                "seed": cfg.seed,
-                "tracetune_version": tracetune.__version__,
-                "git": _git_state(),
-                "data_sha256": {str(p): sha256_file(p) for p in data_files},
-                "world_size": 1,
-            }
-        _write_run_json(run_dir, record)
-        if not (run_dir / "env.json").is_file():
-            write_env(run_dir, device.type)
-        write_gpu_snapshot(run_dir, device.type, "start")
+    d = distributed.current()
+    run_dir = _agreed_run_dir(cfg)
+    topology = distributed.describe()
+    with _main_lock(run_dir), STOP:
+
+        def start() -> dict:  # rank 0: create or reopen the run directory and its records
+            if resume:
+                check_resumable(run_dir, cfg, d.world_size)
+                record = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+                record.setdefault("resumed_at", []).append(_now())
+                record.update(status="running", ended_at=None)
+                record.pop("error", None)
+                (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")  # accumulation may differ
+            else:
+                new_run_dir(cfg)
+                data_files = [cfg.data.train_file] + ([cfg.eval.eval_file] if cfg.eval.eval_file else [])
+                record = {
+                    "run_id": run_dir.name,
+                    "argv": argv,
+                    "started_at": _now(),
+                    "ended_at": None,
+                    "status": "running",
+                    "seed": cfg.seed,
+                    "tracetune_version": tracetune.__version__,
+                    "git": _git_state(),
+                    "data_sha256": {str(p): sha256_file(p) for p in data_files},
+                }
+            record.update(topology)
+            _write_run_json(run_dir, record)
+            if not (run_dir / "env.json").is_file():
+                write_env(run_dir, device.type)
+            write_gpu_snapshot(run_dir, device.type, "start")
+            return record
+
+        record = distributed.on_main(start)
         try:
             if inputs.eval_items is not None and cfg.eval.run_base:
                 with log_to_file(run_dir / "logs" / "eval.log"):
@@ -332,21 +387,26 @@ def run_stage(cfg: Config, argv: list[str], resume: bool = False) -> tuple[Path,
                 with log_to_file(run_dir / "logs" / "eval.log"):
                     log.info("evaluating the fine-tuned model %s", final_model)
                     evaluate_model(cfg, str(final_model), inputs.eval_items, run_dir / "eval" / "final")
-                    if cfg.eval.run_base:
-                        comparison = compare_predictions(
-                            run_dir / "eval" / "base", run_dir / "eval" / "final", cfg.seed
-                        )
-                        text = json.dumps(comparison, indent=2) + "\n"
-                        (run_dir / "eval" / "comparison.json").write_text(text, encoding="utf-8")
-            write_gpu_snapshot(run_dir, device.type, "end")
+            if d.is_main:
+                if inputs.eval_items is not None and cfg.eval.run_base:
+                    comparison = compare_predictions(run_dir / "eval" / "base", run_dir / "eval" / "final", cfg.seed)
+                    text = json.dumps(comparison, indent=2) + "\n"
+                    (run_dir / "eval" / "comparison.json").write_text(text, encoding="utf-8")
+                write_gpu_snapshot(run_dir, device.type, "end")
         except BaseException as exc:
-            status = "interrupted" if isinstance(exc, Interrupted | KeyboardInterrupt) else "failed"
-            record.update(status=status, ended_at=_now(), error=f"{type(exc).__name__}: {exc}")
-            _write_run_json(run_dir, record)
+            if d.is_main:
+                status = "interrupted" if isinstance(exc, Interrupted | KeyboardInterrupt) else "failed"
+                record.update(status=status, ended_at=_now(), error=f"{type(exc).__name__}: {exc}")
+                _write_run_json(run_dir, record)
             raise
-        gates = write_gates(run_dir, compute_gates(run_dir))
-        record.update(status="completed" if gates["passed"] else "gates_failed", ended_at=_now())
-        _write_run_json(run_dir, record)
-        write_report(run_dir)
-        write_manifest(run_dir)
+
+        def finish() -> dict:  # rank 0: gates, report, manifest
+            gates = write_gates(run_dir, compute_gates(run_dir))
+            record.update(status="completed" if gates["passed"] else "gates_failed", ended_at=_now())
+            _write_run_json(run_dir, record)
+            write_report(run_dir)
+            write_manifest(run_dir)
+            return gates
+
+        gates = distributed.on_main(finish)
     return run_dir, gates

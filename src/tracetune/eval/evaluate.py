@@ -21,6 +21,7 @@ from tracetune.eval.generate import generate_batch, timed
 from tracetune.eval.score import answers_match, extract_answer
 from tracetune.eval.stats import mcnemar_exact, paired_bootstrap, wilson_interval
 from tracetune.faults import STOP, crash_point
+from tracetune.train import distributed
 
 log = logging.getLogger("tracetune")
 
@@ -61,51 +62,80 @@ def score_item(item: EvalItem, completion: str) -> dict:
 def generate_predictions(
     model, tokenizer, items: list[EvalItem], cfg: EvalConfig, instruction: str, out_dir: Path, seed: int
 ) -> Path:
-    """Append one predictions.jsonl line per item not yet done, batch by batch."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Append one predictions.jsonl line per item not yet done, batch by batch.
+
+    Under torchrun each rank generates every world_size-th remaining item; rank 0 gathers the rows and
+    appends them in eval-set order once all are done (so a distributed evaluation resumes per run, not per batch).
+    """
+    d = distributed.current()
     path = out_dir / "predictions.jsonl"
-    _trim_torn_line(path)
-    done = {row["id"] for row in read_predictions(path)}
+    if d.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _trim_torn_line(path)
+    done = distributed.broadcast_from_main({row["id"] for row in read_predictions(path)} if d.is_main else None)
     todo = [item for item in items if item.id not in done]
     if done:
         log.info("%s: %d items already done, %d to go", path, len(done), len(todo))
-    stop_ids = end_of_turn_ids(tokenizer)
-    rendered = {item.id: render_prompt(tokenizer, item.prompt, instruction) for item in todo}
-    # Similar lengths in one batch waste less on left padding.
-    todo.sort(key=lambda item: len(rendered[item.id]))
-    model.eval()
-    bar = tqdm(total=len(items), initial=len(done), desc=f"eval {out_dir.name}", unit="item", dynamic_ncols=True)
-    with open(path, "a", encoding="utf-8", newline="\n") as handle:
-        for start in range(0, len(todo), cfg.batch_size):
-            batch = todo[start : start + cfg.batch_size]
-            torch.manual_seed(seed + start)
-            generations, seconds = timed(
-                generate_batch, model, tokenizer, [rendered[i.id] for i in batch], cfg, stop_ids
-            )
-            for item, gen in zip(batch, generations, strict=True):
-                row = {
-                    "id": item.id,
-                    "prompt": item.prompt,
-                    "expected_answer": item.expected_answer,
-                    "completion": gen.completion,
-                }
-                row.update(score_item(item, gen.completion))
-                row.update(
-                    num_new_tokens=gen.num_new_tokens,
-                    finish_reason=gen.finish_reason,
-                    latency_ms=round(1000 * seconds / len(batch), 1),
-                    section=item.section,
-                    category=item.category,
-                    difficulty=item.difficulty,
-                )
+    batches = _predict(model, tokenizer, todo[d.rank :: d.world_size], cfg, instruction, seed, out_dir.name)
+    if not d.enabled:
+        with open(path, "a", encoding="utf-8", newline="\n") as handle:
+            for k, rows in enumerate(batches):
+                handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+                handle.flush()
+                crash_point(f"eval-{out_dir.name}/batch-{k}")
+                STOP.check(f"during evaluation ({out_dir.name}); finished items are kept")
+        return path
+    mine = [row for rows in batches for row in rows]
+    gathered = [row for rows in distributed.gather_to_all(mine) for row in rows]
+    if d.is_main:
+        order = {item.id: k for k, item in enumerate(items)}
+        with open(path, "a", encoding="utf-8", newline="\n") as handle:
+            for row in sorted(gathered, key=lambda r: order[r["id"]]):
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            handle.flush()
-            bar.update(len(batch))
-            crash_point(f"eval-{out_dir.name}/batch-{start // cfg.batch_size}")
-            STOP.check(f"during evaluation ({out_dir.name}); finished items are kept")
-            log.debug("eval batch of %d in %.1f s", len(batch), seconds)
-    bar.close()
+    distributed.barrier()
     return path
+
+
+def _predict(model, tokenizer, items: list[EvalItem], cfg: EvalConfig, instruction: str, seed: int, name: str):
+    """Scored prediction rows for `items`, one list per generated batch (shortest prompts first)."""
+    stop_ids = end_of_turn_ids(tokenizer)
+    rendered = {item.id: render_prompt(tokenizer, item.prompt, instruction) for item in items}
+    # Similar lengths in one batch waste less on left padding.
+    items = sorted(items, key=lambda item: len(rendered[item.id]))
+    model.eval()
+    bar = tqdm(
+        total=len(items),
+        desc=f"eval {name}",
+        unit="item",
+        dynamic_ncols=True,
+        disable=not distributed.current().is_main,
+    )
+    for start in range(0, len(items), cfg.batch_size):
+        batch = items[start : start + cfg.batch_size]
+        torch.manual_seed(seed + start)
+        generations, seconds = timed(generate_batch, model, tokenizer, [rendered[i.id] for i in batch], cfg, stop_ids)
+        rows = []
+        for item, gen in zip(batch, generations, strict=True):
+            row = {
+                "id": item.id,
+                "prompt": item.prompt,
+                "expected_answer": item.expected_answer,
+                "completion": gen.completion,
+            }
+            row.update(score_item(item, gen.completion))
+            row.update(
+                num_new_tokens=gen.num_new_tokens,
+                finish_reason=gen.finish_reason,
+                latency_ms=round(1000 * seconds / len(batch), 1),
+                section=item.section,
+                category=item.category,
+                difficulty=item.difficulty,
+            )
+            rows.append(row)
+        bar.update(len(batch))
+        log.debug("eval batch of %d in %.1f s", len(batch), seconds)
+        yield rows
+    bar.close()
 
 
 def _accuracy(rows: list[dict]) -> dict:

@@ -1,8 +1,10 @@
 """Checkpoints: staged, fsynced, renamed, then committed with a manifest; keep-last-N after commit.
 
 Layout of `checkpoints/step-000100/`:
-  model/            Hugging Face weights (full) or the peft adapter (LoRA)
-  optimizer.pt      optimizer (and fp32 master weights) state
+  model/            Hugging Face weights (full) or the peft adapter (LoRA)    one process or DDP
+  optimizer.pt      optimizer (and fp32 master weights) state                 one process or DDP
+  dcp/              weights and optimizer state, one shard per rank (DCP)     FSDP, instead of the two above
+  config.json       the model's architecture, to rebuild it around dcp/       FSDP
   trainer_state.pt  scheduler, RNG states, data position, step
   config.yaml       the resolved config
   probe.json        outputs of the model on a fixed probe batch, for the reload gate
@@ -24,6 +26,7 @@ import torch
 from tracetune.errors import TracetuneError
 from tracetune.faults import crash_point
 from tracetune.hashing import hash_mismatches, sha256_file
+from tracetune.train.distributed import barrier, current
 
 COMMIT_MARKER = "COMMITTED"
 MANIFEST = "MANIFEST.json"
@@ -65,36 +68,83 @@ def save_checkpoint(
     probe: dict,
     keep_last: int,
 ) -> Path:
-    """Write one committed checkpoint and prune old ones; returns its directory."""
+    """Write one committed checkpoint of a replicated model (one process or DDP: rank 0 writes; every rank
+    calls) and prune old ones; returns its directory."""
+
+    def write_weights(staging: Path) -> None:
+        if current().is_main:
+            model.save_pretrained(staging / "model")
+            crash_point(f"checkpoint-{step}/model-written")
+            torch.save(optimizer_state, staging / "optimizer.pt")
+
+    return _write_committed(root, step, write_weights, trainer_state, config_yaml, probe, keep_last)
+
+
+def save_sharded_checkpoint(
+    root: Path,
+    step: int,
+    model,
+    optimizer,
+    trainer_state: dict,
+    config_yaml: str,
+    probe: dict,
+    keep_last: int,
+) -> Path:
+    """Write one committed checkpoint of an FSDP model: each rank writes its shards of the weights and the
+    optimizer state through torch.distributed.checkpoint into dcp/, then rank 0 seals and commits it. DCP
+    reshards on load, so it resumes at any world size (and on one process without a process group)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    def write_weights(staging: Path) -> None:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=staging / "dcp")
+        crash_point(f"checkpoint-{step}/model-written")
+        if current().is_main:
+            model.config.to_json_file(staging / "config.json")  # what load_sharded_model builds the model from
+
+    return _write_committed(root, step, write_weights, trainer_state, config_yaml, probe, keep_last)
+
+
+def _write_committed(root, step, write_weights, trainer_state, config_yaml, probe, keep_last) -> Path:
+    """Stage, write, hash, fsync, rename, then mark COMMITTED; rank 0 does all but `write_weights`."""
+    main = current().is_main
     final = root / step_dir_name(step)
     staging = root / (final.name + ".staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        model.save_pretrained(staging / "model")
-        crash_point(f"checkpoint-{step}/model-written")
-        torch.save(optimizer_state, staging / "optimizer.pt")
-        torch.save(trainer_state, staging / "trainer_state.pt")
-        (staging / "config.yaml").write_text(config_yaml, encoding="utf-8")
-        (staging / "probe.json").write_text(json.dumps(probe, indent=1) + "\n", encoding="utf-8")
-        manifest = {str(p.relative_to(staging)): sha256_file(p) for p in sorted(staging.rglob("*")) if p.is_file()}
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        _fsync_tree(staging)
-        crash_point(f"checkpoint-{step}/staged")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
-        crash_point(f"checkpoint-{step}/renamed")
-        (final / COMMIT_MARKER).write_text(f"{step}\n", encoding="utf-8")
-        _fsync_tree(final)
-    except OSError as exc:  # disk full, permission denied: report it; the previous checkpoint is untouched
+    if main:
         shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    barrier()
+    try:
+        write_weights(staging)
+        barrier()
+        if main:
+            torch.save(trainer_state, staging / "trainer_state.pt")
+            (staging / "config.yaml").write_text(config_yaml, encoding="utf-8")
+            (staging / "probe.json").write_text(json.dumps(probe, indent=1) + "\n", encoding="utf-8")
+            files = sorted(p for p in staging.rglob("*") if p.is_file())
+            manifest = {str(p.relative_to(staging)): sha256_file(p) for p in files}
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+            _fsync_tree(staging)
+            crash_point(f"checkpoint-{step}/staged")
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(staging, final)
+            crash_point(f"checkpoint-{step}/renamed")
+            (final / COMMIT_MARKER).write_text(f"{step}\n", encoding="utf-8")
+            _fsync_tree(final)
+    except OSError as exc:  # disk full, permission denied: report it; the previous checkpoint is untouched
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
         raise CheckpointError(
             f"could not write checkpoint {final.name}: {exc}; earlier checkpoints are intact"
         ) from exc
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
-    prune_checkpoints(root, keep_last)
+    barrier()
+    if main:
+        prune_checkpoints(root, keep_last)
     return final
 
 
@@ -168,6 +218,35 @@ def restore_checkpoint(path: Path, model, optimizer, scheduler, master, method: 
         with torch.no_grad():
             for target, saved in zip(master.master, optimizer_state["master"], strict=True):
                 target.copy_(saved)
+    return _restore_trainer_state(path, scheduler)
+
+
+def restore_sharded_checkpoint(path: Path, model, optimizer, scheduler) -> Progress:
+    """Load an FSDP checkpoint's dcp/ into the live model and optimizer, sharded or not, at any world size."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=path / "dcp")
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return _restore_trainer_state(path, scheduler)
+
+
+def load_sharded_model(path: Path):
+    """A plain (unsharded) model from an FSDP checkpoint, in one process: for the reload gate and evaluation."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=path / "dcp", no_dist=True)  # rank 0 alone, even inside a process group
+    set_model_state_dict(model, state["model"])
+    return model
+
+
+def _restore_trainer_state(path: Path, scheduler) -> Progress:
     state = torch.load(path / "trainer_state.pt", weights_only=False)
     scheduler.load_state_dict(state["scheduler"])
     random.setstate(state["rng"]["python"])

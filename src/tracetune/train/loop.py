@@ -20,13 +20,22 @@ import torch
 from tqdm import tqdm
 
 from tracetune.config import Config, dump_config
-from tracetune.data.batching import IGNORE_INDEX, collate, plan_batches
+from tracetune.data.batching import collate, plan_batches
 from tracetune.data.render import Example
 from tracetune.errors import TracetuneError
 from tracetune.faults import STOP, crash_point, nan_injected
 from tracetune.models.probe import probe_outputs
-from tracetune.train.checkpoint import Progress, restore_checkpoint, rng_state, save_checkpoint, verify_checkpoint
-from tracetune.train.loss import loss_sum
+from tracetune.train import distributed
+from tracetune.train.checkpoint import (
+    Progress,
+    restore_checkpoint,
+    restore_sharded_checkpoint,
+    rng_state,
+    save_checkpoint,
+    save_sharded_checkpoint,
+    verify_checkpoint,
+)
+from tracetune.train.loss import CausalLMLoss, _unwrap, num_loss_tokens
 from tracetune.train.optim import MasterWeights, build_optimizer, lr_lambda, param_groups
 
 log = logging.getLogger("tracetune")
@@ -68,16 +77,14 @@ def apply_lora(model, cfg: Config):
     return get_peft_model(model, peft_config)
 
 
-def planned_steps(batches_per_epoch: int, cfg: Config) -> tuple[int, int]:
-    """(optimizer steps per epoch, total optimizer steps)."""
-    per_epoch = math.ceil(batches_per_epoch / cfg.train.grad_accum_steps)
+def planned_steps(batches_per_epoch: int, cfg: Config, world_size: int = 1) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps); a step takes accumulation x world size micro-batches."""
+    per_epoch = math.ceil(batches_per_epoch / (cfg.train.grad_accum_steps * world_size))
     return per_epoch, cfg.train.max_steps or per_epoch * cfg.train.num_epochs
 
 
-def _autocast(cfg: Config, device: torch.device):
-    if cfg.train.precision == "bf16-autocast":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def _autocast(enabled: bool, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -94,17 +101,19 @@ def _memory(device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def validate(model, examples: list[Example], cfg: Config, pad_id: int, device: torch.device) -> tuple[float, int]:
-    """Mean loss per loss token over the validation examples."""
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(examples), cfg.train.batch_size):
-        batch = _to(collate(examples[start : start + cfg.train.batch_size], pad_id), device)
-        with _autocast(cfg, device):
-            s, n = loss_sum(model, batch)
-        total, count = total + s.item(), count + n
-    model.train()
-    return total / max(count, 1), count
+def validate(net, examples: list[Example], batch_size: int, pad_id: int, device, autocast: bool) -> tuple[float, int]:
+    """Mean loss per loss token over the validation examples (each rank takes a share; sums are reduced)."""
+    net.eval()
+    chunks = [examples[start : start + batch_size] for start in range(0, len(examples), batch_size)]
+    total, count = 0.0, 0.0
+    for chunk, weight in distributed.shard_window(chunks, distributed.current()):
+        batch = _to(collate(chunk, pad_id), device)
+        with _autocast(autocast, device):
+            s = net(**batch)
+        total, count = total + weight * s.item(), count + weight * num_loss_tokens(batch)
+    total, count = distributed.sum_across_ranks([total, count])
+    net.train()
+    return total / max(count, 1), int(count)
 
 
 def _probe_ids(examples: list[Example]) -> list[list[int]]:
@@ -112,7 +121,9 @@ def _probe_ids(examples: list[Example]) -> list[list[int]]:
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
-    # One append per line: a crash leaves at most one torn last line, which a resume trims.
+    # One append per line: a crash leaves at most one torn last line, which a resume trims. Rank 0 writes.
+    if not distributed.current().is_main:
+        return
     with open(path, "a", encoding="utf-8", newline="\n") as handle:
         handle.write(json.dumps(record) + "\n")
 
@@ -147,7 +158,8 @@ def fit(
     schedule, RNG, data order and position; metrics.jsonl lines after the checkpoint are dropped first.
     """
     tc = cfg.train
-    device = resolve_device(tc.device)
+    d = distributed.current()
+    device = distributed.rank_device(resolve_device(tc.device))
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     if tc.method == "lora":
@@ -155,23 +167,32 @@ def fit(
     if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.to(device)
-    if tc.precision == "bf16-weights":
+    num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    strategy = distributed.choose_strategy(tc.distributed, num_params, device) if d.enabled else "single"
+    fsdp = strategy == "fsdp"
+    sharded_checkpoints = fsdp or tc.distributed == "fsdp"  # an FSDP config's format, at any world size
+    # FSDP keeps fp32 sharded weights and computes in bf16 (its mixed-precision policy); one process running
+    # an FSDP config does the same through autocast, so its checkpoints hold what an FSDP run's would.
+    master_weights = tc.precision == "bf16-weights" and not sharded_checkpoints
+    autocast = tc.precision != "fp32" and not fsdp and not master_weights
+    if master_weights:
         model.to(torch.bfloat16)
     model.train()
+    net = distributed.wrap(CausalLMLoss(model), _unwrap(model).get_decoder().layers, strategy, tc.precision, device)
 
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    master = MasterWeights([p for _, p in named]) if tc.precision == "bf16-weights" else None
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # FSDP's sharded ones if wrapped
+    master = MasterWeights([p for _, p in named]) if master_weights else None
     step_params = master.master if master else [p for _, p in named]
     groups = param_groups(list(zip([n for n, _ in named], step_params, strict=True)), tc.weight_decay)
     optimizer = build_optimizer(groups, tc, device)
     lengths = [len(e.input_ids) for e in train]
     num_batches = len(plan_batches(lengths, tc.batch_size, cfg.seed, 0))  # the same count every epoch
-    steps_per_epoch, total_steps = planned_steps(num_batches, cfg)
+    steps_per_epoch, total_steps = planned_steps(num_batches, cfg, d.world_size)
+    batches_per_step = tc.grad_accum_steps * d.world_size
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc, total_steps))
     pad_id = tokenizer.pad_token_id
     probe_ids = _probe_ids(val or train)
     config_yaml = dump_config(cfg)
-    num_params = sum(p.numel() for _, p in named)
     metrics_path, ids_path = run_dir / "metrics.jsonl", run_dir / "example_ids.jsonl"
 
     progress = Progress()
@@ -179,25 +200,40 @@ def fit(
         problems = verify_checkpoint(resume_from)
         if problems:
             raise TracetuneError(f"cannot resume from {resume_from}: {'; '.join(problems)}")
-        progress = restore_checkpoint(resume_from, model, optimizer, scheduler, master, tc.method)
-        trim_jsonl(metrics_path, progress.step)
-        trim_jsonl(ids_path, progress.step)
+        if (resume_from / "dcp").is_dir():
+            progress = restore_sharded_checkpoint(resume_from, model, optimizer, scheduler)
+        elif sharded_checkpoints:
+            raise TracetuneError(f"{resume_from} was written without FSDP; fix: resume it with train.distributed=ddp")
+        else:
+            progress = restore_checkpoint(resume_from, model, optimizer, scheduler, master, tc.method)
+        if d.is_main:
+            trim_jsonl(metrics_path, progress.step)
+            trim_jsonl(ids_path, progress.step)
         log.info("resumed from %s at step %d", resume_from.name, progress.step)
+    global_batch = tc.batch_size * tc.grad_accum_steps * d.world_size
     log.info(
-        "training %s on %s: %d examples, %d val, %d trainable params, %d steps (%d per epoch), global batch %d",
+        "training %s on %s (%s, world size %d): %d examples, %d val, %d trainable params, %d steps (%d per epoch), "
+        "global batch %d = %d per micro-batch x %d accumulation x %d ranks",
         tc.method,
         device,
+        strategy,
+        d.world_size,
         len(train),
         len(val),
         num_params,
         total_steps,
         steps_per_epoch,
-        tc.batch_size * tc.grad_accum_steps,
+        global_batch,
+        tc.batch_size,
+        tc.grad_accum_steps,
+        d.world_size,
     )
     last_saved = progress.step if resume_from is not None else -1
     clock = time.perf_counter() - progress.elapsed_s  # elapsed_s continues across a resume
     last_log_time = time.perf_counter()
-    bar = tqdm(total=total_steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True, disable=not d.is_main
+    )
 
     def save() -> None:
         nonlocal last_saved
@@ -209,25 +245,25 @@ def fit(
             "scheduler": scheduler.state_dict(),
             "rng": rng_state(),
         }
-        optimizer_state = {"optimizer": optimizer.state_dict()}
-        if master:
-            optimizer_state["master"] = [p.detach() for p in master.master]
-        probe = probe_outputs(model, probe_ids)
-        path = save_checkpoint(
-            run_dir / "checkpoints",
-            progress.step,
-            model,
-            optimizer_state,
-            trainer_state,
-            config_yaml,
-            probe,
-            tc.keep_last_checkpoints,
-        )
+        common = (trainer_state, config_yaml)
+        if sharded_checkpoints:  # every rank runs the probe: FSDP gathers each layer's weights as it goes
+            probe = probe_outputs(net, probe_ids, exact=not fsdp)
+            path = save_sharded_checkpoint(
+                run_dir / "checkpoints", progress.step, model, optimizer, *common, probe, tc.keep_last_checkpoints
+            )
+        else:
+            optimizer_state = {"optimizer": optimizer.state_dict()}
+            if master:
+                optimizer_state["master"] = [p.detach() for p in master.master]
+            probe = probe_outputs(model, probe_ids) if d.is_main else {}
+            path = save_checkpoint(
+                run_dir / "checkpoints", progress.step, model, optimizer_state, *common, probe, tc.keep_last_checkpoints
+            )
         last_saved = progress.step
         log.info("saved checkpoint %s", path.name)
 
     def run_validation() -> None:
-        val_loss, n = validate(model, val, cfg, pad_id, device)
+        val_loss, n = validate(net, val, tc.batch_size, pad_id, device, autocast)
         epoch = round(progress.epoch + progress.next_batch / max(1, num_batches), 4)
         record = {"split": "val", "step": progress.step, "epoch": epoch, "loss": val_loss, "num_loss_tokens": n}
         _append_jsonl(metrics_path, record)
@@ -238,23 +274,28 @@ def fit(
     with STOP:
         while progress.step < total_steps:
             batches = plan_batches(lengths, tc.batch_size, cfg.seed, progress.epoch)
-            for start in range(progress.next_batch, len(batches), tc.grad_accum_steps):
-                chunk = batches[start : start + tc.grad_accum_steps]
+            for start in range(progress.next_batch, len(batches), batches_per_step):
+                chunk = batches[start : start + batches_per_step]
+                # Every rank collates the whole step, so the step's totals below need no communication.
                 micro = [collate([train[i] for i in b], pad_id) for b in chunk]
-                # Normalise by the loss tokens of the whole optimizer step, so accumulation equals one big batch.
-                step_tokens = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro)
+                # Normalise by the loss tokens of the whole optimizer step, so accumulation equals one big batch;
+                # DDP and FSDP average gradients over ranks, which the world-size factor undoes.
+                step_tokens = sum(num_loss_tokens(m) for m in micro)
+                share = distributed.shard_window(micro, d)
                 step_loss = 0.0
-                for k, batch in enumerate(micro):
-                    with _autocast(cfg, device):
-                        s, _ = loss_sum(model, _to(batch, device))
-                    if nan_injected(progress.step + 1):
-                        s = s * float("nan")
-                    (s / step_tokens).backward()
-                    step_loss += s.item()
+                for k, (batch, weight) in enumerate(share):
+                    with distributed.gradient_sync(net, k == len(share) - 1):
+                        with _autocast(autocast, device):
+                            s = net(**_to(batch, device))
+                        if nan_injected(progress.step + 1):
+                            s = s * float("nan")
+                        (s * (weight * d.world_size) / step_tokens).backward()
+                    step_loss += weight * s.item()
                     crash_point(f"step-{progress.step + 1}/micro-{k}")
+                step_loss = distributed.sum_across_ranks([step_loss])[0]
                 if master:
                     master.grads_to_master()
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(step_params, tc.max_grad_norm or float("inf")))
+                grad_norm = _total_norm(torch.nn.utils.clip_grad_norm_(step_params, tc.max_grad_norm or float("inf")))
                 finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
                 if finite:
                     optimizer.step()
@@ -332,6 +373,7 @@ def fit(
                 if done or (tc.save_every_steps and progress.step % tc.save_every_steps == 0):
                     save()
                 last_log_time += time.perf_counter() - paused
+                STOP.requested = distributed.stop_agreed(STOP.requested)
                 if STOP.requested is not None:
                     if last_saved != progress.step:
                         save()
@@ -345,7 +387,7 @@ def fit(
                 crash_point(f"epoch-{progress.epoch}/start")
     bar.close()
     elapsed = time.perf_counter() - clock
-    final_dir = save_final_model(model, tokenizer, run_dir, tc.method)
+    final_dir = save_final_model(model, tokenizer, run_dir, tc.method, fsdp)
     summary = {
         "planned_steps": total_steps,
         "num_steps": progress.step,
@@ -356,25 +398,57 @@ def fit(
         "num_train_examples": len(train),
         "num_val_examples": len(val),
         "num_trainable_params": num_params,
-        "global_batch_size": tc.batch_size * tc.grad_accum_steps,
-        "world_size": 1,
+        "global_batch_size": global_batch,
+        "grad_accum_steps": tc.grad_accum_steps,
+        "strategy": strategy,
+        "checkpoint_format": "dcp" if sharded_checkpoints else "hf",
+        **distributed.describe(),
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "method": tc.method,
         "precision": tc.precision,
     }
-    (run_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if d.is_main:
+        (run_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     log.info("training done: %d steps in %.1f s; final model in %s", progress.step, elapsed, final_dir)
     return FitResult(progress.step, total_steps, elapsed, final_dir)
 
 
-def save_final_model(model, tokenizer, run_dir: Path, method: str) -> Path:
-    """final_model/ in Hugging Face format; a LoRA run also writes adapter/ and merges it into final_model/."""
+def _total_norm(norm: torch.Tensor) -> float:
+    """clip_grad_norm_'s result as a float; under FSDP it is a DTensor whose full value needs its shards."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def save_final_model(model, tokenizer, run_dir: Path, method: str, fsdp: bool = False) -> Path:
+    """final_model/ in Hugging Face format, written by rank 0 (every rank calls; they wait for it).
+
+    A LoRA run also writes adapter/ and merges it into final_model/. An FSDP model is gathered to rank 0's
+    CPU first, then saved from a plain model of the same architecture.
+    """
     final_dir = run_dir / "final_model"
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from transformers import AutoModelForCausalLM
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if distributed.current().is_main:
+            with torch.device("meta"):
+                plain = AutoModelForCausalLM.from_config(model.config)
+            missing, unexpected = plain.load_state_dict(full, assign=True, strict=False)
+            assert not unexpected and all("lm_head" in name for name in missing), (missing, unexpected)
+            plain.tie_weights()
+            plain.save_pretrained(final_dir)
+            tokenizer.save_pretrained(final_dir)
+        distributed.barrier()
+        return final_dir
+    if not distributed.current().is_main:
+        distributed.barrier()
+        return final_dir
     if method == "lora":
         model.save_pretrained(run_dir / "adapter")
         tokenizer.save_pretrained(run_dir / "adapter")
         model = model.merge_and_unload()
     model.save_pretrained(final_dir)
     tokenizer.save_pretrained(final_dir)
+    distributed.barrier()
     return final_dir

@@ -33,3 +33,24 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return F.cross_entropy(logits, targets[mask], reduction="sum"), int(mask.sum())
+
+
+class CausalLMLoss(torch.nn.Module):
+    """The model with `loss_sum` as its forward, so DDP and FSDP see the one call they must wrap.
+
+    Called with labels: the summed loss over loss positions. Without: the model's own output (full
+    logits), for the checkpoint probe.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        if labels is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask)
+        return loss_sum(self.model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})[0]
+
+
+def num_loss_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
