@@ -4,6 +4,8 @@
 writer, between eval batches). It does nothing unless a test sets one of:
   TRACETUNE_FAULT_LOG=FILE      append each point's name to FILE (to enumerate them)
   TRACETUNE_KILL_AT=N           SIGKILL this process at the N-th point reached (1-based)
+  TRACETUNE_KILL_AT_POINT=NAME  SIGKILL this process at the point of that name
+  TRACETUNE_FAULT_RANK=R        under torchrun, only rank R obeys the two variables above
   TRACETUNE_SIGTERM_AT=N        send this process SIGTERM at the N-th point reached
   TRACETUNE_NAN_AT_STEP=S       make the loss of optimizer step S NaN (see `nan_injected`)
 """
@@ -25,7 +27,10 @@ def crash_point(name: str) -> None:
     if log_path:
         with open(log_path, "a", encoding="utf-8") as handle:
             handle.write(name + "\n")
-    if os.environ.get("TRACETUNE_KILL_AT") == str(_hits):
+    rank = os.environ.get("RANK", "0")
+    if os.environ.get("TRACETUNE_FAULT_RANK", rank) == rank and (
+        os.environ.get("TRACETUNE_KILL_AT") == str(_hits) or os.environ.get("TRACETUNE_KILL_AT_POINT") == name
+    ):
         os.kill(os.getpid(), signal.SIGKILL)
     if os.environ.get("TRACETUNE_SIGTERM_AT") == str(_hits):
         os.kill(os.getpid(), signal.SIGTERM)

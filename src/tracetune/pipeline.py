@@ -130,29 +130,31 @@ def check_resumable(run_dir: Path, cfg: Config, world_size: int = 1) -> None:
 
     if not (run_dir / "config.yaml").is_file():
         raise RunDirError(f"nothing to resume: {run_dir} is not a run directory (no config.yaml)")
-    # Where the run lives (output.*) may change, e.g. a moved directory; nothing else may.
+    # Where the run lives (output.*) may change, e.g. a moved directory; nothing else may, except the
+    # accumulation when the world size changes (checked below as part of the global batch).
     saved_cfg = load_config(run_dir / "config.yaml")
+    run = json.loads((run_dir / "run.json").read_text(encoding="utf-8")) if (run_dir / "run.json").is_file() else {}
+    saved_world = run.get("world_size", 1)
 
     def shaping(c: Config) -> dict:
+        flat = flatten(c.model_dump(mode="json")).items()
         return {
             k: v
-            for k, v in flatten(c.model_dump(mode="json")).items()
-            if not k.startswith("output.") and k != "train.grad_accum_steps"  # checked as part of the global batch
+            for k, v in flat
+            if not k.startswith("output.") and (k != "train.grad_accum_steps" or saved_world == world_size)
         }
 
     saved, now = shaping(saved_cfg), shaping(cfg)
     changes = [
         f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)
     ]
-    run = json.loads((run_dir / "run.json").read_text(encoding="utf-8")) if (run_dir / "run.json").is_file() else {}
     for path, digest in run.get("data_sha256", {}).items():
         current = sha256_file(Path(path)) if Path(path).is_file() else "missing"
         if current != digest:
             changes.append(f"data {path}: sha256 {digest[:12]}... -> {current[:12]}")
-    saved_world = run.get("world_size", 1)
     before = saved_cfg.train.batch_size * saved_cfg.train.grad_accum_steps * saved_world
     after = cfg.train.batch_size * cfg.train.grad_accum_steps * world_size
-    if before != after:
+    if saved_world != world_size and before != after:
         accum = before / (cfg.train.batch_size * world_size)
         fix = f"train.grad_accum_steps={int(accum)}" if accum == int(accum) else f"a world size dividing {before}"
         changes.append(

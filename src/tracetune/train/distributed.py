@@ -207,6 +207,8 @@ def shard_window(window: list, d: Dist) -> list[tuple[object, float]]:
     left with fewer gets weight-0 repeats of the window's first micro-batch: every rank must run the same
     number of forward/backward passes, because DDP and FSDP communicate inside them.
     """
+    if not window:
+        return []
     mine = [(b, 1.0) for b in window[d.rank :: d.world_size]]
     count = math.ceil(len(window) / d.world_size)
     return mine + [(window[0], 0.0)] * (count - len(mine))
