@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    parser.add_argument("--profile", action="store_true", help="print the top kernels of the last step to stderr")
     args = parser.parse_args()
     device = torch.device(args.device)
     model, config = build(args.arch, device)
@@ -96,6 +98,11 @@ def main() -> None:
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     times = []
     for step in range(args.warmup + args.steps):
+        profiling = args.profile and step == args.warmup + args.steps - 1
+        activity = torch.profiler.ProfilerActivity.CUDA if device.type == "cuda" else torch.profiler.ProfilerActivity.CPU
+        profiler = torch.profiler.profile(activities=[activity]) if profiling else None
+        if profiler:
+            profiler.start()
         sync(device)
         started = time.perf_counter()
         for _ in range(args.accum):
@@ -107,7 +114,12 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         master.master_to_model()
         sync(device)
-        if step >= args.warmup:
+        if profiler:
+            profiler.stop()
+            key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+            table = profiler.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60)
+            print(table, file=sys.stderr)
+        elif step >= args.warmup:
             times.append(time.perf_counter() - started)
     seconds = sum(times) / len(times)
     embedding = model.get_input_embeddings().weight.numel()
