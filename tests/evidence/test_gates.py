@@ -99,3 +99,14 @@ def test_missing_file_fails_evidence_complete(tiny_run_dir, tmp_path):
     (run / "env_snapshot.txt").unlink()
     gate = {g.name: g for g in compute_gates(run)}["evidence_complete"]
     assert not gate.passed and gate.value == ["env_snapshot.txt"]
+
+
+def test_bf16_weights_checkpoint_reloads_bit_exactly(tmp_path):
+    """Training casts the fp32-loaded model to bf16, buffers included; the reload must do the same."""
+    from tests.conftest import tiny_run_args
+    from tracetune.cli import main
+
+    args = tiny_run_args(tmp_path, "output.run_name=b", "train.precision=bf16-weights", "eval.eval_file=null")
+    assert main(args) == 0
+    gate = {g.name: g for g in compute_gates(tmp_path / "b")}["checkpoint_reloads"]
+    assert gate.passed and gate.value == 0.0

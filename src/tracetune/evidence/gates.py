@@ -76,7 +76,8 @@ def gate_finite(run_dir: Path) -> Gate:
 
 
 def _load_checkpoint_model(path: Path, cfg: Config):
-    """A checkpoint's model from its files: full weights, or the base model plus the saved adapter."""
+    """A checkpoint's model from its files, built the way training built it (fp32 load, the same attention,
+    then bf16 for bf16-weights, buffers included), so that a reload on the same device is bit-exact."""
     from transformers import AutoModelForCausalLM
 
     if (path / "dcp").is_dir():
@@ -86,9 +87,15 @@ def _load_checkpoint_model(path: Path, cfg: Config):
 
         from tracetune.models.sources import load_model, load_tokenizer
 
-        base = load_model(cfg.model.source, load_tokenizer(cfg.model.source, cfg.seed), cfg.seed)
-        return PeftModel.from_pretrained(base, path / "model")
-    return AutoModelForCausalLM.from_pretrained(path / "model", dtype="auto")
+        base = load_model(
+            cfg.model.source, load_tokenizer(cfg.model.source, cfg.seed), cfg.seed, cfg.model.attn_implementation
+        )
+        model = PeftModel.from_pretrained(base, path / "model")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path / "model", dtype=torch.float32, attn_implementation=cfg.model.attn_implementation
+        )
+    return model.to(torch.bfloat16) if cfg.train.precision == "bf16-weights" else model
 
 
 def gate_checkpoint_reloads(run_dir: Path, cfg: Config) -> Gate:
