@@ -25,7 +25,7 @@ MODES = ["full/fp32", "full/bf16-autocast", "lora/fp32", "lora/bf16-autocast"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def run_once(source: str, method: str, precision: str, steps: int, root: Path, name: str) -> list[dict]:
+def run_once(source: str, method: str, precision: str, steps: int, root: Path, name: str, *extra: str) -> list[dict]:
     cfg = load_config(
         Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml",
         [
@@ -40,6 +40,7 @@ def run_once(source: str, method: str, precision: str, steps: int, root: Path, n
             "train.lr=1e-5",
             f"output.root={root}",
             f"output.run_name={name}",
+            *extra,
         ],
     )
     inputs = load_inputs(cfg)
@@ -55,15 +56,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--modes", nargs="+", default=MODES, help="method/precision pairs, first is the baseline")
+    parser.add_argument(
+        "--modes", nargs="+", default=MODES, help="method/precision[/compile] keys, the first is the baseline"
+    )
     parser.add_argument("--out", default="train_modes", help="result file stem under bench/results")
     args = parser.parse_args()
     samples: dict[str, list[float]] = {mode: [] for mode in args.modes}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             for key in args.modes:
-                method, precision = key.split("/")
-                rows = run_once(args.source, method, precision, args.steps, Path(tmp), f"{method}-{precision}-{repeat}")
+                method, precision, *options = key.split("/")
+                extra = ["train.compile=true"] if "compile" in options else []
+                name = key.replace("/", "-") + f"-{repeat}"
+                rows = run_once(args.source, method, precision, args.steps, Path(tmp), name, *extra)
                 timed = rows[args.warmup :]
                 tokens = sum(r["num_tokens"] for r in timed)
                 seconds = sum(r["num_tokens"] / r["tokens_per_s"] for r in timed)

@@ -116,6 +116,10 @@ class TrainConfig(Section):
     save_every_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps (and at the end).")
     keep_last_checkpoints: int = Field(2, ge=1, description="Committed checkpoints to keep.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    compile: bool = Field(
+        False,
+        description="torch.compile each decoder layer (fuses its elementwise work; the first steps pay the compile).",
+    )
     nonfinite_policy: Literal["stop", "skip"] = Field(
         "stop", description="On a NaN/inf loss or gradient: stop (after checkpointing the last good state) or skip."
     )

@@ -199,3 +199,13 @@ def test_new_run_dir_refuses_existing(tiny_cfg):
     new_run_dir(cfg)
     with pytest.raises(RunDirError, match="already exists"):
         new_run_dir(cfg)
+
+
+@pytest.mark.slow
+def test_compiled_layers_give_the_golden_losses(tiny_cfg):
+    """torch.compile fuses each decoder layer's elementwise work; the losses must not move (about a minute
+    of compilation on a CPU, hence slow)."""
+    run_dir, _, _ = run_fit(tiny_cfg("train.compile=true"))
+    golden = json.loads(GOLDEN.read_text())
+    for x, y in zip([r["loss"] for r in losses(run_dir)], golden["train"], strict=True):
+        assert math.isclose(x, y, rel_tol=1e-4), (x, y)

@@ -178,7 +178,11 @@ def fit(
     if master_weights:
         model.to(torch.bfloat16)
     model.train()
-    net = distributed.wrap(CausalLMLoss(model), _unwrap(model).get_decoder().layers, strategy, tc.precision, device)
+    layers = _unwrap(model).get_decoder().layers
+    if tc.compile:  # one compiled region per decoder layer, before FSDP wraps the same layers (as torchtitan does)
+        for layer in layers:
+            layer.compile()
+    net = distributed.wrap(CausalLMLoss(model), layers, strategy, tc.precision, device)
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # FSDP's sharded ones if wrapped
     master = MasterWeights([p for _, p in named]) if master_weights else None
