@@ -99,7 +99,9 @@ def main() -> None:
     times = []
     for step in range(args.warmup + args.steps):
         profiling = args.profile and step == args.warmup + args.steps - 1
-        activity = torch.profiler.ProfilerActivity.CUDA if device.type == "cuda" else torch.profiler.ProfilerActivity.CPU
+        activity = (
+            torch.profiler.ProfilerActivity.CUDA if device.type == "cuda" else torch.profiler.ProfilerActivity.CPU
+        )
         profiler = torch.profiler.profile(activities=[activity]) if profiling else None
         if profiler:
             profiler.start()

@@ -289,7 +289,7 @@ def worker_generate(args, tmp: Path) -> dict:
     stops = end_of_turn_ids(tokenizer)
     started = time.perf_counter()
     batched = []
-    cfg = EvalConfig(eval_file=None, max_new_tokens=96, batch_size=25)
+    cfg = EvalConfig(eval_file=None, max_new_tokens=96, batch_size=50)
     for k in range(0, len(prompts), cfg.batch_size):
         batched += generate_batch(model, tokenizer, prompts[k : k + cfg.batch_size], cfg, stops)
     batched_s = time.perf_counter() - started
@@ -297,12 +297,18 @@ def worker_generate(args, tmp: Path) -> dict:
     old_cfg = EvalConfig(eval_file=None, max_new_tokens=50)
     single = [generate_batch(model, tokenizer, [p], old_cfg, [tokenizer.eos_token_id])[0] for p in prompts]
     single_s = time.perf_counter() - started
-    same = sum(
-        extract_answer(a.completion)[0] == extract_answer(b.completion)[0] for a, b in zip(batched, single, strict=True)
-    )
+    # The same settings one prompt at a time: does batching (padding, rows leaving the batch) change answers?
+    alone = [generate_batch(model, tokenizer, [p], cfg, stops)[0] for p in prompts]
+
+    def same_answers(a: list, b: list) -> float:
+        return sum(
+            extract_answer(x.completion)[0] == extract_answer(y.completion)[0] for x, y in zip(a, b, strict=True)
+        ) / len(a)
+
     return {
         "model": source,
         "num_items": len(items),
+        "batch_size": cfg.batch_size,
         "tracetune": {
             "seconds": batched_s,
             "items_per_s": len(items) / batched_s,
@@ -313,7 +319,12 @@ def worker_generate(args, tmp: Path) -> dict:
             "items_per_s": len(items) / single_s,
             "new_tokens_per_s": sum(g.num_new_tokens for g in single) / single_s,
         },
-        "identical_answer_share": same / len(items),
+        "identical_answer_share": same_answers(batched, single),
+        "identical_answer_share_same_settings_unbatched": same_answers(batched, alone),
+        "identical_completion_share_same_settings_unbatched": sum(
+            x.completion == y.completion for x, y in zip(batched, alone, strict=True)
+        )
+        / len(items),
     }
 
 
@@ -374,7 +385,9 @@ def _table(result: dict) -> str:
     for key in ("items_per_s", "new_tokens_per_s"):
         a, b = gen["tracetune"][key], gen["old"][key]
         lines.append(f"| {key} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
-    lines.append(f"| identical extracted answers | {100 * gen['identical_answer_share']:.0f}% | | |")
+    lines.append(f"| identical extracted answers vs the old loop | {100 * gen['identical_answer_share']:.0f}% | | |")
+    same = 100 * gen["identical_answer_share_same_settings_unbatched"]
+    lines.append(f"| identical extracted answers vs one at a time, same settings | {same:.0f}% | | |")
     return "\n".join(lines) + "\n"
 
 

@@ -4,7 +4,7 @@ from tracetune.config import EvalConfig
 from tracetune.data.render import end_of_turn_ids, render_prompt
 from tracetune.data.traces import EvalItem, load_eval_items
 from tracetune.eval.evaluate import compare_predictions, compute_scores, generate_predictions, read_predictions
-from tracetune.eval.generate import generate_batch
+from tracetune.eval.generate import _cut, generate_batch, greedy_compacting
 from tracetune.models.sources import load_model, load_tokenizer
 
 
@@ -25,6 +25,24 @@ def test_batched_generation_equals_unbatched_greedy():
     single = [generate_batch(model, tokenizer, [p], cfg, stops)[0] for p in prompts]
     assert batched == single
     assert all(g.num_new_tokens == 12 and g.finish_reason == "length" for g in batched)
+
+
+def test_compacting_greedy_equals_transformers_generate_when_rows_stop_at_different_steps():
+    tokenizer, model = _model()
+    items = load_eval_items("data/eval.jsonl").records[:6]
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(
+        [render_prompt(tokenizer, i.prompt, "Think.") for i in items], return_tensors="pt", padding=True
+    )
+    args = (encoded["input_ids"], encoded["attention_mask"], 12)
+    free = greedy_compacting(model, *args, [])
+    stops = sorted({free[0][2], free[3][5], free[5][8]})  # tokens that end some rows early, others later or never
+    ours = greedy_compacting(model, *args, stops)
+    theirs = model.generate(**encoded, max_new_tokens=12, do_sample=False, eos_token_id=stops, pad_token_id=0)
+    pad = tokenizer.pad_token_id
+    cut_ours = [_cut(row, set(stops), pad) for row in ours]
+    assert cut_ours == [_cut(row, set(stops), pad) for row in theirs[:, args[0].shape[1] :].tolist()]
+    assert len({len(ids) for ids, _ in cut_ours}) > 2  # rows really left the batch at different steps
 
 
 def test_stop_conditions():
