@@ -19,7 +19,11 @@ def pytest_collection_modifyitems(config, items):
     run_slow = os.environ.get("TRACETUNE_SLOW") == "1" or "slow" in markexpr
     for item in items:
         if "slow" in item.keywords and not run_slow:
-            item.add_marker(pytest.mark.skip(reason="slow: needs packaged models or minutes of CPU; set TRACETUNE_SLOW=1 or -m slow"))
+            item.add_marker(
+                pytest.mark.skip(
+                    reason="slow: needs packaged models or minutes of CPU; set TRACETUNE_SLOW=1 or -m slow"
+                )
+            )
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason="gpu: no CUDA device visible"))
 
