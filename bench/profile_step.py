@@ -12,7 +12,7 @@ import torch
 from tracetune.config import load_config
 from tracetune.data.batching import collate
 from tracetune.pipeline import load_for_training, load_inputs
-from tracetune.train.loss import _unwrap
+from tracetune.train.loss import unwrap_model
 from tracetune.train.optim import build_optimizer, param_groups
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ def main() -> None:
     totals: dict[str, float] = {}
     for step in range(args.steps + 1):
         batch = collate(train[4 * step : 4 * step + 4], tokenizer.pad_token_id)
-        inner = _unwrap(model)
+        inner = unwrap_model(model)
         marks = [time.perf_counter()]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=auto):
             hidden = inner.get_decoder()(

@@ -35,7 +35,7 @@ from tracetune.train.checkpoint import (
     save_sharded_checkpoint,
     verify_checkpoint,
 )
-from tracetune.train.loss import CausalLMLoss, _unwrap, num_loss_tokens
+from tracetune.train.loss import CausalLMLoss, num_loss_tokens, unwrap_model
 from tracetune.train.optim import MasterWeights, build_optimizer, lr_lambda, param_groups
 
 log = logging.getLogger("tracetune")
@@ -178,7 +178,7 @@ def fit(
     if master_weights:
         model.to(torch.bfloat16)
     model.train()
-    layers = _unwrap(model).get_decoder().layers
+    layers = unwrap_model(model).get_decoder().layers
     if tc.compile:  # one compiled region per decoder layer, before FSDP wraps the same layers (as torchtitan does)
         for layer in layers:
             layer.compile()

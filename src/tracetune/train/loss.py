@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from tracetune.data.batching import IGNORE_INDEX
 
 
-def _unwrap(model):
+def unwrap_model(model):
     """The transformers model inside a peft or DDP wrapper (LoRA layers stay injected)."""
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
@@ -22,7 +22,7 @@ def _unwrap(model):
 
 def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over loss positions, and how many there were."""
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     hidden = inner.get_decoder()(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     ).last_hidden_state
