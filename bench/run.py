@@ -70,8 +70,12 @@ def _val_loss(model, cfg, tokenizer, val) -> float:
     import torch
 
     from tracetune.train.loop import validate
+    from tracetune.train.loss import CausalLMLoss
 
-    return validate(model, val, cfg, tokenizer.pad_token_id, torch.device("cpu"))[0]
+    autocast = cfg.train.precision == "bf16-autocast"
+    return validate(
+        CausalLMLoss(model), val, cfg.train.batch_size, tokenizer.pad_token_id, torch.device("cpu"), autocast
+    )[0]
 
 
 class StepClock:

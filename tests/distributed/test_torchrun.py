@@ -108,8 +108,8 @@ def test_killed_rank_fails_the_run_and_it_resumes(runs):
 
 @pytest.mark.parametrize(
     ("strategy", "first", "then"),
-    [("fsdp", 2, None), ("ddp", None, 2)],
-    ids=["fsdp-2-ranks-then-1-process", "ddp-1-process-then-2-ranks"],
+    [("fsdp", 2, None), ("fsdp", None, 2), ("ddp", None, 2)],
+    ids=["fsdp-2-ranks-then-1-process", "fsdp-1-process-then-2-ranks", "ddp-1-process-then-2-ranks"],
 )
 def test_checkpoint_resumes_at_another_world_size(runs, strategy, first, then):
     name = f"{strategy}-{first}-{then}"

@@ -1,0 +1,23 @@
+"""The benchmark's workers still run against the current APIs (tiny model; they print JSON, write nothing)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.mark.parametrize("worker", ["tracetune", "trl", "old", "generate"])
+def test_bench_worker_runs_on_the_tiny_model(worker):
+    args = ["--worker", worker, "--steps", "2", "--warmup", "1", "--eval-items", "4", "--source", "tiny:gemma3"]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    if worker == "generate":
+        assert record["num_items"] == 4 and record["tracetune"]["items_per_s"] > 0
+    else:
+        assert record["real_tokens_per_s"] > 0 and record["val_loss"] > 0
