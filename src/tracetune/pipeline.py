@@ -346,7 +346,7 @@ def run_stage(cfg: Config, argv: list[str], resume: bool = False) -> tuple[Path,
     inputs, device = prepare(cfg)
     d = distributed.current()
     run_dir = _agreed_run_dir(cfg)
-    topology = distributed.describe()
+    topology = distributed.describe(device)
     with _main_lock(run_dir), STOP:
 
         def start() -> dict:  # rank 0: create or reopen the run directory and its records

@@ -141,20 +141,14 @@ def on_main(fn):
     return payload
 
 
-def describe() -> dict:
-    """World size, backend and each rank's host and device, for run.json and training.json."""
-    local = {"host": socket.gethostname(), "device": _device_name()}
+def describe(device: torch.device) -> dict:
+    """World size, backend and each rank's host and training device, for run.json and training.json."""
+    name = f"{device} {torch.cuda.get_device_name(device)}" if device.type == "cuda" else str(device)
     return {
         "world_size": _current.world_size,
         "backend": _current.backend,
-        "ranks": gather_to_all(local),
+        "ranks": gather_to_all({"host": socket.gethostname(), "device": name}),
     }
-
-
-def _device_name() -> str:
-    if _current.backend == "nccl":
-        return f"cuda:{_current.local_rank} {torch.cuda.get_device_name(_current.local_rank)}"
-    return "cuda " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def choose_strategy(requested: str, num_params: int, device: torch.device) -> str:

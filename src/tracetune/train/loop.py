@@ -406,7 +406,7 @@ def fit(
         "grad_accum_steps": tc.grad_accum_steps,
         "strategy": strategy,
         "checkpoint_format": "dcp" if sharded_checkpoints else "hf",
-        **distributed.describe(),
+        **distributed.describe(device),
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "method": tc.method,
