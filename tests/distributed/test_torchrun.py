@@ -19,7 +19,9 @@ from tests.conftest import REPO, TINY_CONFIG
 from tracetune.train.checkpoint import latest_good_checkpoint, verify_checkpoint
 
 ARGS = [f"data.train_file={REPO}/data/train.jsonl", f"eval.eval_file={REPO}/data/eval.jsonl"]
-ENV = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TRACETUNE_DIST_TIMEOUT_MIN": "2"}
+# PYTHONFAULTHANDLER: a rank that aborts (SIGABRT, SIGSEGV) prints every thread's Python stack into stderr,
+# which the failing assertion shows.
+ENV = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TRACETUNE_DIST_TIMEOUT_MIN": "2", "PYTHONFAULTHANDLER": "1"}
 
 
 def launch(nproc: int | None, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
