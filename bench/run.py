@@ -38,7 +38,7 @@ SYSTEMS = ("tracetune", "trl", "old")
 LR = 5e-5
 
 
-def _config(source: str, steps: int, root: Path, name: str):
+def _config(source: str, steps: int, root: Path, name: str, precision: str = "bf16-autocast"):
     from tracetune.config import load_config
 
     return load_config(
@@ -53,7 +53,7 @@ def _config(source: str, steps: int, root: Path, name: str):
             f"train.lr={LR}",
             "train.batch_size=4",
             "train.grad_accum_steps=1",
-            "train.precision=bf16-autocast",
+            f"train.precision={precision}",
             "data.max_train_records=200",
             "data.val_fraction=0.1",
             f"output.root={root}",
@@ -128,7 +128,7 @@ def worker_tracetune(args, tmp: Path) -> dict:
     from tracetune.pipeline import load_for_training, load_inputs, new_run_dir
     from tracetune.train.loop import fit
 
-    cfg = _config(args.source, args.steps, tmp, "tt")
+    cfg = _config(args.source, args.steps, tmp, "tt", args.precision)
     inputs = load_inputs(cfg)
     tokenizer, model, train, val, _ = load_for_training(cfg, inputs)
     run_dir = new_run_dir(cfg)
@@ -349,6 +349,8 @@ def _spawn(system: str, args) -> dict:
         args.source,
         "--eval-items",
         str(args.eval_items),
+        "--precision",
+        args.precision,
     ]
     if args.eval_model:
         command += ["--eval-model", args.eval_model]
@@ -404,6 +406,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--eval-items", type=int, default=20)
+    parser.add_argument(
+        "--precision",
+        default="bf16-autocast",
+        help="tracetune's train.precision (TRL and the old pipeline use bf16 autocast, i.e. Trainer's bf16=True)",
+    )
     args = parser.parse_args()
     if args.worker:
         with tempfile.TemporaryDirectory() as tmp:
