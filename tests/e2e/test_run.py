@@ -1,8 +1,8 @@
 """The CLI end to end on the tiny model: `tracetune run`, then verify, report and compare on its directory."""
 
 import json
-import sys
 import shutil
+import sys
 
 import pytest
 
