@@ -16,6 +16,7 @@ stop strings), same model and dtype: items/s, new tokens/s and the share of iden
 Writes bench/results/bench.json and bench/results/bench.md.
     python bench/run.py --steps 6 --repeats 3            # about 15 minutes on 2 cores
     python bench/run.py --steps 3 --repeats 1 --eval-items 6 --source tiny:gemma3   # smoke test
+    python bench/run.py --compile --steps 8 --warmup 3 --no-generation --out bench_compile   # compiled layers
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ SYSTEMS = ("tracetune", "trl", "old")
 LR = 5e-5
 
 
-def _config(source: str, steps: int, root: Path, name: str, precision: str = "bf16-autocast"):
+def _config(source: str, steps: int, root: Path, name: str, precision: str = "bf16-autocast", compile: bool = False):
     from tracetune.config import load_config
 
     return load_config(
@@ -54,6 +55,7 @@ def _config(source: str, steps: int, root: Path, name: str, precision: str = "bf
             "train.batch_size=4",
             "train.grad_accum_steps=1",
             f"train.precision={precision}",
+            f"train.compile={str(compile).lower()}",
             "data.max_train_records=200",
             "data.val_fraction=0.1",
             f"output.root={root}",
@@ -128,7 +130,7 @@ def worker_tracetune(args, tmp: Path) -> dict:
     from tracetune.pipeline import load_for_training, load_inputs, new_run_dir
     from tracetune.train.loop import fit
 
-    cfg = _config(args.source, args.steps, tmp, "tt", args.precision)
+    cfg = _config(args.source, args.steps, tmp, "tt", args.precision, args.compile)
     inputs = load_inputs(cfg)
     tokenizer, model, train, val, _ = load_for_training(cfg, inputs)
     run_dir = new_run_dir(cfg)
@@ -352,6 +354,8 @@ def _spawn(system: str, args) -> dict:
         "--precision",
         args.precision,
     ]
+    if args.compile:
+        command.append("--compile")
     if args.eval_model:
         command += ["--eval-model", args.eval_model]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
@@ -381,6 +385,8 @@ def _table(result: dict) -> str:
         ratios = [f"{values[0] / v:.2f}x" if v else "-" for v in values[1:]]
         lines.append(f"| {label} | " + " | ".join(format(v, fmt) for v in values) + " | " + " | ".join(ratios) + " |")
     gen = result["generation"]
+    if gen is None:
+        return "\n".join(lines) + "\n"
     lines += [
         "",
         f"Generation on {gen['num_items']} eval items ({gen['model']}):",
@@ -411,6 +417,13 @@ def main() -> None:
         default="bf16-autocast",
         help="tracetune's train.precision (TRL and the old pipeline use bf16 autocast, i.e. Trainer's bf16=True)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="tracetune with train.compile=true (compiling happens in the first steps: raise --warmup)",
+    )
+    parser.add_argument("--no-generation", action="store_true", help="training comparison only")
+    parser.add_argument("--out", default="bench", help="writes bench/results/<out>.{json,md}")
     args = parser.parse_args()
     if args.worker:
         with tempfile.TemporaryDirectory() as tmp:
@@ -430,11 +443,12 @@ def main() -> None:
         "repeats": args.repeats,
         "training_runs": runs,
         "training_median": median,
-        "generation": _spawn("generate", args),
+        "tracetune_options": {"precision": args.precision, "compile": args.compile},
+        "generation": None if args.no_generation else _spawn("generate", args),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "bench.md").write_text(_table(result))
+    (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.out}.md").write_text(_table(result))
     print(_table(result))
 
 
