@@ -50,14 +50,17 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    # fp32 logits per chunk: 2^25 entries (128 MB), i.e. 128 rows of a 262K vocabulary.
+    # fp32 logits per chunk: 2^25 entries (128 MB, 128 rows of a 262K vocabulary) on CPU. Every chunk reads
+    # the whole head, so a GPU gets 2^28 (1 GB, 1024 rows): matmuls that stay compute-bound on an H100.
     CHUNK_ENTRIES = 1 << 25
+    CUDA_CHUNK_ENTRIES = 1 << 28
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, softcap, dtype):
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(dtype), weight.to(dtype)
-            rows = max(1, _LinearCrossEntropy.CHUNK_ENTRIES // w.shape[0])
+            budget = _LinearCrossEntropy.CUDA_CHUNK_ENTRIES if h.is_cuda else _LinearCrossEntropy.CHUNK_ENTRIES
+            rows = max(1, budget // w.shape[0])
             grad_logits = torch.empty(h.shape[0], w.shape[0], dtype=dtype, device=h.device)
             softmax_dtype = torch.promote_types(dtype, torch.float32)
             total = torch.zeros((), dtype=softmax_dtype, device=h.device)
