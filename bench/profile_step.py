@@ -1,7 +1,7 @@
 """Where one optimizer step's time goes (Gemma 3 270M, batch 4, bf16 autocast): decoder forward, LM head
 and loss, backward, optimizer; with --ops, torch.profiler's top operators of one more step. Uses the loop's
-own pieces (linear_cross_entropy, fused AdamW, the CPU allocator setting of `fit`).
-Run: python bench/profile_step.py [--precision fp32] [--steps 4] [--ops] [--system-allocator]"""
+own pieces (linear_cross_entropy, fused AdamW).
+Run: python bench/profile_step.py [--precision fp32] [--steps 4] [--ops]"""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import torch
 from tracetune.config import load_config
 from tracetune.data.batching import collate
 from tracetune.pipeline import load_for_training, load_inputs
-from tracetune.train.allocator import reuse_freed_memory
 from tracetune.train.loss import linear_cross_entropy, loss_sum, unwrap_model
 from tracetune.train.optim import build_optimizer, param_groups
 
@@ -27,10 +26,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--source", default="packaged:gemma3-270m")
     parser.add_argument("--ops", action="store_true", help="also print torch.profiler's top operators")
-    parser.add_argument("--system-allocator", action="store_true", help="glibc's defaults, as before fit's")
     args = parser.parse_args()
-    with reuse_freed_memory(enabled=not args.system_allocator):
-        profile(args)
+    profile(args)
 
 
 def profile(args) -> None:

@@ -26,7 +26,6 @@ from tracetune.errors import TracetuneError
 from tracetune.faults import STOP, crash_point, nan_injected
 from tracetune.models.probe import probe_outputs
 from tracetune.train import distributed
-from tracetune.train.allocator import reuse_freed_memory
 from tracetune.train.checkpoint import (
     Progress,
     restore_checkpoint,
@@ -158,11 +157,6 @@ def fit(
     With `resume_from` (a committed checkpoint), continue exactly where it left off: same weights, optimizer,
     schedule, RNG, data order and position; metrics.jsonl lines after the checkpoint are dropped first.
     """
-    with reuse_freed_memory(enabled=resolve_device(cfg.train.device).type == "cpu") as heap:
-        return _fit(cfg, run_dir, model, tokenizer, train, val, resume_from, "heap" if heap else "system")
-
-
-def _fit(cfg: Config, run_dir: Path, model, tokenizer, train, val, resume_from, cpu_allocator: str) -> FitResult:
     tc = cfg.train
     d = distributed.current()
     device = distributed.rank_device(resolve_device(tc.device))
@@ -417,7 +411,6 @@ def _fit(cfg: Config, run_dir: Path, model, tokenizer, train, val, resume_from, 
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "method": tc.method,
         "precision": tc.precision,
-        "cpu_allocator": cpu_allocator,
     }
     if d.is_main:
         (run_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
