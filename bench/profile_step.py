@@ -27,10 +27,6 @@ def main() -> None:
     parser.add_argument("--source", default="packaged:gemma3-270m")
     parser.add_argument("--ops", action="store_true", help="also print torch.profiler's top operators")
     args = parser.parse_args()
-    profile(args)
-
-
-def profile(args) -> None:
     cfg = load_config(
         REPO / "configs" / "quickstart.yaml", [f"model.source={args.source}", "data.max_train_records=64"]
     )

@@ -33,12 +33,12 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     ).last_hidden_state
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
+    selected, wanted, count = hidden[:, :-1][mask], targets[mask], int(mask.sum())
     head = inner.get_output_embeddings()
     if head.bias is not None:  # no Gemma or Llama-family model has one; keep autograd's path for any that does
-        logits = head(hidden[:, :-1][mask]).float()
-        return F.cross_entropy(logits, targets[mask], reduction="sum"), int(mask.sum())
+        return F.cross_entropy(head(selected).float(), wanted, reduction="sum"), count
     cap = getattr(inner.config, "final_logit_softcapping", None) or 0.0
-    return linear_cross_entropy(hidden[:, :-1][mask], head.weight, targets[mask], cap), int(mask.sum())
+    return linear_cross_entropy(selected, head.weight, wanted, cap), count
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float = 0.0):
