@@ -1,5 +1,3 @@
-import sys
+from tracetune.cli import entry
 
-from tracetune.cli import main
-
-sys.exit(main())
+entry()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -219,5 +221,21 @@ def main(argv: list[str] | None = None) -> int:
             sys.modules["tracetune.train.distributed"].shutdown()
 
 
+def entry() -> None:
+    """The `tracetune` command and `python -m tracetune`: main(), then exit with its code.
+
+    A torchrun rank leaves with os._exit once everything is written: torch's DDP keeps gloo's process group
+    and its worker threads alive past destroy_process_group, and a rank whose interpreter finalized with them
+    running aborted (SIGABRT, then SIGSEGV with "<tstate is freed>") in one CI run of the DDP test.
+    """
+    code = main()
+    if "WORLD_SIZE" in os.environ:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

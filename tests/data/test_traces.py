@@ -99,6 +99,13 @@ def test_empty_file_is_an_error(tmp_path):
     assert [e.problem for e in report.errors] == ["file has no records"]
 
 
+def test_file_where_no_line_parses_reports_each_line(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{not json\n["a list"]\n', encoding="utf-8")
+    report = load_traces(path)
+    assert [(e.line, e.field) for e in report.errors] == [(1, "<line>"), (2, "<line>")] and report.records == []
+
+
 def test_exact_duplicates_are_a_counted_warning(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, GOOD, GOOD, {**GOOD, "prompt": "x"}])
     report = load_traces(path)

@@ -32,6 +32,15 @@ def launch(nproc: int | None, *args: str, env: dict | None = None) -> subprocess
     return subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600)
 
 
+def why(result: subprocess.CompletedProcess) -> str:
+    """What a failed launch printed: from the first fault (a crashed rank's "Fatal Python error", a C++
+    "terminate called", a Python traceback) 3000 characters on, and the last 3000."""
+    err = result.stderr
+    starts = [i for i in (err.find(m) for m in ("terminate called", "Fatal Python error", "Traceback")) if i >= 0]
+    head = err[min(starts) : min(starts) + 3000] if starts else ""
+    return f"{head}\n...\n{err[-3000:]}"
+
+
 def run_args(root: Path, name: str, *extra: str) -> list[str]:
     return ["run", str(TINY_CONFIG), f"output.root={root}", f"output.run_name={name}", *ARGS, *extra]
 
@@ -57,14 +66,14 @@ def runs(tmp_path_factory) -> Path:
     """One process with accumulation 4: the reference every distributed run is held to."""
     root = tmp_path_factory.mktemp("dist")
     result = launch(None, *run_args(root, "single", "train.grad_accum_steps=4"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, why(result)
     return root
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process_and_only_rank0_writes(runs, strategy):
     result = launch(2, *run_args(runs, strategy, f"train.distributed={strategy}"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, why(result)
     run_dir, single = runs / strategy, runs / "single"
     assert_losses_match(run_dir, single)
     # Rank 1 wrote nothing of its own: the files of one process (an FSDP checkpoint holds a shard per rank
@@ -104,7 +113,7 @@ def test_killed_rank_fails_the_run_and_it_resumes(runs):
     assert checkpoint is not None and checkpoint.name == "step-000004" and not verify_checkpoint(checkpoint)
     assert not (run_dir / "training.json").exists()
     result = launch(2, "resume", str(run_dir))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, why(result)
     assert_losses_match(run_dir, runs / "single")
 
 
@@ -125,16 +134,16 @@ def test_checkpoint_resumes_at_another_world_size(runs, strategy, first, then):
     assert refused.returncode == (2 if then is None else 1)  # torchrun exits 1 when a rank fails
     assert "global batch" in refused.stderr and f"fix: keep it with {accum[then]}" in refused.stderr
     result = launch(then, "resume", str(run_dir), accum[then])
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, why(result)
     assert_losses_match(run_dir, runs / "single")
     assert json.loads((run_dir / "training.json").read_text())["world_size"] == (then or 1)
 
 
 def test_lora_under_ddp_matches_one_process(runs):
     single = launch(None, *run_args(runs, "single-lora", "train.method=lora", "train.grad_accum_steps=4"))
-    assert single.returncode == 0, single.stderr[-3000:]
+    assert single.returncode == 0, why(single)
     result = launch(2, *run_args(runs, "ddp-lora", "train.method=lora", "train.distributed=ddp"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, why(result)
     assert_losses_match(runs / "ddp-lora", runs / "single-lora")
     assert files(runs / "ddp-lora") == files(runs / "single-lora")  # adapter/, merged final_model/, nothing else
 
@@ -143,7 +152,7 @@ def test_fsdp_mixed_precision_trains_and_its_checkpoint_reloads_within_tolerance
     """bf16 compute over fp32 sharded weights (FSDP's policy): a plain fp32 reload cannot be bit-exact, so the
     reload gate holds it to gates.probe_cross_device_atol and says so."""
     result = launch(2, *run_args(runs, "fsdp-bf16", "train.distributed=fsdp", "train.precision=bf16-weights"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, why(result)
     gates = {g["name"]: g for g in json.loads((runs / "fsdp-bf16" / "gates.json").read_text())["gates"]}
     reload = gates["checkpoint_reloads"]
     assert reload["status"] == "pass" and reload["detail"].endswith("(inexact)") and 0 < reload["value"] < 0.1

@@ -72,3 +72,21 @@ def test_train_without_a_training_file_is_a_clear_error(tmp_path, capsys):
 
     assert main(["train", str(TINY_CONFIG), f"output.root={tmp_path}", "data.train_file=null"]) == 2
     assert "data.train_file: training needs a file" in capsys.readouterr().err
+
+
+def test_a_torchrun_rank_exits_with_mains_code_and_its_output_flushed(tmp_path):
+    """Under torchrun (WORLD_SIZE set) `python -m tracetune` leaves through os._exit: the exit code and the
+    buffered stdout and stderr must survive it."""
+    import os
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n", encoding="utf-8")
+    env = {**os.environ, "WORLD_SIZE": "1", "PYTHONUNBUFFERED": ""}
+    ok = subprocess.run([sys.executable, "-m", "tracetune", "models", "list"], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0 and "packaged:gemma3-270m" in ok.stdout
+    failed = subprocess.run(
+        [sys.executable, "-m", "tracetune", "data", "validate", str(bad)], capture_output=True, text=True, env=env
+    )
+    assert failed.returncode == 1 and f"{bad}:1: error:" in failed.stdout, failed.stderr

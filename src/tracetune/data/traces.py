@@ -315,10 +315,11 @@ def load_traces(path: str | Path, fmt: str = "auto", default_format: str = "nati
         report.issues.append(Issue(name, 0, "<file>", "not found", "check the path"))
         return report
     rows = read_jsonl(path, report.issues)
-    if not rows and not report.issues:
-        report.issues.append(Issue(name, 0, "<file>", "file has no records", "add one JSON object per line"))
+    if not rows:  # empty, or no line parsed: the issues say which
+        if not report.issues:
+            report.issues.append(Issue(name, 0, "<file>", "file has no records", "add one JSON object per line"))
         return report
-    if fmt == "auto" and rows:
+    if fmt == "auto":
         detected = detect_format(rows[0][1], default_format)
         if detected is None:
             report.issues.append(
