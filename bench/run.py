@@ -13,6 +13,11 @@ scored with the same validation loss (completion tokens of the same held-out exa
 Generation: tracetune's batched generation versus the old way (one prompt at a time, max_new_tokens 50, no
 stop strings), same model and dtype: items/s, new tokens/s and the share of identical extracted answers.
 
+Allocator: tracetune's workers run as `tracetune run` does, under tcmalloc when it is installed
+(src/tracetune/allocator.py); TRL and the old pipeline on the system allocator, as their users run them.
+--others-on-tcmalloc puts them on tcmalloc too, --system-allocator puts everyone on the system's; each
+worker records the allocator it ran on.
+
 Writes bench/results/bench.json and bench/results/bench.md.
     python bench/run.py --steps 6 --repeats 3            # about 15 minutes on 2 cores
     python bench/run.py --steps 3 --repeats 1 --eval-items 6 --source tiny:gemma3   # smoke test
@@ -32,6 +37,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from tracetune import allocator
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -123,6 +130,7 @@ def _summarise(per_step: list[dict], warmup: int, losses: list[float], val_loss:
         "final_train_loss": losses[-1],
         "val_loss": val_loss,
         "peak_rss_mb": _peak_rss_mb(),
+        "allocator": allocator.active(),
     }
 
 
@@ -313,6 +321,7 @@ def worker_generate(args, tmp: Path) -> dict:
 
     return {
         "model": source,
+        "allocator": allocator.active(),  # both ways ran in this one process, on the same allocator
         "num_items": len(items),
         "batch_size": cfg.batch_size,
         "tracetune": {
@@ -358,7 +367,13 @@ def _spawn(system: str, args) -> dict:
         command.append("--compile")
     if args.eval_model:
         command += ["--eval-model", args.eval_model]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    # tracetune runs where `tracetune run` would: under tcmalloc when it is installed (allocator.py). TRL and the
+    # old pipeline run as their users run them, on the system allocator, unless --others-on-tcmalloc.
+    library = allocator.find_tcmalloc()
+    if library and (system in ("tracetune", "generate") or args.others_on_tcmalloc) and not args.system_allocator:
+        env = allocator.preload_env(env, library)
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{system} failed:\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -384,12 +399,13 @@ def _table(result: dict) -> str:
         values = [med[s][key] for s in SYSTEMS]
         ratios = [f"{values[0] / v:.2f}x" if v else "-" for v in values[1:]]
         lines.append(f"| {label} | " + " | ".join(format(v, fmt) for v in values) + " | " + " | ".join(ratios) + " |")
+    lines.append("| memory allocator | " + " | ".join("/".join(result["allocators"][s]) for s in SYSTEMS) + " | | |")
     gen = result["generation"]
     if gen is None:
         return "\n".join(lines) + "\n"
     lines += [
         "",
-        f"Generation on {gen['num_items']} eval items ({gen['model']}):",
+        f"Generation on {gen['num_items']} eval items ({gen['model']}, both ways on {gen['allocator']}):",
         "",
         "| metric | tracetune batched | old one-at-a-time | ratio |",
         "|---|---|---|---|",
@@ -423,6 +439,10 @@ def main() -> None:
         help="tracetune with train.compile=true (compiling happens in the first steps: raise --warmup)",
     )
     parser.add_argument("--no-generation", action="store_true", help="training comparison only")
+    parser.add_argument("--others-on-tcmalloc", action="store_true", help="TRL and the old pipeline under tcmalloc too")
+    parser.add_argument(
+        "--system-allocator", action="store_true", help="every worker on the system allocator (no tcmalloc)"
+    )
     parser.add_argument("--out", default="bench", help="writes bench/results/<out>.{json,md}")
     args = parser.parse_args()
     if args.worker:
@@ -444,6 +464,7 @@ def main() -> None:
         "training_runs": runs,
         "training_median": median,
         "tracetune_options": {"precision": args.precision, "compile": args.compile},
+        "allocators": {s: sorted({r["allocator"] for r in rs}) for s, rs in runs.items()},
         "generation": None if args.no_generation else _spawn("generate", args),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

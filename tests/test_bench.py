@@ -17,6 +17,7 @@ def test_bench_worker_runs_on_the_tiny_model(worker):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["allocator"] == "glibc"  # a worker runs on what its parent gave it; here, nothing preloaded
     if worker == "generate":
         assert record["num_items"] == 4 and record["tracetune"]["items_per_s"] > 0
     else:

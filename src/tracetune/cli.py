@@ -222,12 +222,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The `tracetune` command and `python -m tracetune`: main(), then exit with its code.
+    """The `tracetune` command and `python -m tracetune`: main() (under tcmalloc where installed, see
+    allocator.py), then exit with its code.
 
     A torchrun rank leaves with os._exit once everything is written: torch's DDP keeps gloo's process group
     and its worker threads alive past destroy_process_group, and a rank whose interpreter finalized with them
     running aborted (SIGABRT, then SIGSEGV with "<tstate is freed>") in one CI run of the DDP test.
     """
+    from tracetune import allocator
+
+    allocator.maybe_reexec(sys.argv[1:])
     code = main()
     if "WORLD_SIZE" in os.environ:
         logging.shutdown()

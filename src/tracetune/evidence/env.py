@@ -14,6 +14,8 @@ from pathlib import Path
 import psutil
 import torch
 
+from tracetune import allocator
+
 
 def _cpu_model() -> str:
     try:
@@ -38,6 +40,7 @@ def environment(device: str) -> dict:
         "cpu_cores_logical": os.cpu_count(),
         "cpu_cores_physical": psutil.cpu_count(logical=False),
         "torch_num_threads": torch.get_num_threads(),
+        **allocator.describe(),
         "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "python": sys.version.split()[0],
         "torch": torch.__version__,

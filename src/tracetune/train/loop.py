@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from tracetune import allocator
 from tracetune.config import Config, dump_config
 from tracetune.data.batching import collate, plan_batches
 from tracetune.data.render import Example
@@ -232,6 +233,8 @@ def fit(
         tc.grad_accum_steps,
         d.world_size,
     )
+    if device.type == "cpu" and (hint := allocator.hint()):
+        log.info(hint)
     last_saved = progress.step if resume_from is not None else -1
     clock = time.perf_counter() - progress.elapsed_s  # elapsed_s continues across a resume
     last_log_time = time.perf_counter()
