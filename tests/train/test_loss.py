@@ -58,3 +58,72 @@ def test_frozen_weight_gets_no_gradient():
     weight = torch.randn(50, 8)  # a LoRA run's frozen LM head
     linear_cross_entropy(hidden, weight, torch.randint(0, 50, (5,))).backward()
     assert hidden.grad is not None and weight.grad is None
+
+
+def _tiny(arch: str, dtype=torch.float64):
+    from tracetune.models.sources import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(f"tiny:{arch}")
+    return load_model(f"tiny:{arch}", tokenizer).to(dtype), tokenizer
+
+
+def _batch(tokenizer, vocab: int):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(8, vocab, (3, 12), generator=g)
+    ids[0, :4] = tokenizer.pad_token_id  # left padding: the padding row must get no gradient
+    mask = (ids != tokenizer.pad_token_id).long()
+    labels = ids.clone()
+    labels[:, :6] = -100
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama"])
+def test_tied_gradient_equals_autograds_over_accumulated_micro_batches(monkeypatch, arch):
+    """Two micro-batches with left padding: the buffer holds what autograd would have put in .grad (float64,
+    to 1e-12; the embedding's padding row included), and every other parameter's gradient is unchanged."""
+    from tracetune.train.loss import TiedGradient, loss_sum
+
+    monkeypatch.setattr(loss_module._LinearCrossEntropy, "TIED_GRAD_ROWS", 7)  # the head's gradient in slices
+    model, tokenizer = _tiny(arch)
+    batches = [_batch(tokenizer, model.config.vocab_size), _batch(tokenizer, model.config.vocab_size)]
+    batches[1]["labels"][:, 6:9] = -100
+    for b in batches:
+        loss_sum(model, b)[0].mul(0.3).backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    tied = TiedGradient.for_model(model)
+    assert tied is not None and tied.weight is model.get_output_embeddings().weight
+    for b in batches:
+        loss_sum(model, b, tied)[0].mul(0.3).backward()
+    tied.attach_grad()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-12, atol=1e-12, msg=name)
+    model.zero_grad(set_to_none=True)
+    tied.reset()
+    assert not tied.grad.any() and tied.weight.grad is None
+
+
+def test_tied_gradient_casts_the_current_weight_after_a_fused_adamw_step():
+    """Fused AdamW updates weights without bumping their version counters: the cast must still be current."""
+    from tracetune.train.loss import TiedGradient
+
+    model, _ = _tiny("gemma3", torch.float32)
+    tied = TiedGradient.for_model(model)
+    first = tied.cast(torch.bfloat16).clone()
+    tied.weight.grad = torch.ones_like(tied.weight)
+    torch.optim.AdamW([tied.weight], lr=0.1, fused=True).step()
+    assert torch.equal(tied.cast(torch.bfloat16), tied.weight.detach().bfloat16())
+    assert not torch.equal(tied.cast(torch.bfloat16), first)
+    assert tied.cast(torch.float32).data_ptr() == tied.weight.data_ptr()  # fp32 compute uses the weight itself
+
+
+def test_tied_gradient_applies_only_to_a_trainable_tied_matrix():
+    from tracetune.train.loss import TiedGradient
+
+    model, _ = _tiny("gemma3", torch.float32)
+    model.get_input_embeddings().weight.requires_grad_(False)  # LoRA freezes it
+    assert TiedGradient.for_model(model) is None
+    model, _ = _tiny("llama", torch.float32)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untied
+    assert TiedGradient.for_model(model) is None

@@ -36,7 +36,7 @@ from tracetune.train.checkpoint import (
     save_sharded_checkpoint,
     verify_checkpoint,
 )
-from tracetune.train.loss import CausalLMLoss, num_loss_tokens, unwrap_model
+from tracetune.train.loss import CausalLMLoss, TiedGradient, num_loss_tokens, unwrap_model
 from tracetune.train.optim import MasterWeights, build_optimizer, lr_lambda, param_groups
 
 log = logging.getLogger("tracetune")
@@ -183,7 +183,9 @@ def fit(
     if tc.compile:  # one compiled region per decoder layer, before FSDP wraps the same layers (as torchtitan does)
         for layer in layers:
             layer.compile()
-    net = distributed.wrap(CausalLMLoss(model), layers, strategy, tc.precision, device)
+    # One process: the tied embedding/head matrix's gradient accumulates in place (loss.TiedGradient).
+    tied = TiedGradient.for_model(model) if strategy == "single" and not master_weights else None
+    net = distributed.wrap(CausalLMLoss(model, tied), layers, strategy, tc.precision, device)
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # FSDP's sharded ones if wrapped
     master = MasterWeights([p for _, p in named]) if master_weights else None
@@ -300,6 +302,8 @@ def fit(
                     step_loss += weight * s.item()
                     crash_point(f"step-{progress.step + 1}/micro-{k}")
                 step_loss = distributed.sum_across_ranks([step_loss])[0]
+                if tied:
+                    tied.attach_grad()
                 if master:
                     master.grads_to_master()
                 grad_norm = _total_norm(torch.nn.utils.clip_grad_norm_(step_params, tc.max_grad_norm or float("inf")))
@@ -307,6 +311,8 @@ def fit(
                 if finite:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if tied:
+                    tied.reset()
                 if not finite:
                     progress.num_skipped_steps += 1
                     if tc.nonfinite_policy == "stop" or progress.num_skipped_steps > tc.max_skipped_steps:

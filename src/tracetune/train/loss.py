@@ -25,12 +25,18 @@ def unwrap_model(model):
     return getattr(model, "module", model)
 
 
-def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over loss positions, and how many there were."""
+def loss_sum(model, batch: dict[str, torch.Tensor], tied: TiedGradient | None = None) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over loss positions, and how many there were. With `tied`, the tied
+    embedding/head matrix's gradient goes into tied.grad instead of through autograd."""
     inner = unwrap_model(model)
-    hidden = inner.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).last_hidden_state
+    ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    decoder = inner.get_decoder()
+    if tied is None:
+        hidden = decoder(input_ids=ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    else:
+        hidden = decoder(
+            inputs_embeds=tied.embed(ids), attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
     selected, wanted, count = hidden[:, :-1][mask], targets[mask], int(mask.sum())
@@ -38,15 +44,22 @@ def loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     if head.bias is not None:  # no Gemma or Llama-family model has one; keep autograd's path for any that does
         return F.cross_entropy(head(selected).float(), wanted, reduction="sum"), count
     cap = getattr(inner.config, "final_logit_softcapping", None) or 0.0
-    return linear_cross_entropy(selected, head.weight, wanted, cap), count
+    return linear_cross_entropy(selected, head.weight, wanted, cap, tied), count
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float = 0.0):
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    softcap: float = 0.0,
+    tied: TiedGradient | None = None,
+):
     """Sum over rows of cross_entropy(softcap(hidden @ weight.T), targets), computed as autocast would (the
-    matmuls in its dtype, softmax in fp32), with the LM head's logits never held whole in fp32."""
+    matmuls in its dtype, softmax in fp32), with the LM head's logits never held whole in fp32. With `tied`
+    (whose weight is `weight`), the weight's gradient is added into tied.grad."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    return _LinearCrossEntropy.apply(hidden, weight, targets, float(softcap), dtype)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, float(softcap), dtype, tied)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -54,11 +67,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     # the whole head, so a GPU gets 2^28 (1 GB, 1024 rows): matmuls that stay compute-bound on an H100.
     CHUNK_ENTRIES = 1 << 25
     CUDA_CHUNK_ENTRIES = 1 << 28
+    # Vocabulary rows of the head's gradient computed at a time into TiedGradient's buffer (20 MB at width 640).
+    TIED_GRAD_ROWS = 1 << 14
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, softcap, dtype):
+    def forward(ctx, hidden, weight, targets, softcap, dtype, tied):
         with torch.autocast(hidden.device.type, enabled=False):
-            h, w = hidden.to(dtype), weight.to(dtype)
+            h, w = hidden.to(dtype), (tied.cast(dtype) if tied else weight.to(dtype))
             budget = _LinearCrossEntropy.CUDA_CHUNK_ENTRIES if h.is_cuda else _LinearCrossEntropy.CHUNK_ENTRIES
             rows = max(1, budget // w.shape[0])
             grad_logits = torch.empty(h.shape[0], w.shape[0], dtype=dtype, device=h.device)
@@ -79,6 +94,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_logits[start : start + rows] = grad
         ctx.save_for_backward(h, w, grad_logits)
         ctx.dtypes = hidden.dtype, weight.dtype
+        ctx.tied = tied
         return total
 
     @staticmethod
@@ -89,9 +105,99 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # The matmul results are fresh tensors, so the scale by the incoming gradient can be in place.
         if ctx.needs_input_grad[0]:
             grad_hidden = (grad_logits @ w).to(hidden_dtype).mul_(grad_total)
-        if ctx.needs_input_grad[1]:
+        if ctx.tied is not None:  # into the kept buffer, a slice of the vocabulary at a time; autograd sees none
+            step = _LinearCrossEntropy.TIED_GRAD_ROWS
+            for start in range(0, w.shape[0], step):
+                part = grad_logits[:, start : start + step].T @ h
+                ctx.tied.grad[start : start + step].addcmul_(part, grad_total)
+        elif ctx.needs_input_grad[1]:
             grad_weight = (grad_logits.T @ h).to(weight_dtype).mul_(grad_total)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+class TiedGradient:
+    """The gradient of a tied input-embedding/LM-head matrix, accumulated in place into one buffer.
+
+    Through autograd, each micro-step creates that matrix's gradient four times over (the embedding's dense
+    gradient, the head's in bf16 and in fp32, their sum), 262K x 640 each for Gemma 3 270M, plus a bf16 cast
+    of the weight: gigabytes allocated, filled and freed per step. Here the embedding lookup's backward
+    index-adds into `grad`, the head's backward adds into it a slice of the vocabulary at a time, and the
+    weight's bf16 cast goes into a kept buffer. The loop hands `grad` to the optimizer
+    (`attach_grad`) and zeroes it after the step (`reset`). One process only: DDP and FSDP reduce gradients
+    from autograd's hooks, which this path bypasses.
+    """
+
+    def __init__(self, model):
+        self.embedding = unwrap_model(model).get_input_embeddings()
+        self.weight = self.embedding.weight
+        self._grad: torch.Tensor | None = None  # allocated at the first backward
+        self._cast: torch.Tensor | None = None
+
+    @staticmethod
+    def for_model(model) -> TiedGradient | None:
+        """One for `model` when it has a trainable tied matrix, a head without bias and an embedding this
+        class reproduces exactly (plain, or Gemma's scaled one; checked on a probe); otherwise None."""
+        from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+        inner = unwrap_model(model)
+        embedding, head = inner.get_input_embeddings(), inner.get_output_embeddings()
+        if head is None or head.weight is not embedding.weight or head.bias is not None:
+            return None
+        known = type(embedding).forward in (torch.nn.Embedding.forward, Gemma3TextScaledWordEmbedding.forward)
+        if not embedding.weight.requires_grad or not known or embedding.max_norm is not None:
+            return None
+        tied = TiedGradient(model)
+        probe = torch.arange(min(8, embedding.num_embeddings), device=embedding.weight.device)[None]
+        with torch.no_grad():
+            return tied if torch.equal(tied.embed(probe), embedding(probe)) else None
+
+    @property
+    def grad(self) -> torch.Tensor:
+        if self._grad is None:
+            self._grad = torch.zeros_like(self.weight)
+        return self._grad
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        scale = getattr(self.embedding, "embed_scale", None)  # Gemma scales its embeddings by sqrt(hidden)
+        out = _EmbeddingIntoBuffer.apply(input_ids, self.weight, self)
+        return out if scale is None else out * scale.to(self.weight.dtype)
+
+    def cast(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight in `dtype`, cast at every forward into a kept buffer. (Not cached across forwards: fused
+        AdamW updates weights in place without bumping their version counters, so staleness is undetectable.)"""
+        if dtype == self.weight.dtype:
+            return self.weight.detach()
+        if self._cast is None or self._cast.dtype != dtype:
+            self._cast = torch.empty_like(self.weight, dtype=dtype)
+        return self._cast.copy_(self.weight.detach())
+
+    def attach_grad(self) -> None:
+        """After the step's backward passes: the weight's .grad is the buffer (autograd left it None)."""
+        assert self.weight.grad is None, "the tied weight received an autograd gradient as well"
+        self.weight.grad = self.grad
+
+    def reset(self) -> None:
+        """After the optimizer step and zero_grad(set_to_none=True): an empty buffer for the next step."""
+        self.grad.zero_()
+
+
+class _EmbeddingIntoBuffer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input_ids, weight, tied):
+        ctx.save_for_backward(input_ids)
+        ctx.tied = tied
+        return F.embedding(input_ids, weight, tied.embedding.padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (ids,) = ctx.saved_tensors
+        ids, rows = ids.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1])
+        padding = ctx.tied.embedding.padding_idx
+        if padding is not None:  # nn.Embedding's padding row gets no gradient
+            keep = ids != padding
+            ids, rows = ids[keep], rows[keep]
+        ctx.tied.grad.index_add_(0, ids, rows.to(ctx.tied.grad.dtype))
+        return None, None, None
 
 
 class CausalLMLoss(torch.nn.Module):
@@ -101,14 +207,16 @@ class CausalLMLoss(torch.nn.Module):
     logits), for the checkpoint probe.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, tied: TiedGradient | None = None):
         super().__init__()
         self.model = model
+        self.tied = tied
 
     def forward(self, input_ids, attention_mask=None, labels=None):
         if labels is None:
             return self.model(input_ids=input_ids, attention_mask=attention_mask)
-        return loss_sum(self.model, {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})[0]
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return loss_sum(self.model, batch, self.tied)[0]
 
 
 def num_loss_tokens(batch: dict[str, torch.Tensor]) -> int:
