@@ -1,6 +1,7 @@
 """Where one optimizer step's time goes (Gemma 3 270M, batch 4, bf16 autocast): decoder forward, LM head
 and loss, backward, optimizer; with --ops, torch.profiler's top operators of one more step. Uses the loop's
-own pieces (linear_cross_entropy, fused AdamW).
+own pieces (linear_cross_entropy with TiedGradient, fused AdamW); preload tcmalloc as tracetune does
+(LD_PRELOAD=libtcmalloc_minimal.so.4) to profile what `tracetune run` runs.
 Run: python bench/profile_step.py [--precision fp32] [--steps 4] [--ops]"""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from tracetune.config import load_config
 from tracetune.data.batching import collate
 from tracetune.pipeline import load_for_training, load_inputs
-from tracetune.train.loss import linear_cross_entropy, loss_sum, unwrap_model
+from tracetune.train.loss import TiedGradient, linear_cross_entropy, loss_sum, unwrap_model
 from tracetune.train.optim import build_optimizer, param_groups
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,6 +35,7 @@ def main() -> None:
     model.train()
     optimizer = build_optimizer(param_groups(list(model.named_parameters()), 0.01), cfg.train, torch.device("cpu"))
     auto = args.precision == "bf16-autocast"
+    tied = TiedGradient.for_model(model)  # as fit uses it in one CPU process
     totals: dict[str, float] = {}
     for step in range(args.steps + 1):
         batch = collate(train[4 * step : 4 * step + 4], tokenizer.pad_token_id)
@@ -41,19 +43,21 @@ def main() -> None:
         marks = [time.perf_counter()]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=auto):
             hidden = inner.get_decoder()(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                inputs_embeds=tied.embed(batch["input_ids"]), attention_mask=batch["attention_mask"]
             ).last_hidden_state
             marks.append(time.perf_counter())
             targets = batch["labels"][:, 1:]
             mask = targets != -100
             head = inner.get_output_embeddings().weight
-            loss = linear_cross_entropy(hidden[:, :-1][mask], head, targets[mask]) / int(mask.sum())
+            loss = linear_cross_entropy(hidden[:, :-1][mask], head, targets[mask], 0.0, tied) / int(mask.sum())
         marks.append(time.perf_counter())
         loss.backward()
+        tied.attach_grad()
         marks.append(time.perf_counter())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        tied.reset()
         marks.append(time.perf_counter())
         if step == 0:
             continue  # warmup
@@ -68,11 +72,13 @@ def main() -> None:
         batch = collate(train[:4], tokenizer.pad_token_id)
         with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=auto):
-                step_loss, n = loss_sum(model, batch)
+                step_loss, n = loss_sum(model, batch, tied)
             (step_loss / n).backward()
+            tied.attach_grad()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            tied.reset()
         print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=15))
     total = sum(totals.values())
     for name, seconds in totals.items():

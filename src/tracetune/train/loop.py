@@ -183,8 +183,10 @@ def fit(
     if tc.compile:  # one compiled region per decoder layer, before FSDP wraps the same layers (as torchtitan does)
         for layer in layers:
             layer.compile()
-    # One process: the tied embedding/head matrix's gradient accumulates in place (loss.TiedGradient).
-    tied = TiedGradient.for_model(model) if strategy == "single" and not master_weights else None
+    # One CPU process: the tied embedding/head matrix's gradient accumulates in place (loss.TiedGradient).
+    # Not on CUDA: its caching allocator has no page faults to save, and index_add_ there is nondeterministic.
+    in_place = strategy == "single" and not master_weights and device.type == "cpu"
+    tied = TiedGradient.for_model(model) if in_place else None
     net = distributed.wrap(CausalLMLoss(model, tied), layers, strategy, tc.precision, device)
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # FSDP's sharded ones if wrapped

@@ -123,8 +123,8 @@ class TiedGradient:
     of the weight: gigabytes allocated, filled and freed per step. Here the embedding lookup's backward
     index-adds into `grad`, the head's backward adds into it a slice of the vocabulary at a time, and the
     weight's bf16 cast goes into a kept buffer. The loop hands `grad` to the optimizer
-    (`attach_grad`) and zeroes it after the step (`reset`). One process only: DDP and FSDP reduce gradients
-    from autograd's hooks, which this path bypasses.
+    (`attach_grad`) and zeroes it after the step (`reset`). One CPU process only (`fit` decides): DDP and
+    FSDP reduce gradients from autograd's hooks, which this path bypasses.
     """
 
     def __init__(self, model):
