@@ -29,12 +29,13 @@ def _rss_mb() -> float:
 
 def worker(steps: int) -> dict:
     import torch
+    from profile_step import train_step  # bench/ is this script's directory, first on sys.path
 
     from tracetune import allocator
     from tracetune.config import load_config
     from tracetune.data.batching import collate
     from tracetune.pipeline import load_for_training, load_inputs
-    from tracetune.train.loss import TiedGradient, loss_sum
+    from tracetune.train.loss import TiedGradient
     from tracetune.train.optim import build_optimizer, param_groups
 
     cfg = load_config(REPO / "configs" / "quickstart.yaml", ["data.max_train_records=200"])
@@ -46,14 +47,7 @@ def worker(steps: int) -> dict:
     for step in range(steps + 1):
         batch = collate(train[4 * step : 4 * step + 4], tokenizer.pad_token_id)
         faults, started = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            total, count = loss_sum(model, batch, tied)
-        (total / count).backward()
-        tied.attach_grad()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tied.reset()
+        train_step(model, batch, tied, optimizer, autocast=True)
         seconds = time.perf_counter() - started
         rows.append(
             {

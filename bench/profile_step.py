@@ -21,6 +21,18 @@ from tracetune.train.optim import build_optimizer, param_groups
 REPO = Path(__file__).resolve().parents[1]
 
 
+def train_step(model, batch, tied, optimizer, autocast: bool) -> None:
+    """One optimizer step of batch as `fit` takes it in one CPU process (with TiedGradient)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        total, count = loss_sum(model, batch, tied)
+    (total / count).backward()
+    tied.attach_grad()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    tied.reset()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--precision", default="bf16-autocast")
@@ -71,14 +83,7 @@ def main() -> None:
 
         batch = collate(train[:4], tokenizer.pad_token_id)
         with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=auto):
-                step_loss, n = loss_sum(model, batch, tied)
-            (step_loss / n).backward()
-            tied.attach_grad()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            tied.reset()
+            train_step(model, batch, tied, optimizer, auto)
         print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=15))
     total = sum(totals.values())
     for name, seconds in totals.items():
