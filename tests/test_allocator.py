@@ -64,3 +64,16 @@ def test_the_training_log_hints_at_tcmalloc_only_when_it_would_help(monkeypatch)
     monkeypatch.delenv("TRACETUNE_ALLOCATOR")
     monkeypatch.setattr(allocator, "active", lambda: "tcmalloc")
     assert allocator.hint() is None
+
+
+def test_a_failed_re_execution_carries_on(monkeypatch, capsys):
+    def refuse(*args):
+        raise OSError("exec refused")
+
+    monkeypatch.setattr(allocator, "find_tcmalloc", lambda: LIB)
+    monkeypatch.setattr(allocator, "active", lambda: "glibc")
+    monkeypatch.delenv("TRACETUNE_ALLOCATOR", raising=False)
+    monkeypatch.delenv("TRACETUNE_ALLOCATOR_REEXECUTED", raising=False)
+    monkeypatch.setattr(allocator.os, "execve", refuse)
+    allocator.maybe_reexec(["run", "cfg.yaml"])
+    assert "could not re-execute under tcmalloc (exec refused)" in capsys.readouterr().err

@@ -69,7 +69,10 @@ def maybe_reexec(argv: list[str]) -> None:
     if env is not None:
         sys.stdout.flush()
         sys.stderr.flush()
-        os.execve(sys.executable, sys.orig_argv, env)
+        try:
+            os.execve(sys.executable, sys.orig_argv, env)
+        except OSError as exc:  # carry on as is: slower, never broken
+            print(f"warning: could not re-execute under tcmalloc ({exc}); using the system allocator", file=sys.stderr)
 
 
 def hint() -> str | None:
