@@ -54,18 +54,24 @@ def preload_env(env: dict[str, str], library: str) -> dict[str, str]:
     return {**_QUIET, **env, "LD_PRELOAD": preload}
 
 
+def _may_reexec(argv: list[str], env: dict[str, str]) -> bool:
+    """The checks that need neither the loader nor /proc: a training or evaluation verb on Linux, not opted
+    out, not re-executed already."""
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    return verb in VERBS and sys.platform == "linux" and env.get(ENV, "auto") != "system" and not env.get(_REEXECUTED)
+
+
 def reexec_plan(argv: list[str], env: dict[str, str], library: str | None, current: str) -> dict[str, str] | None:
     """The environment to re-execute with, or None to carry on as is."""
-    verb = next((a for a in argv if not a.startswith("-")), None)
-    if verb not in VERBS or library is None or current != "glibc" or sys.platform != "linux":
-        return None
-    if env.get(ENV, "auto") == "system" or env.get(_REEXECUTED):
+    if not _may_reexec(argv, env) or library is None or current != "glibc":
         return None
     return {**preload_env(env, library), _REEXECUTED: "1"}
 
 
 def maybe_reexec(argv: list[str]) -> None:
     """Replace this process with itself under tcmalloc when the plan says so (same pid, same arguments)."""
+    if not _may_reexec(argv, dict(os.environ)):  # other verbs and the re-executed process skip the lookups
+        return
     env = reexec_plan(argv, dict(os.environ), find_tcmalloc(), active())
     if env is not None:
         sys.stdout.flush()

@@ -29,14 +29,9 @@ def loss_sum(model, batch: dict[str, torch.Tensor], tied: TiedGradient | None = 
     """Sum of next-token cross-entropy over loss positions, and how many there were. With `tied`, the tied
     embedding/head matrix's gradient goes into tied.grad instead of through autograd."""
     inner = unwrap_model(model)
-    ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-    decoder = inner.get_decoder()
-    if tied is None:
-        hidden = decoder(input_ids=ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    else:
-        hidden = decoder(
-            inputs_embeds=tied.embed(ids), attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state
+    ids = batch["input_ids"]
+    inputs = {"input_ids": ids} if tied is None else {"inputs_embeds": tied.embed(ids)}
+    hidden = inner.get_decoder()(**inputs, attention_mask=batch["attention_mask"], use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
     selected, wanted, count = hidden[:, :-1][mask], targets[mask], int(mask.sum())
