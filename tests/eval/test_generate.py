@@ -1,10 +1,14 @@
 import json
 
+import pytest
+import torch
+
 from tracetune.config import EvalConfig
 from tracetune.data.render import end_of_turn_ids, render_prompt
 from tracetune.data.traces import EvalItem, load_eval_items
+from tracetune.eval import generate
 from tracetune.eval.evaluate import compare_predictions, compute_scores, generate_predictions, read_predictions
-from tracetune.eval.generate import _cut, generate_batch, greedy_compacting
+from tracetune.eval.generate import _cut, batch_invariant_attention, generate_batch, greedy_compacting
 from tracetune.models.sources import load_model, load_tokenizer
 
 
@@ -43,6 +47,91 @@ def test_compacting_greedy_equals_transformers_generate_when_rows_stop_at_differ
     cut_ours = [_cut(row, set(stops), pad) for row in ours]
     assert cut_ours == [_cut(row, set(stops), pad) for row in theirs[:, args[0].shape[1] :].tolist()]
     assert len({len(ids) for ids, _ in cut_ours}) > 2  # rows really left the batch at different steps
+
+
+def _bf16_model_with_gemma3_270m_shapes():
+    """Two layers shaped like Gemma 3 270M's (640 wide, 2048 MLP, 4 query heads on one 256-wide key/value head),
+    random weights, in bf16: at these shapes this CPU's stock kernels do round a row differently by batch."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    tokenizer = load_tokenizer("tiny:gemma3")
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=640,
+        intermediate_size=2048,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        sliding_window=512,
+        tie_word_embeddings=False,  # a tied head mostly repeats the input token
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        # Weights at the scale of a trained model's, so greedy tokens vary (the default init repeats one).
+        for weight in model.parameters():
+            if weight.dim() == 2:
+                weight.normal_(0, weight.shape[1] ** -0.5)
+        # Pairs of nearly equal output rows put every greedy choice on a near-tie, so a rounding difference shows.
+        head = model.lm_head.weight
+        head[1::2] = head[0::2][: head[1::2].shape[0]] + 3e-5 * torch.randn_like(head[1::2])
+    return tokenizer, model.to(torch.bfloat16).eval()
+
+
+def test_bf16_greedy_answers_do_not_depend_on_the_batch():
+    tokenizer, model = _bf16_model_with_gemma3_270m_shapes()
+    items = load_eval_items("data/eval.jsonl").records[:20]
+    prompts = [render_prompt(tokenizer, i.prompt, "Think step by step.") for i in items]
+    cfg = EvalConfig(eval_file=None, max_new_tokens=40)
+    free = generate_batch(model, tokenizer, prompts, cfg, [])
+    assert free == [generate_batch(model, tokenizer, [p], cfg, [])[0] for p in prompts]
+    # Rows leaving the batch at different steps (the last one running beside a finished row).
+    stops = sorted(
+        {
+            tokenizer.convert_tokens_to_ids(free[2].completion[11]),
+            tokenizer.convert_tokens_to_ids(free[1].completion[6]),
+        }
+    )
+    stopped = generate_batch(model, tokenizer, prompts[:8], cfg, stops)
+    assert len({g.num_new_tokens for g in stopped}) > 2
+    assert stopped == [generate_batch(model, tokenizer, [p], cfg, stops)[0] for p in prompts[:8]]
+    assert stopped[2:5] == generate_batch(model, tokenizer, prompts[2:5], cfg, stops)
+    assert model.config._attn_implementation == "sdpa"  # generation's attention is put back
+
+
+def _attend(query, key, value, pad: int, queries: int, rows: int) -> torch.Tensor:
+    """The attention output of a row holding `key`/`value` after `pad` masked positions, among `rows` rows."""
+    group, length, dim = query.shape[1], key.shape[2], key.shape[3]
+    total = pad + length
+    k, v = (torch.randn(rows, 1, total, dim).bfloat16() for _ in range(2))
+    k[0, :, pad:], v[0, :, pad:] = key, value
+    q = torch.randn(rows, group, queries, dim).bfloat16()
+    q[0] = query[0, :, -queries:]
+    mask = torch.full((rows, 1, queries, total), torch.finfo(torch.bfloat16).min, dtype=torch.bfloat16)
+    for i in range(queries):  # causal over the real positions; padding masked
+        mask[:, :, i, pad : total - queries + i + 1] = 0
+    out, _ = batch_invariant_attention(None, q, k, v, mask, scaling=dim**-0.5)
+    return out[0]
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_attention_of_a_row_does_not_depend_on_its_padding(group):
+    """Leading masked positions (in multiples of PAD_MULTIPLE), other rows, and keys past one value chunk."""
+    torch.manual_seed(0)
+    for length in (1, 15, 16, 17, 71, 100, 300):
+        key, value = (torch.randn(1, 1, length, 256).bfloat16() for _ in range(2))
+        query = torch.randn(1, group, length, 256).bfloat16()
+        for queries in {1, length}:
+            aligned = -length % generate.PAD_MULTIPLE  # the padding a lone prompt gets
+            alone = _attend(query, key, value, aligned, queries, rows=1)
+            for blocks in (1, 3, 10, 25):
+                padded = _attend(query, key, value, aligned + blocks * generate.PAD_MULTIPLE, queries, rows=3)
+                assert torch.equal(padded, alone)
 
 
 def test_stop_conditions():

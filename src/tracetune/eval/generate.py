@@ -1,14 +1,33 @@
-"""Batched generation with a KV cache and left padding, stopping each sequence at end-of-turn/EOS or a stop string."""
+"""Batched generation with a KV cache and left padding, stopping each sequence at end-of-turn/EOS or a stop string.
+
+Greedy decoding is batch-invariant: a prompt's tokens do not depend on which other prompts share its batch, or on
+whether it runs alone, so evaluation's answers are those of one-at-a-time decoding, at batched speed. In bf16 that
+takes three things (measured on this project's CPU, where stock kernels break each of them):
+- Attention (`batch_invariant_attention`): eager attention computed so that masked padding adds exact zeros in
+  the same order as when the row runs alone (SDPA's kernel sums a padded row in a different order).
+- Alignment: prompts are left-padded to a multiple of `PAD_MULTIPLE` tokens, so each row's real positions fall
+  on the same vector lanes whatever the batch's longest prompt.
+- At least two rows: a bf16 matmul of one row takes another kernel than two or more rows (which agree bitwise), so
+  a lone prompt runs beside a copy of itself, and the last running row keeps a finished row beside it.
+"""
 
 from __future__ import annotations
 
 import inspect
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from tracetune.config import EvalConfig
+
+PAD_MULTIPLE = 16  # tokens; the vector width of fp32 (AVX-512) reductions over key positions
+VALUE_CHUNK = 256  # key positions per attention-weights x values matmul, below the length where its kernel changes
+MIN_ROWS = 2
+ATTENTION = "tracetune_batch_invariant"
 
 
 @dataclass(frozen=True)
@@ -32,7 +51,9 @@ def generate_batch(model, tokenizer, prompts: list[str], cfg: EvalConfig, stop_i
     """Generate completions for already-rendered prompts (chat template applied) in one batch."""
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    encoded = tokenizer(
+        prompts, return_tensors="pt", padding=True, pad_to_multiple_of=PAD_MULTIPLE, add_special_tokens=False
+    ).to(device)
     with torch.inference_mode():
         if cfg.do_sample or cfg.stop_strings:
             rows = _generate_hf(model, tokenizer, encoded, cfg, stop_ids)
@@ -66,58 +87,113 @@ def _generate_hf(model, tokenizer, encoded, cfg: EvalConfig, stop_ids: list[int]
     return output[:, encoded["input_ids"].shape[1] :].tolist()
 
 
+def batch_invariant_attention(module, query, key, value, attention_mask, scaling=None, softcap=None, **kwargs):
+    """Eager attention (transformers' AttentionInterface) whose output for a row is bitwise the same whatever
+    masked padding precedes it, given `PAD_MULTIPLE` alignment.
+
+    Query heads sharing a key/value head go into one matmul (no repeated keys; a decode step's matmul has as
+    many rows as heads per group, not one); softmax is in fp32 as in transformers' eager attention; the
+    weights x values product runs over fixed chunks of key positions counted from the newest, so masked
+    positions only add zero chunks after the real ones.
+    """
+    batch, heads, length, dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    scores = torch.matmul(query.reshape(batch, kv_heads, group * length, dim), key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.view(batch, kv_heads, group, length, keys)
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, None, :, :keys]
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype).flatten(2, 3)
+    out = None
+    for end in range(keys, 0, -VALUE_CHUNK):
+        begin = max(0, end - VALUE_CHUNK)
+        part = torch.matmul(weights[..., begin:end], value[:, :, begin:end])
+        out = part if out is None else out.float() + part
+    out = out.to(value.dtype).view(batch, heads, length, dim)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, batch_invariant_attention)
+AttentionMaskInterface.register(ATTENTION, eager_mask)  # an additive mask, always materialised
+
+
+@contextmanager
+def _attention(model, name: str):
+    """Run `model` with attention implementation `name`, then restore its own."""
+    own = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(own)
+
+
 def greedy_compacting(model, input_ids, attention_mask, max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:
     """Greedy decoding with a KV cache that drops each sequence from the batch once it emits a stop id.
 
     transformers' generate keeps finished rows in the batch until the longest one ends, so a batch costs its
-    longest completion times its size; here a step costs only the rows still running. Positions follow the
-    left-padded attention mask exactly as generate computes them, so the tokens are generate's (tested).
-    Returns each row's new token ids, the stop id included.
+    longest completion times its size; here a step costs only the rows still running (and one finished row
+    beside the last one, see the module docstring). Positions follow the left-padded attention mask exactly as
+    generate computes them. Returns each row's new token ids, the stop id included.
     """
     from transformers import DynamicCache
 
+    rows = input_ids.shape[0]
+    if rows < MIN_ROWS:  # a lone prompt runs beside a copy of itself, whose tokens are dropped
+        input_ids, attention_mask = input_ids.repeat(MIN_ROWS, 1), attention_mask.repeat(MIN_ROWS, 1)
     # transformers renamed past_key_values to cache (the old name warns, then goes in 5.40).
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     cache = {name: DynamicCache(config=model.config)}
     stops = torch.tensor(stop_ids, device=input_ids.device)
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=positions,
-        use_cache=True,
-        logits_to_keep=1,
-        **cache,
-    ).logits
-    running = torch.arange(input_ids.shape[0], device=input_ids.device)  # original row of each batch row
-    new_ids: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
-    next_position = positions[:, -1] + 1
-    for step in range(max_new_tokens):
-        # max's indices follow argmax's rule (the first maximum); on bf16 CPU logits it is 4x faster (23.8 versus
-        # 5.9 ms at 50 x 262K), about 8% of a batch's generation time.
-        tokens = logits[:, -1].max(-1).indices
-        for row, token in zip(running.tolist(), tokens.tolist(), strict=True):
-            new_ids[row].append(token)
-        keep = ~torch.isin(tokens, stops)
-        if step == max_new_tokens - 1 or not keep.any():
-            break
-        if not keep.all():
-            cache[name].batch_select_indices(keep.nonzero().squeeze(1))
-            running, tokens, attention_mask, next_position = (
-                running[keep],
-                tokens[keep],
-                attention_mask[keep],
-                next_position[keep],
-            )
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+    # The original row of each batch row while it runs; -1 once it has finished (or for a copy).
+    owner = torch.arange(input_ids.shape[0], device=input_ids.device).masked_fill_(
+        torch.arange(input_ids.shape[0], device=input_ids.device) >= rows, -1
+    )
+    new_ids: list[list[int]] = [[] for _ in range(rows)]
+    with _attention(model, ATTENTION):
         logits = model(
-            input_ids=tokens[:, None],
+            input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=next_position[:, None],
+            position_ids=positions,
             use_cache=True,
+            logits_to_keep=1,
             **cache,
         ).logits
-        next_position = next_position + 1
+        next_position = positions[:, -1] + 1
+        for step in range(max_new_tokens):
+            # max's indices follow argmax's rule (the first maximum); on bf16 CPU logits it is 4x faster (23.8 versus
+            # 5.9 ms at 50 x 262K), about 8% of a batch's generation time.
+            tokens = logits[:, -1].max(-1).indices
+            for row, token in zip(owner.tolist(), tokens.tolist(), strict=True):
+                if row >= 0:
+                    new_ids[row].append(token)
+            owner = owner.masked_fill(torch.isin(tokens, stops), -1)
+            running = owner >= 0
+            if step == max_new_tokens - 1 or not running.any():
+                break
+            keep = running.clone()
+            if int(keep.sum()) < MIN_ROWS:  # keep finished rows beside the last running one
+                keep[(~running).nonzero().squeeze(1)[: MIN_ROWS - int(keep.sum())]] = True
+            if not keep.all():
+                cache[name].batch_select_indices(keep.nonzero().squeeze(1))
+                owner, tokens, attention_mask, next_position = (
+                    owner[keep],
+                    tokens[keep],
+                    attention_mask[keep],
+                    next_position[keep],
+                )
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+            logits = model(
+                input_ids=tokens[:, None],
+                attention_mask=attention_mask,
+                position_ids=next_position[:, None],
+                use_cache=True,
+                **cache,
+            ).logits
+            next_position = next_position + 1
     return new_ids
 
 
