@@ -10,8 +10,10 @@ Each (system, repeat) is its own process, run interleaved A B C A B C ..., so pe
 hits all alike. The first --warmup steps are excluded from speeds. After training, every system's model is
 scored with the same validation loss (completion tokens of the same held-out examples).
 
-Generation: tracetune's batched generation versus the old way (one prompt at a time, max_new_tokens 50, no
-stop strings), same model and dtype: items/s, new tokens/s and the share of identical extracted answers.
+Generation: tracetune's batched generation versus the old way (transformers' generate one prompt at a time,
+max_new_tokens 50, no stop strings), same model and dtype, interleaved --generation-repeats times: items/s, new
+tokens/s and the share of identical extracted answers; then tracetune's settings one prompt at a time, which
+must give the batched completions exactly (src/tracetune/eval/generate.py: batch-invariant greedy decoding).
 
 Allocator: tracetune's workers run as `tracetune run` does, under tcmalloc when it is installed
 (src/tracetune/allocator.py); TRL and the old pipeline on the system allocator, as their users run them.
@@ -284,7 +286,8 @@ def worker_old(args, tmp: Path) -> dict:
 
 
 def worker_generate(args, tmp: Path) -> dict:
-    """Both generation ways on the same items and model, in this one process."""
+    """Both generation ways on the same items and model, in this one process, interleaved --generation-repeats
+    times (medians reported); then tracetune's settings one prompt at a time, to check batching changes nothing."""
     import torch
 
     from tracetune.config import EvalConfig
@@ -301,44 +304,80 @@ def worker_generate(args, tmp: Path) -> dict:
     instruction = _config(args.source, 1, tmp, "g").data.instruction
     prompts = [render_prompt(tokenizer, i.prompt, instruction) for i in items]
     stops = end_of_turn_ids(tokenizer)
-    started = time.perf_counter()
-    batched = []
     cfg = EvalConfig(eval_file=None, max_new_tokens=96, batch_size=50)
-    for k in range(0, len(prompts), cfg.batch_size):
-        batched += generate_batch(model, tokenizer, prompts[k : k + cfg.batch_size], cfg, stops)
-    batched_s = time.perf_counter() - started
-    started = time.perf_counter()
-    old_cfg = EvalConfig(eval_file=None, max_new_tokens=50)
-    single = [generate_batch(model, tokenizer, [p], old_cfg, [tokenizer.eos_token_id])[0] for p in prompts]
-    single_s = time.perf_counter() - started
-    # The same settings one prompt at a time: does batching (padding, rows leaving the batch) change answers?
+
+    def tracetune_way() -> list:
+        return [
+            g
+            for k in range(0, len(prompts), cfg.batch_size)
+            for g in generate_batch(model, tokenizer, prompts[k : k + cfg.batch_size], cfg, stops)
+        ]
+
+    def old_way() -> list:
+        """The old pipeline's loop: transformers' generate, one prompt at a time, its default (SDPA) attention,
+        max_new_tokens 50, stopping only at EOS."""
+        out = []
+        for prompt in prompts:
+            encoded = tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
+            with torch.inference_mode():
+                ids = model.generate(
+                    **encoded,
+                    max_new_tokens=50,
+                    do_sample=False,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                )
+            new = ids[0, encoded["input_ids"].shape[1] :].tolist()
+            out.append((tokenizer.decode(new, skip_special_tokens=True).strip(), len(new)))
+        return out
+
+    times = {"tracetune": [], "old": []}
+    for _ in range(args.generation_repeats):  # interleaved A B A B ...
+        for name, way in (("tracetune", tracetune_way), ("old", old_way)):
+            started = time.perf_counter()
+            result = way()
+            times[name].append(time.perf_counter() - started)
+            if name == "tracetune":
+                batched = result
+            else:
+                single = result
+    # tracetune's settings one prompt at a time: does batching (padding, rows leaving the batch) change anything?
     alone = [generate_batch(model, tokenizer, [p], cfg, stops)[0] for p in prompts]
 
-    def same_answers(a: list, b: list) -> float:
-        return sum(
-            extract_answer(x.completion)[0] == extract_answer(y.completion)[0] for x, y in zip(a, b, strict=True)
-        ) / len(a)
+    def answer(text: str):
+        return extract_answer(text)[0]
 
+    def speeds(seconds: list[float], new_tokens: int) -> dict:
+        median = statistics.median(seconds)
+        return {"seconds": seconds, "items_per_s": len(items) / median, "new_tokens_per_s": new_tokens / median}
+
+    old_finished = [k for k, (_, n) in enumerate(single) if n < 50]  # stopped at EOS within its 50 tokens
     return {
         "model": source,
         "allocator": allocator.active(),  # both ways ran in this one process, on the same allocator
         "num_items": len(items),
         "batch_size": cfg.batch_size,
-        "tracetune": {
-            "seconds": batched_s,
-            "items_per_s": len(items) / batched_s,
-            "new_tokens_per_s": sum(g.num_new_tokens for g in batched) / batched_s,
-        },
-        "old": {
-            "seconds": single_s,
-            "items_per_s": len(items) / single_s,
-            "new_tokens_per_s": sum(g.num_new_tokens for g in single) / single_s,
-        },
-        "identical_answer_share": same_answers(batched, single),
-        "identical_answer_share_same_settings_unbatched": same_answers(batched, alone),
-        "identical_completion_share_same_settings_unbatched": sum(
-            x.completion == y.completion for x, y in zip(batched, alone, strict=True)
+        "repeats": args.generation_repeats,
+        "tracetune": speeds(times["tracetune"], sum(g.num_new_tokens for g in batched)),
+        "old": speeds(times["old"], sum(n for _, n in single)),
+        "identical_answer_share": sum(
+            answer(g.completion) == answer(t) for g, (t, _) in zip(batched, single, strict=True)
         )
+        / len(items),
+        "old_items_finished_within_50_tokens": len(old_finished),
+        "identical_answer_share_where_old_finished": (
+            sum(answer(batched[k].completion) == answer(single[k][0]) for k in old_finished) / len(old_finished)
+            if old_finished
+            else None
+        ),
+        "identical_answer_share_same_settings_unbatched": sum(
+            answer(x.completion) == answer(y.completion) for x, y in zip(batched, alone, strict=True)
+        )
+        / len(items),
+        "identical_completion_share_same_settings_unbatched": sum(x == y for x, y in zip(batched, alone, strict=True))
         / len(items),
     }
 
@@ -360,6 +399,8 @@ def _spawn(system: str, args) -> dict:
         args.source,
         "--eval-items",
         str(args.eval_items),
+        "--generation-repeats",
+        str(args.generation_repeats),
         "--precision",
         args.precision,
     ]
@@ -412,10 +453,17 @@ def _table(result: dict) -> str:
     ]
     for key in ("items_per_s", "new_tokens_per_s"):
         a, b = gen["tracetune"][key], gen["old"][key]
-        lines.append(f"| {key} | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
+        lines.append(f"| {key} (median of {gen['repeats']}) | {a:.2f} | {b:.2f} | {a / b:.2f}x |")
     lines.append(f"| identical extracted answers vs the old loop | {100 * gen['identical_answer_share']:.0f}% | | |")
+    if gen["identical_answer_share_where_old_finished"] is not None:
+        finished = gen["old_items_finished_within_50_tokens"]
+        share = 100 * gen["identical_answer_share_where_old_finished"]
+        lines.append(f"| ... where the old loop ended within its 50 tokens ({finished} items) | {share:.0f}% | | |")
     same = 100 * gen["identical_answer_share_same_settings_unbatched"]
-    lines.append(f"| identical extracted answers vs one at a time, same settings | {same:.0f}% | | |")
+    whole = 100 * gen["identical_completion_share_same_settings_unbatched"]
+    lines.append(
+        f"| identical answers (completions) vs one at a time, same settings | {same:.0f}% ({whole:.0f}%) | | |"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -428,6 +476,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--eval-items", type=int, default=20)
+    parser.add_argument("--generation-repeats", type=int, default=3, help="interleaved generation repeats")
     parser.add_argument(
         "--precision",
         default="bf16-autocast",
