@@ -1,4 +1,4 @@
-"""Where one batch of tracetune's greedy generation spends its time: the prefill forward, the decode forwards,
+"""Where one batch of tracetune's greedy generation spends its time: the prefill forwards, the decode forwards,
 and everything between them (picking each next token, bookkeeping, dropping finished rows), by timing the
 model's forward calls inside `generate_batch`; then argmax versus max(-1).indices on the batch's logits.
 Run (as tracetune's evaluation runs, under tcmalloc):
@@ -48,10 +48,13 @@ def main() -> None:
         started = time.perf_counter()
         generate_batch(model, tokenizer, prompts, cfg, end_of_turn_ids(tokenizer))
         total = time.perf_counter() - started
-        prefill, decode = calls[0][1], sum(seconds for _, seconds in calls[1:])
+        prompt_calls = [(shape, seconds) for shape, seconds in calls if shape[1] > 1]  # one per length group
+        prefill = sum(seconds for _, seconds in prompt_calls)
+        decode = sum(seconds for shape, seconds in calls if shape[1] == 1)
         print(
-            f"{len(prompts) / total:.2f} items/s: total {total:.2f} s, prefill {prefill:.2f} s {calls[0][0]}, "
-            f"{len(calls) - 1} decode forwards {decode:.2f} s, between them {total - prefill - decode:.2f} s"
+            f"{len(prompts) / total:.2f} items/s: total {total:.2f} s, prefill {prefill:.2f} s "
+            f"{[shape for shape, _ in prompt_calls]}, {len(calls) - len(prompt_calls)} decode forwards {decode:.2f} s, "
+            f"between them {total - prefill - decode:.2f} s"
         )
     logits = torch.randn(len(prompts), model.config.vocab_size).to(torch.bfloat16)
     for name, pick in (("argmax(-1)", lambda: logits.argmax(-1)), ("max(-1).indices", lambda: logits.max(-1).indices)):
