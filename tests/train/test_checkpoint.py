@@ -1,6 +1,7 @@
 import pytest
 
 from tracetune.models.sources import load_model, load_tokenizer
+from tracetune.train import checkpoint
 from tracetune.train.checkpoint import (
     CheckpointError,
     committed_checkpoints,
@@ -61,4 +62,18 @@ def test_failed_save_removes_staging_and_keeps_the_previous(saved, monkeypatch):
     monkeypatch.setattr(model, "save_pretrained", no_permission)
     with pytest.raises(CheckpointError, match="Permission denied"):
         save_checkpoint(root, 10, model, {}, {}, "", {}, keep_last=1)
+    assert latest_good_checkpoint(root) == root / "step-000003" and not list(root.glob("*.staging"))
+
+
+def test_torch_save_failing_on_a_full_disk_is_reported_with_the_free_space(saved, monkeypatch):
+    """torch.save's zip writer reports a full disk as a RuntimeError, not an OSError (seen in a real run)."""
+    root, model = saved
+
+    def zip_writer_out_of_space(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 55424 vs 55316")
+
+    monkeypatch.setattr(checkpoint.torch, "save", zip_writer_out_of_space)
+    match = r"could not write checkpoint step-000011: .*unexpected pos.* GB free on .*; earlier checkpoints are intact"
+    with pytest.raises(CheckpointError, match=match):
+        save_checkpoint(root, 11, model, {}, {}, "", {}, keep_last=1)
     assert latest_good_checkpoint(root) == root / "step-000003" and not list(root.glob("*.staging"))

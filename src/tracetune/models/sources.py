@@ -123,8 +123,8 @@ def tiny_tokenizer(template: str):
     return tokenizer
 
 
-def tiny_model(arch: str, tokenizer, seed: int):
-    """A 2-layer, 64-wide random model of a real architecture."""
+def tiny_model(arch: str, tokenizer, seed: int, **overrides):
+    """A 2-layer, 64-wide random model of a real architecture; `overrides` replace config fields (its shapes)."""
     import torch
     from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
@@ -143,9 +143,9 @@ def tiny_model(arch: str, tokenizer, seed: int):
         tie_word_embeddings=True,
     )
     if arch == "gemma3":
-        config = Gemma3TextConfig(**common, sliding_window=1024, query_pre_attn_scalar=32)
+        config = Gemma3TextConfig(**{**common, "sliding_window": 1024, "query_pre_attn_scalar": 32, **overrides})
     elif arch == "llama":
-        config = LlamaConfig(**common)
+        config = LlamaConfig(**{**common, **overrides})
     else:
         raise SourceError(f"unknown tiny architecture {arch!r}; known: {', '.join(TINY_ARCHS)}")
     torch.manual_seed(seed)

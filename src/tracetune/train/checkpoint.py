@@ -132,11 +132,14 @@ def _write_committed(root, step, write_weights, trainer_state, config_yaml, prob
             crash_point(f"checkpoint-{step}/renamed")
             (final / COMMIT_MARKER).write_text(f"{step}\n", encoding="utf-8")
             _fsync_tree(final)
-    except OSError as exc:  # disk full, permission denied: report it; the previous checkpoint is untouched
+    except (OSError, RuntimeError) as exc:  # disk full, permission denied: report it; earlier ones are untouched
+        # (torch.save's zip writer reports a full disk as RuntimeError "unexpected pos ...", not as OSError)
         if main:
             shutil.rmtree(staging, ignore_errors=True)
+        free = shutil.disk_usage(root).free / 1e9
         raise CheckpointError(
-            f"could not write checkpoint {final.name}: {exc}; earlier checkpoints are intact"
+            f"could not write checkpoint {final.name}: {exc} ({free:.1f} GB free on {root}); "
+            "earlier checkpoints are intact"
         ) from exc
     except BaseException:
         if main:
