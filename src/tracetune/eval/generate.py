@@ -99,6 +99,7 @@ def batch_invariant_attention(module, query, key, value, attention_mask, scaling
     batch, heads, length, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     group = heads // kv_heads
+    scaling = dim**-0.5 if scaling is None else scaling
     scores = torch.matmul(query.reshape(batch, kv_heads, group * length, dim), key.transpose(2, 3)) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
