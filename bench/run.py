@@ -334,21 +334,22 @@ def worker_generate(args, tmp: Path) -> dict:
             out.append((tokenizer.decode(new, skip_special_tokens=True).strip(), len(new)))
         return out
 
-    times = {"tracetune": [], "old": []}
+    times, results = {"tracetune": [], "old": []}, {}
     for _ in range(args.generation_repeats):  # interleaved A B A B ...
         for name, way in (("tracetune", tracetune_way), ("old", old_way)):
             started = time.perf_counter()
-            result = way()
+            results[name] = way()
             times[name].append(time.perf_counter() - started)
-            if name == "tracetune":
-                batched = result
-            else:
-                single = result
+    batched, single = results["tracetune"], results["old"]
     # tracetune's settings one prompt at a time: does batching (padding, rows leaving the batch) change anything?
     alone = [generate_batch(model, tokenizer, [p], cfg, stops)[0] for p in prompts]
 
     def answer(text: str):
         return extract_answer(text)[0]
+
+    def share_equal(pairs) -> float | None:
+        pairs = list(pairs)
+        return sum(a == b for a, b in pairs) / len(pairs) if pairs else None
 
     def speeds(seconds: list[float], new_tokens: int) -> dict:
         median = statistics.median(seconds)
@@ -363,22 +364,17 @@ def worker_generate(args, tmp: Path) -> dict:
         "repeats": args.generation_repeats,
         "tracetune": speeds(times["tracetune"], sum(g.num_new_tokens for g in batched)),
         "old": speeds(times["old"], sum(n for _, n in single)),
-        "identical_answer_share": sum(
-            answer(g.completion) == answer(t) for g, (t, _) in zip(batched, single, strict=True)
-        )
-        / len(items),
-        "old_items_finished_within_50_tokens": len(old_finished),
-        "identical_answer_share_where_old_finished": (
-            sum(answer(batched[k].completion) == answer(single[k][0]) for k in old_finished) / len(old_finished)
-            if old_finished
-            else None
+        "identical_answer_share": share_equal(
+            (answer(g.completion), answer(t)) for g, (t, _) in zip(batched, single, strict=True)
         ),
-        "identical_answer_share_same_settings_unbatched": sum(
-            answer(x.completion) == answer(y.completion) for x, y in zip(batched, alone, strict=True)
-        )
-        / len(items),
-        "identical_completion_share_same_settings_unbatched": sum(x == y for x, y in zip(batched, alone, strict=True))
-        / len(items),
+        "old_items_finished_within_50_tokens": len(old_finished),
+        "identical_answer_share_where_old_finished": share_equal(
+            (answer(batched[k].completion), answer(single[k][0])) for k in old_finished
+        ),
+        "identical_answer_share_same_settings_unbatched": share_equal(
+            (answer(x.completion), answer(y.completion)) for x, y in zip(batched, alone, strict=True)
+        ),
+        "identical_completion_share_same_settings_unbatched": share_equal(zip(batched, alone, strict=True)),
     }
 
 

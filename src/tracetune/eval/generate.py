@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from tracetune.config import EvalConfig
@@ -126,18 +126,15 @@ def _prefill(model, input_ids, attention_mask, positions, cache_name: str):
     so they add exact zeros) into one batch. Returns the last position's logits, the cache (as `{cache_name:
     cache}`) and each batch row's row in `input_ids` (the groups one after another, shortest first).
     """
-    from transformers import DynamicCache
-
     width = input_ids.shape[1]
     padded = -(-attention_mask.sum(1) // PAD_MULTIPLE) * PAD_MULTIPLE
     padded = torch.where(padded >= padded.max(), width, padded.clamp(max=width))  # the longest group: all of it
-    window = getattr(model.config, "sliding_window", None) or width
-    # A sliding-window layer keeps only its window: past it, one group (its cache layout is transformers').
-    lengths = padded.unique().tolist() if width <= window else [width]
+    if width > (getattr(model.config, "sliding_window", None) or width):
+        # A sliding-window layer keeps only its window: past it, one group (its cache layout is transformers').
+        padded = torch.full_like(padded, width)
     logits, caches, order = [], [], []
-    for length in lengths:
-        rows = (padded == length).nonzero().squeeze(1) if len(lengths) > 1 else torch.arange(len(padded))
-        rows = rows.to(input_ids.device)
+    for length in padded.unique().tolist():
+        rows = (padded == length).nonzero().squeeze(1)
         cache = DynamicCache(config=model.config)
         out = model(
             input_ids=input_ids[rows, -length:],
