@@ -1,4 +1,5 @@
 import json
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -86,6 +87,46 @@ def test_bf16_greedy_answers_do_not_depend_on_the_batch():
     assert stopped == [generate_batch(model, tokenizer, [p], cfg, stops)[0] for p in prompts[:8]]
     assert stopped[2:5] == generate_batch(model, tokenizer, prompts[2:5], cfg, stops)
     assert model.config._attn_implementation == "sdpa"  # generation's attention is put back
+
+
+PACKS = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+@pytest.mark.skipif(not PACKS, reason="this torch build or CPU has no oneDNN bf16 kernels to pack for")
+def test_packed_linears_give_f_linear_bitwise_and_are_put_back():
+    tokenizer, model = _bf16_model_with_gemma3_270m_shapes()
+    with_bias = torch.nn.Linear(640, 300).bfloat16()
+    ids = torch.randint(0, model.config.vocab_size, (5, 37))
+    with torch.inference_mode():
+        plain = [model(input_ids=ids[:rows]).logits for rows in (1, 2, 5)]
+        x = torch.randn(3, 7, 640).bfloat16()
+        plain_bias = [with_bias(x[0, :1]), with_bias(x[0]), with_bias(x)]
+        with generate.packed_linears(model), generate.packed_linears(with_bias):
+            assert "forward" in vars(model.lm_head) and "forward" in vars(model.model.layers[0].mlp.down_proj)
+            packed = [model(input_ids=ids[:rows]).logits for rows in (1, 2, 5)]
+            packed_bias = [with_bias(x[0, :1]), with_bias(x[0]), with_bias(x)]
+    assert all(map(torch.equal, plain + plain_bias, packed + packed_bias))
+    assert not any("forward" in vars(m) for m in model.modules())  # nn.Linear.forward again
+
+
+def test_packed_linears_leave_other_dtypes_and_wrapped_forwards_alone():
+    fp32 = torch.nn.Linear(8, 8)
+    wrapped = torch.nn.Linear(8, 8).bfloat16()
+    hook = wrapped.forward = lambda x: x  # as accelerate's hooks replace a module's forward
+    with generate.packed_linears(torch.nn.Sequential(fp32, wrapped)):
+        assert "forward" not in vars(fp32) and wrapped.forward is hook
+    assert wrapped.forward is hook
+
+
+@pytest.mark.skipif(not PACKS, reason="this torch build or CPU has no oneDNN bf16 kernels to pack for")
+def test_greedy_answers_are_the_same_with_and_without_packed_linears(monkeypatch):
+    tokenizer, model = _bf16_model_with_gemma3_270m_shapes()
+    items = load_eval_items("data/eval.jsonl").records[:6]
+    prompts = [render_prompt(tokenizer, i.prompt, "Think step by step.") for i in items]
+    cfg = EvalConfig(eval_file=None, max_new_tokens=30)
+    packed = generate_batch(model, tokenizer, prompts, cfg, [])
+    monkeypatch.setattr(generate, "packed_linears", lambda model: nullcontext())
+    assert packed == generate_batch(model, tokenizer, prompts, cfg, [])
 
 
 def _attend(query, key, value, pad: int, queries: int, rows: int) -> torch.Tensor:
