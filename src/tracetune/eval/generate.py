@@ -86,8 +86,8 @@ def packed_linears(model):
     """Run `model`'s bf16 CPU linear layers on weights packed once into oneDNN's layout, then restore them.
 
     `F.linear` on bf16 CPU tensors calls oneDNN, which first reorders the weight into its blocked layout, on
-    every call: at decode sizes that reorder costs more than the product (the 262K x 640 LM head: 28 versus 13
-    ms at 2 rows on this project's CPU). The packed product is the same kernel, so its output is bitwise
+    every call: at decode sizes that reorder costs about as much as the product (the 262K x 640 LM head at 2 rows:
+    24 versus 16 ms on this project's CPU, bench/packed_linears.py). The packed product is the same kernel, so its output is bitwise
     `F.linear`'s (tested), and greedy answers do not change. The packed copies take as much memory as the
     weights, for the duration only. Other dtypes and devices, and torch builds without oneDNN, run unchanged.
     """
