@@ -142,7 +142,8 @@ class EvalConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (do_sample only).")
     stop_strings: list[str] = Field([], description="Extra strings that end a completion (finish_reason 'stop').")
     precision: Literal["fp32", "bf16"] = Field(
-        "fp32", description="Generation precision: bf16 casts the weights (about 2.5x faster on CPUs with bf16 instructions)."
+        "fp32",
+        description="Generation precision: bf16 casts the weights (about 2.5x faster on CPUs with bf16 instructions).",
     )
     run_base: bool = Field(True, description="In `tracetune run`, also evaluate the base model for comparison.")
 
