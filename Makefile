@@ -44,7 +44,7 @@ format: install
 	$(VENV)/bin/ruff check --fix src tests bench
 
 bench: install
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

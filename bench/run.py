@@ -14,6 +14,8 @@ Generation: tracetune's batched generation versus the old way (transformers' gen
 max_new_tokens 50, no stop strings), same model and dtype, interleaved --generation-repeats times: items/s, new
 tokens/s and the share of identical extracted answers; then tracetune's settings one prompt at a time, which
 must give the batched completions exactly (src/tracetune/eval/generate.py: batch-invariant greedy decoding).
+Give it a fine-tuned model (--eval-model runs/<id>/final_model, after `make run`): a pretrained model never
+emits end-of-turn, so tracetune generates its full 96 tokens per item where the old loop stops at 50.
 
 Allocator: tracetune's workers run as `tracetune run` does, under tcmalloc when it is installed
 (src/tracetune/allocator.py); TRL and the old pipeline on the system allocator, as their users run them.
@@ -21,7 +23,7 @@ Allocator: tracetune's workers run as `tracetune run` does, under tcmalloc when 
 worker records the allocator it ran on.
 
 Writes bench/results/bench.json and bench/results/bench.md.
-    python bench/run.py --steps 6 --repeats 3            # about 15 minutes on 2 cores
+    python bench/run.py --steps 6 --repeats 3 --eval-model runs/<id>/final_model   # about 25 minutes on 2 cores
     python bench/run.py --steps 3 --repeats 1 --eval-items 6 --source tiny:gemma3   # smoke test
     python bench/run.py --compile --steps 8 --warmup 3 --no-generation --out bench_compile   # compiled layers
 """
@@ -467,11 +469,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", choices=sorted(WORKERS))
     parser.add_argument("--source", default="packaged:gemma3-270m")
-    parser.add_argument("--eval-model", help="model for the generation comparison (default: --source)")
+    parser.add_argument("--eval-model", help="model for the generation comparison, best a fine-tuned one (default: --source)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--eval-items", type=int, default=20)
+    parser.add_argument("--eval-items", type=int, default=50)
     parser.add_argument("--generation-repeats", type=int, default=3, help="interleaved generation repeats")
     parser.add_argument(
         "--precision",

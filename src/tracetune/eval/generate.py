@@ -86,10 +86,11 @@ def packed_linears(model):
     """Run `model`'s bf16 CPU linear layers on weights packed once into oneDNN's layout, then restore them.
 
     `F.linear` on bf16 CPU tensors calls oneDNN, which first reorders the weight into its blocked layout, on
-    every call: at decode sizes that reorder costs about as much as the product (the 262K x 640 LM head at 2 rows:
-    24 versus 16 ms on this project's CPU, bench/packed_linears.py). The packed product is the same kernel, so its output is bitwise
-    `F.linear`'s (tested), and greedy answers do not change. The packed copies take as much memory as the
-    weights, for the duration only. Other dtypes and devices, and torch builds without oneDNN, run unchanged.
+    every call: at decode sizes that reorder costs about as much as the product (the 262K x 640 LM head at 2
+    rows: 24 versus 16 ms on this project's CPU, bench/packed_linears.py). The packed product is the same
+    kernel, so its output is bitwise `F.linear`'s (tested), and greedy answers do not change. The packed copies
+    take as much memory as the weights, for the duration only. Other dtypes and devices, and torch builds
+    without oneDNN, run unchanged.
     """
     linears = [
         m
@@ -102,14 +103,14 @@ def packed_linears(model):
     if not linears or not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         yield
         return
-    for m in linears:
-        packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach())
-        m.forward = partial(_packed_forward, packed, None if m.bias is None else m.bias.detach())
     try:
+        for m in linears:
+            packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach())
+            m.forward = partial(_packed_forward, packed, None if m.bias is None else m.bias.detach())
         yield
     finally:
         for m in linears:
-            del m.forward  # back to nn.Linear.forward
+            vars(m).pop("forward", None)  # back to nn.Linear.forward
 
 
 def _generate_hf(model, tokenizer, encoded, cfg: EvalConfig, stop_ids: list[int]) -> list[list[int]]:
