@@ -469,7 +469,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", choices=sorted(WORKERS))
     parser.add_argument("--source", default="packaged:gemma3-270m")
-    parser.add_argument("--eval-model", help="model for the generation comparison, best a fine-tuned one (default: --source)")
+    parser.add_argument(
+        "--eval-model", help="model for the generation comparison, best a fine-tuned one (default: --source)"
+    )
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
