@@ -89,10 +89,7 @@ def test_bf16_greedy_answers_do_not_depend_on_the_batch():
     assert model.config._attn_implementation == "sdpa"  # generation's attention is put back
 
 
-PACKS = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-@pytest.mark.skipif(not PACKS, reason="this torch build or CPU has no oneDNN bf16 kernels to pack for")
+@pytest.mark.skipif(not generate.can_pack(), reason="this torch build or CPU has no oneDNN bf16 kernels to pack for")
 def test_packed_linears_give_f_linear_bitwise_and_are_put_back():
     tokenizer, model = _bf16_model_with_gemma3_270m_shapes()
     with_bias = torch.nn.Linear(640, 300).bfloat16()
@@ -118,7 +115,7 @@ def test_packed_linears_leave_other_dtypes_and_wrapped_forwards_alone():
     assert wrapped.forward is hook
 
 
-@pytest.mark.skipif(not PACKS, reason="this torch build or CPU has no oneDNN bf16 kernels to pack for")
+@pytest.mark.skipif(not generate.can_pack(), reason="this torch build or CPU has no oneDNN bf16 kernels to pack for")
 def test_greedy_answers_are_the_same_with_and_without_packed_linears(monkeypatch):
     tokenizer, model = _bf16_model_with_gemma3_270m_shapes()
     items = load_eval_items("data/eval.jsonl").records[:6]

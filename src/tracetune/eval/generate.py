@@ -77,6 +77,11 @@ def generate_batch(model, tokenizer, prompts: list[str], cfg: EvalConfig, stop_i
     return results
 
 
+def can_pack() -> bool:
+    """Whether this torch build and CPU have oneDNN bf16 kernels, which `packed_linears` needs."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
@@ -100,7 +105,7 @@ def packed_linears(model):
         and m.weight.device.type == "cpu"
         and "forward" not in vars(m)  # a forward already wrapped (such as by accelerate's hooks) stays as it is
     ]
-    if not linears or not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if not linears or not can_pack():
         yield
         return
     try:
@@ -242,9 +247,9 @@ def greedy_compacting(model, input_ids, attention_mask, max_new_tokens: int, sto
             running = owner >= 0
             if step == max_new_tokens - 1 or not running.any():
                 break
-            keep = running.clone()
-            if int(keep.sum()) < MIN_ROWS:  # keep finished rows beside the last running one
-                keep[(~running).nonzero().squeeze(1)[: MIN_ROWS - int(keep.sum())]] = True
+            keep, missing = running.clone(), MIN_ROWS - int(running.sum())
+            if missing > 0:  # keep finished rows beside the last running one
+                keep[(~running).nonzero().squeeze(1)[:missing]] = True
             if not keep.all():
                 cache[name].batch_select_indices(keep.nonzero().squeeze(1))
                 owner, tokens, attention_mask, next_position = (
