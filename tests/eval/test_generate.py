@@ -7,8 +7,14 @@ import torch
 from tracetune.config import EvalConfig
 from tracetune.data.render import end_of_turn_ids, render_prompt
 from tracetune.data.traces import EvalItem, load_eval_items
-from tracetune.eval import generate
-from tracetune.eval.evaluate import compare_predictions, compute_scores, generate_predictions, read_predictions
+from tracetune.eval import generate, invariance
+from tracetune.eval.evaluate import (
+    compare_predictions,
+    compute_scores,
+    generate_predictions,
+    read_predictions,
+    write_scores,
+)
 from tracetune.eval.generate import _cut, batch_invariant_attention, generate_batch, greedy_compacting
 from tracetune.models.sources import load_model, load_tokenizer, tiny_model
 
@@ -68,11 +74,26 @@ def _bf16_model_with_gemma3_270m_shapes():
     return tokenizer, model.to(torch.bfloat16).eval()
 
 
-def test_bf16_greedy_answers_do_not_depend_on_the_batch():
+def _skip_unless_invariant(model, tokenizer, prompts, cfg, tmp_path):
+    """Where this machine's kernels are not batch-invariant (the probe says so), the claim is not made: check that
+    an evaluation records it, then skip with the reason. Elsewhere return, and the test checks the claim."""
+    probe = invariance.probe_generation(model, tokenizer, prompts, cfg)
+    if probe["batch_invariant"]:
+        return
+    items = [EvalItem(str(k), p, "1") for k, p in enumerate(prompts)]
+    generate_predictions(model, tokenizer, items, cfg.model_copy(update={"max_new_tokens": 2}), "", tmp_path, seed=0)
+    recorded = write_scores(tmp_path, items, "probe-model")["batch_invariance"]
+    assert recorded["batch_invariant"] is False
+    cpu = invariance.describe_cpu()
+    pytest.skip(f"batched bf16 logits differ from one-at-a-time ones on this machine ({cpu}); recorded as such")
+
+
+def test_bf16_greedy_answers_do_not_depend_on_the_batch(tmp_path):
     tokenizer, model = _bf16_model_with_gemma3_270m_shapes()
     items = load_eval_items("data/eval.jsonl").records[:20]
     prompts = [render_prompt(tokenizer, i.prompt, "Think step by step.") for i in items]
     cfg = EvalConfig(eval_file=None, max_new_tokens=40)
+    _skip_unless_invariant(model, tokenizer, prompts, cfg, tmp_path)
     free = generate_batch(model, tokenizer, prompts, cfg, [])
     assert free == [generate_batch(model, tokenizer, [p], cfg, [])[0] for p in prompts]
     # Rows leaving the batch at different steps (the last one running beside a finished row).
@@ -89,10 +110,34 @@ def test_bf16_greedy_answers_do_not_depend_on_the_batch():
     assert model.config._attn_implementation == "sdpa"  # generation's attention is put back
 
 
+def test_the_probe_sees_a_row_that_depends_on_its_batch(tmp_path):
+    """A model whose logits move with the number of rows: the probe says so and scores.json records it."""
+    tokenizer, model = _bf16_model_with_gemma3_270m_shapes()
+    model.lm_head.register_forward_hook(lambda module, args, out: out + 0.01 * out.shape[0])
+    prompts = [render_prompt(tokenizer, i.prompt, "Think.") for i in load_eval_items("data/eval.jsonl").records[:6]]
+    cfg = EvalConfig(eval_file=None, max_new_tokens=4)
+    probe = invariance.probe_generation(model, tokenizer, prompts, cfg)
+    assert probe["batch_invariant"] is False and probe["num_prompts"] == invariance.PROBE_PROMPTS
+    items = [EvalItem(str(k), p, "1") for k, p in enumerate(prompts)]
+    generate_predictions(model, tokenizer, items, cfg, "", tmp_path, seed=0)
+    assert write_scores(tmp_path, items, "m")["batch_invariance"]["batch_invariant"] is False
+    sampled = EvalConfig(eval_file=None, max_new_tokens=4, do_sample=True)
+    assert invariance.probe_generation(model, tokenizer, prompts, sampled)["batch_invariant"] is None
+
+
+def test_kernel_probe_reports_each_check():
+    probe = invariance.probe_kernels()
+    assert set(probe["checks"]) == {"matmul_rows", "attention_padding", "packed_linear"}
+    assert probe["batch_invariant"] == (probe["checks"]["matmul_rows"] and probe["checks"]["attention_padding"])
+    assert isinstance(probe["amx"], bool) and probe["num_threads"] == torch.get_num_threads()
+
+
 @pytest.mark.skipif(not generate.can_pack(), reason="this torch build or CPU has no oneDNN bf16 kernels to pack for")
 def test_packed_linears_give_f_linear_bitwise_and_are_put_back():
     tokenizer, model = _bf16_model_with_gemma3_270m_shapes()
     with_bias = torch.nn.Linear(640, 300).bfloat16()
+    if not generate.packs_exactly([*generate._packable(model), with_bias]):
+        pytest.skip(f"packed products differ from F.linear here ({invariance.describe_cpu()}): packing is off")
     ids = torch.randint(0, model.config.vocab_size, (5, 37))
     with torch.inference_mode():
         plain = [model(input_ids=ids[:rows]).logits for rows in (1, 2, 5)]
@@ -118,6 +163,10 @@ def test_packed_linears_leave_other_dtypes_and_wrapped_forwards_alone():
 @pytest.mark.skipif(not generate.can_pack(), reason="this torch build or CPU has no oneDNN bf16 kernels to pack for")
 def test_greedy_answers_are_the_same_with_and_without_packed_linears(monkeypatch):
     tokenizer, model = _bf16_model_with_gemma3_270m_shapes()
+    if not generate.packs_exactly(generate._packable(model)):
+        with generate.packed_linears(model):  # packing stays off where it would change a bit
+            assert not any("forward" in vars(m) for m in model.modules())
+        pytest.skip(f"packed products differ from F.linear here ({invariance.describe_cpu()}): packing is off")
     items = load_eval_items("data/eval.jsonl").records[:6]
     prompts = [render_prompt(tokenizer, i.prompt, "Think step by step.") for i in items]
     cfg = EvalConfig(eval_file=None, max_new_tokens=30)
@@ -143,7 +192,10 @@ def _attend(query, key, value, pad: int, queries: int, rows: int) -> torch.Tenso
 
 @pytest.mark.parametrize("group", [1, 4])
 def test_attention_of_a_row_does_not_depend_on_its_padding(group):
-    """Leading masked positions (in multiples of PAD_MULTIPLE), other rows, and keys past one value chunk."""
+    """Leading masked positions (in multiples of PAD_MULTIPLE), other rows, and keys past one value chunk, on every
+    machine whose kernel probe (env.json's cpu_kernels) says so: the sweep checks that the probe does not overclaim."""
+    if not invariance.probe_kernels()["checks"]["attention_padding"]:
+        pytest.skip(f"bf16 attention rounds by padding on this machine ({invariance.describe_cpu()}); env.json says so")
     torch.manual_seed(0)
     for length in (*range(1, 200, 7), 255, 256, 257, 300):
         key, value = (torch.randn(1, 1, length, 256).bfloat16() for _ in range(2))

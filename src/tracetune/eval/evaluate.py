@@ -1,7 +1,8 @@
 """Evaluate a model on eval items: predictions.jsonl written as batches finish, then scores.json.
 
 A rerun into the same directory skips ids already in predictions.jsonl (a torn last line is dropped), so
-a crash loses at most the batch in flight. Scores are computed from predictions.jsonl alone.
+a crash loses at most the batch in flight. Scores are computed from predictions.jsonl alone, beside
+batch_invariance.json: whether this machine's batched greedy answers are one-at-a-time ones (eval/invariance.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tracetune.config import EvalConfig
 from tracetune.data.render import end_of_turn_ids, parse_completion, render_prompt
 from tracetune.data.traces import EvalItem
 from tracetune.eval.generate import generate_batch, timed
+from tracetune.eval.invariance import probe_generation
 from tracetune.eval.score import answers_match, extract_answer
 from tracetune.eval.stats import mcnemar_exact, paired_bootstrap, wilson_interval
 from tracetune.faults import STOP, crash_point
@@ -76,6 +78,8 @@ def generate_predictions(
     todo = [item for item in items if item.id not in done]
     if done:
         log.info("%s: %d items already done, %d to go", path, len(done), len(todo))
+    if todo and d.is_main:
+        _probe(model, tokenizer, todo, cfg, instruction, out_dir)
     batches = _predict(model, tokenizer, todo[d.rank :: d.world_size], cfg, instruction, seed, out_dir.name)
     if not d.enabled:
         with open(path, "a", encoding="utf-8", newline="\n") as handle:
@@ -94,6 +98,22 @@ def generate_predictions(
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     distributed.barrier()
     return path
+
+
+def _probe(model, tokenizer, items: list[EvalItem], cfg: EvalConfig, instruction: str, out_dir: Path) -> None:
+    """Write batch_invariance.json: whether batched greedy answers are one-at-a-time ones on this machine."""
+    model.eval()
+    prompts = [render_prompt(tokenizer, item.prompt, instruction) for item in items]
+    probe = probe_generation(model, tokenizer, prompts, cfg)
+    (out_dir / "batch_invariance.json").write_text(json.dumps(probe, indent=2) + "\n", encoding="utf-8")
+    if probe["batch_invariant"] is False:
+        log.warning(
+            "%s: batched greedy logits differ from one-at-a-time ones on this machine (max %.3g): answers may "
+            "depend on eval.batch_size here. ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 keeps oneDNN off AMX, where "
+            "this comes from on Intel CPUs (README, 'How a trace is rendered').",
+            out_dir.name,
+            probe["max_abs_logit_difference"],
+        )
 
 
 def _predict(model, tokenizer, items: list[EvalItem], cfg: EvalConfig, instruction: str, seed: int, name: str):
@@ -185,6 +205,8 @@ def write_scores(out_dir: Path, items: list[EvalItem], model_name: str) -> dict:
     by_id = {row["id"]: row for row in read_predictions(out_dir / "predictions.jsonl")}
     rows = [by_id[item.id] for item in items if item.id in by_id]
     scores = {"model": model_name, **compute_scores(rows)}
+    probe = out_dir / "batch_invariance.json"
+    scores["batch_invariance"] = json.loads(probe.read_text(encoding="utf-8")) if probe.is_file() else None
     (out_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
     low, high = scores["ci95"]
     log.info(

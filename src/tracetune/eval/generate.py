@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
@@ -86,18 +87,37 @@ def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Te
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-@contextmanager
-def packed_linears(model):
-    """Run `model`'s bf16 CPU linear layers on weights packed once into oneDNN's layout, then restore them.
+_PACK_ROWS = (1, 2, 3, 17, 200, 1000)  # decode sizes, then prefill-sized ones
+_packs_exactly: dict[tuple, bool] = {}
 
-    `F.linear` on bf16 CPU tensors calls oneDNN, which first reorders the weight into its blocked layout, on
-    every call: at decode sizes that reorder costs about as much as the product (the 262K x 640 LM head at 2
-    rows: 24 versus 16 ms on this project's CPU, bench/packed_linears.py). The packed product is the same
-    kernel, so its output is bitwise `F.linear`'s (tested), and greedy answers do not change. The packed copies
-    take as much memory as the weights, for the duration only. Other dtypes and devices, and torch builds
-    without oneDNN, run unchanged.
+
+def packs_exactly(linears: list[torch.nn.Linear]) -> bool:
+    """Whether oneDNN's packed product equals `F.linear` bitwise for each of these layers' shapes on this machine.
+
+    They are two oneDNN primitives (inner product on the packed weight, matmul on the plain one). With AVX-512
+    BF16 and no AMX both run one brgemm kernel and agree (measured); with AMX each primitive picks its own
+    blocking, so equality is checked, once per shape and thread count, on random inputs at decode and prefill
+    row counts (about 0.5 s for Gemma 3 270M's shapes).
     """
-    linears = [
+    shapes = sorted({(m.out_features, m.in_features, m.bias is not None) for m in linears})
+    key = (tuple(shapes), torch.get_num_threads())
+    if key not in _packs_exactly:
+        generator = torch.Generator().manual_seed(0)
+        exact = True
+        for out_features, in_features, has_bias in shapes:
+            weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+            bias = torch.randn(out_features, generator=generator).bfloat16() if has_bias else None
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+            rows = _PACK_ROWS if out_features * in_features < 2**24 else _PACK_ROWS[:3]  # an LM head sees few rows
+            for n in rows:
+                x = torch.randn(n, in_features, generator=generator).bfloat16()
+                exact = exact and torch.equal(F.linear(x, weight, bias), _packed_forward(packed, bias, x))
+        _packs_exactly[key] = exact
+    return _packs_exactly[key]
+
+
+def _packable(model) -> list[torch.nn.Linear]:
+    return [
         m
         for m in model.modules()
         if isinstance(m, torch.nn.Linear)
@@ -105,9 +125,30 @@ def packed_linears(model):
         and m.weight.device.type == "cpu"
         and "forward" not in vars(m)  # a forward already wrapped (such as by accelerate's hooks) stays as it is
     ]
-    if not linears or not can_pack():
+
+
+def will_pack(model) -> bool:
+    """Whether `packed_linears(model)` packs: bf16 CPU linear layers, oneDNN bf16 kernels, and packed products
+    equal to `F.linear` bitwise on this machine."""
+    linears = _packable(model)
+    return bool(linears) and can_pack() and packs_exactly(linears)
+
+
+@contextmanager
+def packed_linears(model):
+    """Run `model`'s bf16 CPU linear layers on weights packed once into oneDNN's layout, then restore them.
+
+    `F.linear` on bf16 CPU tensors calls oneDNN, which first reorders the weight into its blocked layout, on
+    every call: at decode sizes that reorder costs about as much as the product (the 262K x 640 LM head at 2
+    rows: 24 versus 16 ms on this project's CPU, bench/packed_linears.py). Packing runs only where the packed
+    product is bitwise `F.linear`'s on this machine (`packs_exactly`), so greedy answers do not change. The
+    packed copies take as much memory as the weights, for the duration only. Other dtypes and devices, and
+    torch builds without oneDNN, run unchanged.
+    """
+    if not will_pack(model):
         yield
         return
+    linears = _packable(model)
     try:
         for m in linears:
             packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach())
@@ -214,13 +255,16 @@ def _attention(model, name: str):
         model.set_attn_implementation(own)
 
 
-def greedy_compacting(model, input_ids, attention_mask, max_new_tokens: int, stop_ids: list[int]) -> list[list[int]]:
+def greedy_compacting(
+    model, input_ids, attention_mask, max_new_tokens: int, stop_ids: list[int], step_logits: list | None = None
+) -> list[list[int]]:
     """Greedy decoding with a KV cache that drops each sequence from the batch once it emits a stop id.
 
     transformers' generate keeps finished rows in the batch until the longest one ends, so a batch costs its
     longest completion times its size; here a step costs only the rows still running (and one finished row
     beside the last one, see the module docstring). Positions follow the left-padded attention mask exactly as
-    generate computes them. Returns each row's new token ids, the stop id included.
+    generate computes them. Returns each row's new token ids, the stop id included. `step_logits`, when given,
+    receives each step's (original row or -1, last-position logits) pair, for `invariance.probe_generation`.
     """
     rows = input_ids.shape[0]
     if rows < MIN_ROWS:  # a lone prompt runs beside a copy of itself, whose tokens are dropped
@@ -240,6 +284,8 @@ def greedy_compacting(model, input_ids, attention_mask, max_new_tokens: int, sto
             # max's indices follow argmax's rule (the first maximum); on bf16 CPU logits it is 4x faster (23.8 versus
             # 5.9 ms at 50 x 262K), about 8% of a batch's generation time.
             tokens = logits[:, -1].max(-1).indices
+            if step_logits is not None:
+                step_logits.append((owner.clone(), logits[:, -1].float()))
             for row, token in zip(owner.tolist(), tokens.tolist(), strict=True):
                 if row >= 0:
                     new_ids[row].append(token)

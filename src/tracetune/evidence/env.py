@@ -15,6 +15,7 @@ import psutil
 import torch
 
 from tracetune import allocator
+from tracetune.eval.invariance import probe_kernels
 
 
 def _cpu_model() -> str:
@@ -50,6 +51,7 @@ def environment(device: str) -> dict:
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
         "device": device,
         "device_name": torch.cuda.get_device_name(0) if device == "cuda" else _cpu_model(),
+        "cpu_kernels": probe_kernels(),
         "packages": dict(packages),
     }
 
