@@ -32,8 +32,10 @@ EXPECTED_FILES = {
     "final_model/chat_template.jinja",
     "eval/base/predictions.jsonl",
     "eval/base/scores.json",
+    "eval/base/batch_invariance.json",
     "eval/final/predictions.jsonl",
     "eval/final/scores.json",
+    "eval/final/batch_invariance.json",
     "eval/comparison.json",
 } | {
     f"checkpoints/{step}/{name}"
@@ -81,6 +83,10 @@ def test_run_json_and_env_record_the_run(run_dir):
     assert set(run["git"]) == {"commit", "dirty"} and run["argv"]
     env = json.loads((run_dir / "env.json").read_text())
     assert env["device"] == "cpu" and "torch" in env["packages"] and env["ram_gb"] > 0
+    assert set(env["cpu_kernels"]["checks"]) == {"matmul_rows", "attention_padding", "packed_linear"}
+    for which in ("base", "final"):  # every evaluation records whether its batches were exact here
+        probe = json.loads((run_dir / "eval" / which / "scores.json").read_text())["batch_invariance"]
+        assert isinstance(probe["batch_invariant"], bool) and probe["num_steps"] == 4 and probe["dtype"] == "float32"
     assert "No GPU was used" in (run_dir / "gpu_snapshot.txt").read_text()
     for log in ("train.log", "eval.log"):
         data = (run_dir / "logs" / log).read_bytes()
