@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from tracetune.errors import TracetuneError
+from tracetune.errors import ConfigError, TracetuneError
 from tracetune.logs import setup_console
 
 
@@ -76,10 +76,16 @@ def cmd_eval(args) -> int:
     from tracetune.pipeline import eval_stage
 
     overrides = [f"model.source={args.model}", f"eval.eval_file={args.eval_set}", *args.overrides]
-    if args.config is None:  # evaluation needs no training data
+    if args.demos:
+        overrides.insert(0, f"data.train_file={args.demos}")
+    elif args.baseline == "few_shot" and args.config is None:
+        raise ConfigError(
+            "tracetune eval", ["--baseline few_shot: needs training traces; fix: add --demos TRAIN.jsonl"]
+        )
+    elif args.config is None:  # zero-shot evaluation needs no training data
         overrides.insert(0, "data.train_file=null")
     cfg = load_config(args.config, overrides)
-    print(eval_stage(cfg, args.model, Path(args.out) if args.out else None))
+    print(eval_stage(cfg, args.model, Path(args.out) if args.out else None, args.baseline))
     return 0
 
 
@@ -175,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-set", required=True, help="eval items JSONL")
     p.add_argument("--out", help="output directory (rerunning into it skips finished items)")
     p.add_argument("--config", help="YAML config for generation settings (default: built-in defaults)")
+    p.add_argument(
+        "--baseline",
+        choices=["zero_shot", "few_shot"],
+        default="zero_shot",
+        help="few_shot: each prompt follows eval.num_shots worked examples drawn from --demos",
+    )
+    p.add_argument("--demos", help="few_shot: training traces to draw demonstrations from (else data.train_file)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.max_new_tokens=128")
     p.set_defaults(func=cmd_eval)
 

@@ -145,7 +145,26 @@ class EvalConfig(Section):
         "fp32",
         description="Generation precision: bf16 casts the weights (about 2.5x faster on CPUs with bf16 instructions).",
     )
-    run_base: bool = Field(True, description="In `tracetune run`, also evaluate the base model for comparison.")
+    run_base: bool = Field(
+        True, description="In `tracetune run`, also evaluate the base model (eval.baselines) for comparison."
+    )
+    baselines: list[Literal["zero_shot", "few_shot"]] = Field(
+        ["zero_shot", "few_shot"],
+        min_length=1,
+        description=(
+            "How the base model is evaluated: zero_shot (the run's own chat format, eval/base/) and few_shot "
+            "(eval.num_shots training traces as demonstrations, eval/few_shot/); gates compare the fine-tuned "
+            "model with the strongest."
+        ),
+    )
+    num_shots: int = Field(5, ge=1, description="Demonstrations in the few-shot baseline (seeded, never eval items).")
+    few_shot_format: Literal["auto", "plain", "chat"] = Field(
+        "auto",
+        description=(
+            "plain: Question/Reasoning/Answer text blocks, for pretrained models; chat: earlier turns, for chat "
+            "models; auto: chat where the base model is chat-trained."
+        ),
+    )
 
 
 class GatesConfig(Section):

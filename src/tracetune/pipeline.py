@@ -234,12 +234,16 @@ def _main_lock(run_dir: Path):
     return run_lock(run_dir) if distributed.current().is_main else contextlib.nullcontext()
 
 
-def evaluate_model(cfg: Config, model_source: str, items: list[EvalItem], out_dir: Path) -> dict:
-    """Load a model (source string or directory), generate predictions for `items`, write scores.json."""
+def evaluate_model(
+    cfg: Config, model_source: str, items: list[EvalItem], out_dir: Path, demonstrations: list[Trace] | None = None
+) -> dict:
+    """Load a model (source string or directory), generate predictions for `items`, write scores.json. With
+    `demonstrations` (training traces), evaluate it few-shot (eval/baselines.py)."""
     import torch
 
+    from tracetune.eval.baselines import build_few_shot
     from tracetune.eval.evaluate import generate_predictions, write_scores
-    from tracetune.models.sources import load_model, load_tokenizer
+    from tracetune.models.sources import is_chat_model, load_model, load_tokenizer
     from tracetune.train import distributed
     from tracetune.train.loop import resolve_device
 
@@ -248,12 +252,31 @@ def evaluate_model(cfg: Config, model_source: str, items: list[EvalItem], out_di
     model.to(distributed.rank_device(resolve_device(cfg.train.device)))
     if cfg.eval.precision == "bf16":
         model.to(torch.bfloat16)
-    generate_predictions(model, tokenizer, items, cfg.eval, cfg.data.instruction, out_dir, cfg.seed)
+    few_shot = None
+    if demonstrations is not None:
+        fmt = cfg.eval.few_shot_format
+        if fmt == "auto":
+            fmt = "chat" if is_chat_model(model_source) else "plain"
+        few_shot = build_few_shot(
+            tokenizer, demonstrations, items, cfg.eval.num_shots, cfg.seed, cfg.data.instruction, fmt
+        )
+    generate_predictions(model, tokenizer, items, cfg.eval, cfg.data.instruction, out_dir, cfg.seed, few_shot)
     return distributed.on_main(lambda: write_scores(out_dir, items, model_source))
 
 
-def eval_stage(cfg: Config, model_source: str, out_dir: Path | None) -> Path:
-    """`tracetune eval`: score one model on the eval set into out_dir (resumable: done ids are skipped)."""
+def evaluate_baselines(cfg: Config, inputs: Inputs, eval_dir: Path) -> None:
+    """The base model under every configured baseline: zero-shot into eval/base, few-shot into eval/few_shot."""
+    from tracetune.eval.evaluate import BASELINE_DIRS
+
+    for name in cfg.eval.baselines:
+        log.info("evaluating the base model %s (%s)", cfg.model.source, name.replace("_", "-"))
+        demonstrations = inputs.train if name == "few_shot" else None
+        evaluate_model(cfg, cfg.model.source, inputs.eval_items, eval_dir / BASELINE_DIRS[name], demonstrations)
+
+
+def eval_stage(cfg: Config, model_source: str, out_dir: Path | None, baseline: str = "zero_shot") -> Path:
+    """`tracetune eval`: score one model on the eval set into out_dir (resumable: done ids are skipped); few-shot
+    draws its demonstrations from data.train_file."""
     from tracetune.config import dump_config
     from tracetune.data.traces import load_eval_items
     from tracetune.logs import log_to_file
@@ -269,8 +292,13 @@ def eval_stage(cfg: Config, model_source: str, out_dir: Path | None) -> Path:
     if distributed.current().is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "eval_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    demonstrations = None
+    if baseline == "few_shot":
+        train = load_traces(cfg.data.train_file, cfg.data.format)
+        train.raise_on_errors()
+        demonstrations = train.records
     with log_to_file(out_dir / "logs" / "eval.log"):
-        evaluate_model(cfg, model_source, items, out_dir)
+        evaluate_model(cfg, model_source, items, out_dir, demonstrations)
     return out_dir
 
 
@@ -333,7 +361,7 @@ def run_stage(cfg: Config, argv: list[str], resume: bool = False) -> tuple[Path,
     import json
 
     import tracetune
-    from tracetune.eval.evaluate import compare_predictions
+    from tracetune.eval.evaluate import compare_with_baselines
     from tracetune.evidence.env import write_env, write_gpu_snapshot
     from tracetune.evidence.gates import compute_gates, write_gates
     from tracetune.evidence.manifest import write_manifest
@@ -341,6 +369,7 @@ def run_stage(cfg: Config, argv: list[str], resume: bool = False) -> tuple[Path,
     from tracetune.faults import STOP, Interrupted
     from tracetune.hashing import sha256_file
     from tracetune.logs import log_to_file
+    from tracetune.runfiles import write_json
     from tracetune.train import distributed
 
     inputs, device = prepare(cfg)
@@ -382,8 +411,7 @@ def run_stage(cfg: Config, argv: list[str], resume: bool = False) -> tuple[Path,
         try:
             if inputs.eval_items is not None and cfg.eval.run_base:
                 with log_to_file(run_dir / "logs" / "eval.log"):
-                    log.info("evaluating the base model %s", cfg.model.source)
-                    evaluate_model(cfg, cfg.model.source, inputs.eval_items, run_dir / "eval" / "base")
+                    evaluate_baselines(cfg, inputs, run_dir / "eval")
             final_model = _train_or_resume(cfg, inputs, run_dir, resume)
             if inputs.eval_items is not None:
                 with log_to_file(run_dir / "logs" / "eval.log"):
@@ -391,9 +419,8 @@ def run_stage(cfg: Config, argv: list[str], resume: bool = False) -> tuple[Path,
                     evaluate_model(cfg, str(final_model), inputs.eval_items, run_dir / "eval" / "final")
             if d.is_main:
                 if inputs.eval_items is not None and cfg.eval.run_base:
-                    comparison = compare_predictions(run_dir / "eval" / "base", run_dir / "eval" / "final", cfg.seed)
-                    text = json.dumps(comparison, indent=2) + "\n"
-                    (run_dir / "eval" / "comparison.json").write_text(text, encoding="utf-8")
+                    comparison = compare_with_baselines(run_dir / "eval", cfg.seed)
+                    write_json(run_dir / "eval" / "comparison.json", comparison)
                 write_gpu_snapshot(run_dir, device.type, "end")
         except BaseException as exc:
             if d.is_main:

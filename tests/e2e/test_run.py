@@ -36,6 +36,10 @@ EXPECTED_FILES = {
     "eval/final/predictions.jsonl",
     "eval/final/scores.json",
     "eval/final/batch_invariance.json",
+    "eval/few_shot/predictions.jsonl",
+    "eval/few_shot/scores.json",
+    "eval/few_shot/batch_invariance.json",
+    "eval/few_shot/baseline.json",
     "eval/comparison.json",
 } | {
     f"checkpoints/{step}/{name}"
@@ -106,7 +110,9 @@ def test_gates_are_computed_and_pass(run_dir):
         "gpu_used",
         "eval_final_complete",
         "eval_base_complete",
-        "finetuned_at_least_base",
+        "eval_few_shot_complete",
+        "finetuned_beats_baseline",
+        "finetuned_verified_beats_baseline",
         "evidence_complete",
     }
     assert by_name["gpu_used"]["status"] == "skip"
@@ -141,7 +147,7 @@ def test_verify_passes_then_catches_tampering(run_dir, tmp_path, capsys):
     assert main(["verify", str(copy)]) == 1
     out = capsys.readouterr().out
     assert "altered: metrics.jsonl" in out and "missing: eval/final/scores.json" in out
-    assert "gate finetuned_at_least_base fails" in out
+    assert "gate evidence_complete fails" in out
 
 
 def test_report_regenerates_from_files(run_dir, tmp_path):
@@ -182,10 +188,11 @@ def test_failing_gate_exits_3_after_writing_everything(tmp_path, capsys):
     )
     run_dir = tmp_path / "g"
     gates = json.loads((run_dir / "gates.json").read_text())
-    assert not gates["passed"] and [g["name"] for g in gates["gates"] if not g["passed"]] == ["finetuned_at_least_base"]
+    failed = [g["name"] for g in gates["gates"] if not g["passed"]]
+    assert not gates["passed"] and failed == ["finetuned_beats_baseline", "finetuned_verified_beats_baseline"]
     assert (run_dir / "MANIFEST.sha256").is_file() and (run_dir / "report.html").is_file()
     assert json.loads((run_dir / "run.json").read_text())["status"] == "gates_failed"
-    assert "quality gates failed: finetuned_at_least_base" in capsys.readouterr().err
+    assert "quality gates failed: finetuned_beats_baseline" in capsys.readouterr().err
 
 
 def test_bad_config_fails_before_anything_is_created(tmp_path, capsys):

@@ -18,27 +18,17 @@ from tqdm import tqdm
 from tracetune.config import EvalConfig
 from tracetune.data.render import end_of_turn_ids, parse_completion, render_prompt
 from tracetune.data.traces import EvalItem
-from tracetune.eval.generate import generate_batch, timed
+from tracetune.eval.baselines import FewShot
+from tracetune.eval.generate import generate_batch, prefill_prefix, timed
 from tracetune.eval.invariance import probe_generation
 from tracetune.eval.score import answers_match, extract_answer
 from tracetune.eval.stats import mcnemar_exact, paired_bootstrap, wilson_interval
+from tracetune.eval.steps import check_steps
 from tracetune.faults import STOP, crash_point
+from tracetune.runfiles import read_json, read_predictions, write_json
 from tracetune.train import distributed
 
 log = logging.getLogger("tracetune")
-
-
-def read_predictions(path: Path) -> list[dict]:
-    """Every complete line of a predictions file; a torn last line (a crash mid-write) is ignored."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
 
 
 def _trim_torn_line(path: Path) -> None:
@@ -49,22 +39,35 @@ def _trim_torn_line(path: Path) -> None:
 
 
 def score_item(item: EvalItem, completion: str) -> dict:
+    """The answer's correctness and the work's validity: `verified` is a right answer with no failed checked
+    step (eval/steps.py); a right answer after invalid work is counted as lucky in scores.json."""
     answer, rule = extract_answer(completion)
     correct, match_rule = answers_match(answer, item.expected_answer)
     steps, _ = parse_completion(completion)
+    work = check_steps(steps, answer).as_row()
     return {
         "extracted_answer": answer,
         "extraction_rule": rule,
         "correct": correct,
         "match_rule": match_rule,
         "num_steps": len(steps),
+        **work,
+        "verified": bool(correct) and work["work_valid"],
     }
 
 
 def generate_predictions(
-    model, tokenizer, items: list[EvalItem], cfg: EvalConfig, instruction: str, out_dir: Path, seed: int
+    model,
+    tokenizer,
+    items: list[EvalItem],
+    cfg: EvalConfig,
+    instruction: str,
+    out_dir: Path,
+    seed: int,
+    few_shot: FewShot | None = None,
 ) -> Path:
-    """Append one predictions.jsonl line per item not yet done, batch by batch.
+    """Append one predictions.jsonl line per item not yet done, batch by batch; with `few_shot`, each prompt
+    follows its demonstrations (baseline.json records which).
 
     Under torchrun each rank generates every world_size-th remaining item; rank 0 gathers the rows and
     appends them in eval-set order once all are done (so a distributed evaluation resumes per run, not per batch).
@@ -79,8 +82,8 @@ def generate_predictions(
     if done:
         log.info("%s: %d items already done, %d to go", path, len(done), len(todo))
     if todo and d.is_main:
-        _probe(model, tokenizer, todo, cfg, instruction, out_dir)
-    batches = _predict(model, tokenizer, todo[d.rank :: d.world_size], cfg, instruction, seed, out_dir.name)
+        _probe(model, tokenizer, todo, cfg, instruction, out_dir, few_shot)
+    batches = _predict(model, tokenizer, todo[d.rank :: d.world_size], cfg, instruction, seed, out_dir.name, few_shot)
     if not d.enabled:
         with open(path, "a", encoding="utf-8", newline="\n") as handle:
             for k, rows in enumerate(batches):
@@ -100,12 +103,17 @@ def generate_predictions(
     return path
 
 
-def _probe(model, tokenizer, items: list[EvalItem], cfg: EvalConfig, instruction: str, out_dir: Path) -> None:
-    """Write batch_invariance.json: whether batched greedy answers are one-at-a-time ones on this machine."""
+def _probe(model, tokenizer, items, cfg: EvalConfig, instruction: str, out_dir: Path, few_shot) -> None:
+    """Write batch_invariance.json: whether batched greedy answers are one-at-a-time ones on this machine (and
+    baseline.json for a few-shot evaluation)."""
     model.eval()
-    prompts = [render_prompt(tokenizer, item.prompt, instruction) for item in items]
-    probe = probe_generation(model, tokenizer, prompts, cfg)
-    (out_dir / "batch_invariance.json").write_text(json.dumps(probe, indent=2) + "\n", encoding="utf-8")
+    if few_shot is not None:
+        write_json(out_dir / "baseline.json", few_shot.evidence())
+        probe = {"batch_invariant": None, "reason": "few-shot prompts follow a shared cached prefix"}
+    else:
+        prompts = [render_prompt(tokenizer, item.prompt, instruction) for item in items]
+        probe = probe_generation(model, tokenizer, prompts, cfg)
+    write_json(out_dir / "batch_invariance.json", probe)
     if probe["batch_invariant"] is False:
         log.warning(
             "%s: batched greedy logits differ from one-at-a-time ones on this machine (max %.3g): answers may "
@@ -116,10 +124,18 @@ def _probe(model, tokenizer, items: list[EvalItem], cfg: EvalConfig, instruction
         )
 
 
-def _predict(model, tokenizer, items: list[EvalItem], cfg: EvalConfig, instruction: str, seed: int, name: str):
+def _predict(
+    model, tokenizer, items: list[EvalItem], cfg: EvalConfig, instruction: str, seed: int, name: str, few_shot
+):
     """Scored prediction rows for `items`, one list per generated batch (shortest prompts first)."""
     stop_ids = end_of_turn_ids(tokenizer)
-    rendered = {item.id: render_prompt(tokenizer, item.prompt, instruction) for item in items}
+    prefix, stop_strings = None, ()
+    if few_shot is None:
+        rendered = {item.id: render_prompt(tokenizer, item.prompt, instruction) for item in items}
+    else:
+        rendered = {item.id: few_shot.render(tokenizer, item.prompt) for item in items}
+        if items:
+            prefix, stop_strings = prefill_prefix(model, tokenizer, few_shot.prefix), few_shot.stop_strings
     # Similar lengths in one batch waste less on left padding.
     items = sorted(items, key=lambda item: len(rendered[item.id]))
     model.eval()
@@ -133,7 +149,8 @@ def _predict(model, tokenizer, items: list[EvalItem], cfg: EvalConfig, instructi
     for start in range(0, len(items), cfg.batch_size):
         batch = items[start : start + cfg.batch_size]
         torch.manual_seed(seed + start)
-        generations, seconds = timed(generate_batch, model, tokenizer, [rendered[i.id] for i in batch], cfg, stop_ids)
+        prompts = [rendered[i.id] for i in batch]
+        generations, seconds = timed(generate_batch, model, tokenizer, prompts, cfg, stop_ids, prefix, stop_strings)
         rows = []
         for item, gen in zip(batch, generations, strict=True):
             row = {
@@ -160,12 +177,19 @@ def _predict(model, tokenizer, items: list[EvalItem], cfg: EvalConfig, instructi
 
 def _accuracy(rows: list[dict]) -> dict:
     correct = sum(bool(r["correct"]) for r in rows)
+    verified = sum(bool(r.get("verified")) for r in rows)
     low, high = wilson_interval(correct, len(rows))
+    v_low, v_high = wilson_interval(verified, len(rows))
+    n = max(len(rows), 1)
     return {
         "num_items": len(rows),
         "num_correct": correct,
-        "accuracy": correct / len(rows) if rows else 0.0,
+        "accuracy": correct / n,
         "ci95": [low, high],
+        "num_verified": verified,
+        "verified_accuracy": verified / n,
+        "verified_ci95": [v_low, v_high],
+        "lucky_answer_rate": (correct - verified) / n,
     }
 
 
@@ -189,6 +213,13 @@ def compute_scores(rows: list[dict]) -> dict:
         "mean_steps": sum(r["num_steps"] for r in rows) / n,
         "finish_reasons": dict(reasons),
     }
+    checked = sum(r.get("steps_checked", 0) for r in rows)
+    scores["steps"] = {
+        "num_steps_checked": checked,
+        "step_validity": sum(r.get("steps_valid", 0) for r in rows) / checked if checked else None,
+        "items_with_checked_steps": sum(r.get("steps_checked", 0) > 0 for r in rows) / n,
+        "items_with_invalid_work": sum(r.get("work_valid") is False for r in rows) / n,
+    }
     seconds = sum(r["latency_ms"] for r in rows) / 1000
     tokens = sum(r["num_new_tokens"] for r in rows)
     scores["throughput"] = {
@@ -205,9 +236,9 @@ def write_scores(out_dir: Path, items: list[EvalItem], model_name: str) -> dict:
     by_id = {row["id"]: row for row in read_predictions(out_dir / "predictions.jsonl")}
     rows = [by_id[item.id] for item in items if item.id in by_id]
     scores = {"model": model_name, **compute_scores(rows)}
-    probe = out_dir / "batch_invariance.json"
-    scores["batch_invariance"] = json.loads(probe.read_text(encoding="utf-8")) if probe.is_file() else None
-    (out_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n", encoding="utf-8")
+    scores["baseline"] = read_json(out_dir / "baseline.json")
+    scores["batch_invariance"] = read_json(out_dir / "batch_invariance.json")
+    write_json(out_dir / "scores.json", scores)
     low, high = scores["ci95"]
     log.info(
         "%s: accuracy %.1f%% (95%% CI %.1f-%.1f) on %d items",
@@ -220,13 +251,13 @@ def write_scores(out_dir: Path, items: list[EvalItem], model_name: str) -> dict:
     return scores
 
 
-def compare_predictions(base_dir: Path, final_dir: Path, seed: int = 0) -> dict:
-    """Paired comparison of two prediction files on their shared ids."""
+def compare_predictions(base_dir: Path, final_dir: Path, seed: int = 0, key: str = "correct") -> dict:
+    """Paired comparison of two prediction files on their shared ids, by `key` (correct or verified)."""
     base = {r["id"]: r for r in read_predictions(base_dir / "predictions.jsonl")}
     final = {r["id"]: r for r in read_predictions(final_dir / "predictions.jsonl")}
     ids = [i for i in final if i in base]
-    a = [bool(base[i]["correct"]) for i in ids]
-    b = [bool(final[i]["correct"]) for i in ids]
+    a = [bool(base[i].get(key)) for i in ids]
+    b = [bool(final[i].get(key)) for i in ids]
     improved = [i for i, x, y in zip(ids, a, b, strict=True) if y and not x]
     regressed = [i for i, x, y in zip(ids, a, b, strict=True) if x and not y]
     diff, low, high = paired_bootstrap(a, b, seed=seed) if ids else (0.0, 0.0, 0.0)
@@ -240,4 +271,26 @@ def compare_predictions(base_dir: Path, final_dir: Path, seed: int = 0) -> dict:
         "mcnemar_p": mcnemar_exact(len(improved), len(regressed)),
         "improved_ids": improved,
         "regressed_ids": regressed,
+    }
+
+
+BASELINE_DIRS = {"zero_shot": "base", "few_shot": "few_shot"}  # baseline name -> directory under eval/
+
+
+def compare_with_baselines(eval_dir: Path, seed: int = 0) -> dict:
+    """comparison.json: every baseline's accuracy, the strongest one (highest accuracy, then verified
+    accuracy), and the fine-tuned model paired against it on accuracy and on verified accuracy."""
+    found = {}
+    for name, sub in BASELINE_DIRS.items():
+        rows = read_predictions(eval_dir / sub / "predictions.jsonl")
+        if rows:
+            found[name] = {"dir": f"eval/{sub}", **_accuracy(rows)}
+    strongest = max(found, key=lambda n: (found[n]["accuracy"], found[n]["verified_accuracy"]))
+    against = eval_dir / BASELINE_DIRS[strongest]
+    final = eval_dir / "final"
+    return {
+        "strongest_baseline": strongest,
+        "baselines": found,
+        **compare_predictions(against, final, seed),
+        "verified": compare_predictions(against, final, seed, key="verified"),
     }

@@ -16,6 +16,7 @@ On CPU, bf16 linear layers run on weights packed once for oneDNN (`packed_linear
 
 from __future__ import annotations
 
+import copy
 import inspect
 import time
 from contextlib import contextmanager
@@ -52,30 +53,78 @@ def _cut(new_ids: list[int], stop_ids: set[int], pad_id: int) -> tuple[list[int]
     return new_ids, False
 
 
-def generate_batch(model, tokenizer, prompts: list[str], cfg: EvalConfig, stop_ids: list[int]) -> list[Generation]:
-    """Generate completions for already-rendered prompts (chat template applied) in one batch."""
+@dataclass
+class Prefix:
+    """Text every prompt of an evaluation starts with (few-shot demonstrations), prefilled once: its KV cache
+    is copied into each batch, so the prompts' forward pass covers only what follows it."""
+
+    text: str
+    num_tokens: int
+    cache: DynamicCache
+
+
+def prefill_prefix(model, tokenizer, text: str) -> Prefix:
+    """Run `text` through the model once and keep its KV cache."""
     device = next(model.parameters()).device
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids], device=device)
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode(), packed_linears(model), _attention(model, ATTENTION):
+        model(input_ids=ids, use_cache=True, logits_to_keep=1, **{_cache_name(model): cache})
+    return Prefix(text, ids.shape[1], cache)
+
+
+def generate_batch(
+    model,
+    tokenizer,
+    prompts: list[str],
+    cfg: EvalConfig,
+    stop_ids: list[int],
+    prefix: Prefix | None = None,
+    stop_strings: list[str] | tuple[str, ...] = (),
+) -> list[Generation]:
+    """Generate completions for already-rendered prompts (chat template applied) in one batch; with `prefix`,
+    each prompt follows its text. A completion ends at a stop id, at any of `cfg.stop_strings` and
+    `stop_strings` (cut off, finish_reason 'stop'), or after `cfg.max_new_tokens`."""
+    device = next(model.parameters()).device
+    stop_strings = [*cfg.stop_strings, *stop_strings]
     tokenizer.padding_side = "left"
+    if cfg.do_sample and prefix is not None:
+        prompts = [prefix.text + p for p in prompts]
     encoded = tokenizer(
         prompts, return_tensors="pt", padding=True, pad_to_multiple_of=PAD_MULTIPLE, add_special_tokens=False
     ).to(device)
     with torch.inference_mode(), packed_linears(model):
-        if cfg.do_sample or cfg.stop_strings:
-            rows = _generate_hf(model, tokenizer, encoded, cfg, stop_ids)
+        if cfg.do_sample:
+            rows = _generate_hf(model, tokenizer, encoded, cfg, stop_ids, stop_strings)
         else:
+            stop_check = partial(_has_stop_string, tokenizer, stop_strings) if stop_strings else None
             rows = greedy_compacting(
-                model, encoded["input_ids"], encoded["attention_mask"], cfg.max_new_tokens, stop_ids
+                model,
+                encoded["input_ids"],
+                encoded["attention_mask"],
+                cfg.max_new_tokens,
+                stop_ids,
+                prefix=prefix,
+                stop_check=stop_check,
             )
     results = []
     for row in rows:
         ids, stopped = _cut(row, set(stop_ids), tokenizer.pad_token_id)
         text = tokenizer.decode(ids, skip_special_tokens=True)
         reason = "eos" if stopped else "length"
-        for stop in cfg.stop_strings:
+        for stop in stop_strings:
             if stop in text:
                 text, reason = text[: text.index(stop)], "stop"
         results.append(Generation(text.strip(), len(ids), reason))
     return results
+
+
+STOP_WINDOW = 12  # newest tokens decoded to look for a stop string; longer stop strings are found at the end
+
+
+def _has_stop_string(tokenizer, stop_strings: list[str], ids: list[int]) -> bool:
+    text = tokenizer.decode(ids[-STOP_WINDOW:], skip_special_tokens=True)
+    return any(stop in text for stop in stop_strings)
 
 
 def can_pack() -> bool:
@@ -159,16 +208,16 @@ def packed_linears(model):
             vars(m).pop("forward", None)  # back to nn.Linear.forward
 
 
-def _generate_hf(model, tokenizer, encoded, cfg: EvalConfig, stop_ids: list[int]) -> list[list[int]]:
-    """transformers' generate: sampling and stop strings."""
+def _generate_hf(model, tokenizer, encoded, cfg: EvalConfig, stop_ids: list[int], stop_strings) -> list[list[int]]:
+    """transformers' generate, for sampling."""
     options = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, eos_token_id=stop_ids)
     options["pad_token_id"] = tokenizer.pad_token_id
     if cfg.do_sample:
         options.update(temperature=cfg.temperature, top_p=cfg.top_p)
     else:
         options.update(temperature=None, top_p=None, top_k=None)
-    if cfg.stop_strings:
-        options.update(stop_strings=cfg.stop_strings, tokenizer=tokenizer)
+    if stop_strings:
+        options.update(stop_strings=stop_strings, tokenizer=tokenizer)
     output = model.generate(**encoded, **options)
     return output[:, encoded["input_ids"].shape[1] :].tolist()
 
@@ -255,8 +304,40 @@ def _attention(model, name: str):
         model.set_attn_implementation(own)
 
 
+def _cache_name(model) -> str:
+    # transformers renamed past_key_values to cache (the old name warns, then goes in 5.40).
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _prefill_after(prefix: Prefix, model, input_ids, attention_mask, cache_name: str):
+    """The prompts' forward pass after a prefilled prefix: its cache copied into every row, the prompts'
+    positions counting on from it. Returns what `_prefill` does, plus the mask and positions over both."""
+    rows = input_ids.shape[0]
+    cache = copy.deepcopy(prefix.cache)
+    cache.batch_repeat_interleave(rows)
+    positions = prefix.num_tokens + (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    attention_mask = torch.cat([attention_mask.new_ones(rows, prefix.num_tokens), attention_mask], dim=1)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+        **{cache_name: cache},
+    )
+    order = torch.arange(rows, device=input_ids.device)
+    return out.logits, {cache_name: cache}, order, attention_mask, positions
+
+
 def greedy_compacting(
-    model, input_ids, attention_mask, max_new_tokens: int, stop_ids: list[int], step_logits: list | None = None
+    model,
+    input_ids,
+    attention_mask,
+    max_new_tokens: int,
+    stop_ids: list[int],
+    step_logits: list | None = None,
+    prefix: Prefix | None = None,
+    stop_check=None,
 ) -> list[list[int]]:
     """Greedy decoding with a KV cache that drops each sequence from the batch once it emits a stop id.
 
@@ -265,17 +346,23 @@ def greedy_compacting(
     beside the last one, see the module docstring). Positions follow the left-padded attention mask exactly as
     generate computes them. Returns each row's new token ids, the stop id included. `step_logits`, when given,
     receives each step's (original row or -1, last-position logits) pair, for `invariance.probe_generation`.
+    With `prefix`, the prompts follow its cached tokens (the padding then sits between the two, so such batches
+    are not claimed batch-invariant). `stop_check(ids)`, when given, also ends a row whose new ids it accepts.
     """
     rows = input_ids.shape[0]
     if rows < MIN_ROWS:  # a lone prompt runs beside a copy of itself, whose tokens are dropped
         input_ids, attention_mask = input_ids.repeat(MIN_ROWS, 1), attention_mask.repeat(MIN_ROWS, 1)
-    # transformers renamed past_key_values to cache (the old name warns, then goes in 5.40).
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    name = _cache_name(model)
     stops = torch.tensor(stop_ids, device=input_ids.device)
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     new_ids: list[list[int]] = [[] for _ in range(rows)]
     with _attention(model, ATTENTION):
-        logits, cache, order = _prefill(model, input_ids, attention_mask, positions, name)
+        if prefix is None:
+            logits, cache, order = _prefill(model, input_ids, attention_mask, positions, name)
+        else:
+            logits, cache, order, attention_mask, positions = _prefill_after(
+                prefix, model, input_ids, attention_mask, name
+            )
         # The original row of each batch row while it runs; -1 once it has finished (or for a copy).
         owner = order.masked_fill(order >= rows, -1)
         attention_mask, positions = attention_mask[order], positions[order]
@@ -289,7 +376,11 @@ def greedy_compacting(
             for row, token in zip(owner.tolist(), tokens.tolist(), strict=True):
                 if row >= 0:
                     new_ids[row].append(token)
-            owner = owner.masked_fill(torch.isin(tokens, stops), -1)
+            finished = torch.isin(tokens, stops)
+            if stop_check is not None:
+                texts = [row >= 0 and stop_check(new_ids[row]) for row in owner.tolist()]
+                finished |= torch.tensor(texts, device=finished.device)
+            owner = owner.masked_fill(finished, -1)
             running = owner >= 0
             if step == max_new_tokens - 1 or not running.any():
                 break

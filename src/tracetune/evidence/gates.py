@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from tracetune.config import Config, load_config
 from tracetune.data.traces import load_eval_items
-from tracetune.eval.evaluate import read_predictions
+from tracetune.eval.evaluate import BASELINE_DIRS, read_predictions
 from tracetune.train.checkpoint import latest_good_checkpoint, load_sharded_model
 
 
@@ -170,18 +171,28 @@ def gate_eval_complete(run_dir: Path, cfg: Config, which: str) -> Gate:
     )
 
 
-def gate_finetuned_beats_base(run_dir: Path, cfg: Config) -> Gate:
-    base = json.loads((run_dir / "eval" / "base" / "scores.json").read_text(encoding="utf-8"))
-    final = json.loads((run_dir / "eval" / "final" / "scores.json").read_text(encoding="utf-8"))
-    gain = final["accuracy"] - base["accuracy"]
-    value = {"base": base["accuracy"], "final": final["accuracy"], "gain": gain}
-    return Gate(
-        "finetuned_at_least_base",
-        gain >= cfg.gates.min_accuracy_gain,
-        value,
-        f"gain >= {cfg.gates.min_accuracy_gain}",
-        "eval/*/scores.json",
-    )
+COMPARISON_GATES = {"finetuned_beats_baseline": "accuracy", "finetuned_verified_beats_baseline": "verified accuracy"}
+
+
+def gate_beats_baseline(run_dir: Path, cfg: Config, name: str) -> Gate:
+    """The fine-tuned model against the strongest baseline (eval/comparison.json), on accuracy or on verified
+    accuracy: the paired difference must be at least gates.min_accuracy_gain."""
+    threshold = f"difference >= {cfg.gates.min_accuracy_gain}"
+    if not cfg.eval.run_base:
+        reason = "eval.run_base is false: no baseline was evaluated to compare with"
+        return Gate(name, True, None, threshold, "config.yaml", status="skip", detail=reason)
+    comparison = json.loads((run_dir / "eval" / "comparison.json").read_text(encoding="utf-8"))
+    paired = comparison if COMPARISON_GATES[name] == "accuracy" else comparison["verified"]
+    value = {
+        "baseline": comparison["strongest_baseline"],
+        "baseline_value": paired["base_accuracy"],
+        "finetuned_value": paired["final_accuracy"],
+        "difference": paired["difference"],
+        "difference_ci95": paired["difference_ci95"],
+    }
+    detail = f"{COMPARISON_GATES[name]} against the {comparison['strongest_baseline'].replace('_', '-')} base model"
+    passed = paired["difference"] >= cfg.gates.min_accuracy_gain
+    return Gate(name, passed, value, threshold, "eval/comparison.json", detail=detail)
 
 
 def expected_files(cfg: Config) -> list[str]:
@@ -202,7 +213,10 @@ def expected_files(cfg: Config) -> list[str]:
     if cfg.eval.eval_file is not None:
         files += ["logs/eval.log", "eval/final/predictions.jsonl", "eval/final/scores.json"]
         if cfg.eval.run_base:
-            files += ["eval/base/predictions.jsonl", "eval/base/scores.json", "eval/comparison.json"]
+            files += [
+                f"eval/{BASELINE_DIRS[b]}/{f}" for b in cfg.eval.baselines for f in ("predictions.jsonl", "scores.json")
+            ]
+            files += ["eval/comparison.json"]
     return files
 
 
@@ -227,8 +241,11 @@ def compute_gates(run_dir: Path) -> list[Gate]:
     if cfg.eval.eval_file is not None:
         checks.append(("eval_final_complete", lambda: gate_eval_complete(run_dir, cfg, "final")))
         if cfg.eval.run_base:
-            checks.append(("eval_base_complete", lambda: gate_eval_complete(run_dir, cfg, "base")))
-            checks.append(("finetuned_at_least_base", lambda: gate_finetuned_beats_base(run_dir, cfg)))
+            for baseline in cfg.eval.baselines:
+                which = BASELINE_DIRS[baseline]
+                checks.append((f"eval_{which}_complete", partial(gate_eval_complete, run_dir, cfg, which)))
+        for name in COMPARISON_GATES:
+            checks.append((name, partial(gate_beats_baseline, run_dir, cfg, name)))
     checks.append(("evidence_complete", lambda: gate_evidence_complete(run_dir, cfg)))
     gates = []
     for name, check in checks:

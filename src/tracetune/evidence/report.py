@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from tracetune.evidence.gates import read_metrics  # noqa: E402
+from tracetune.runfiles import read_predictions  # noqa: E402
 
 
 def _json(path: Path) -> dict | None:
@@ -54,7 +55,12 @@ def load_run(run_dir: Path) -> dict:
         "train": train,
         "val": val,
         "base": _json(run_dir / "eval" / "base" / "scores.json"),
+        "few_shot": _json(run_dir / "eval" / "few_shot" / "scores.json"),
         "final": _json(run_dir / "eval" / "final" / "scores.json"),
+        "predictions": {
+            which: read_predictions(run_dir / "eval" / which / "predictions.jsonl")
+            for which in ("base", "few_shot", "final")
+        },
         "comparison": _json(run_dir / "eval" / "comparison.json"),
         "gates": _json(run_dir / "gates.json"),
     }
@@ -106,10 +112,51 @@ def _artifacts(run_dir: Path) -> list[list]:
     return rows
 
 
+BASELINE_NAMES = {"zero_shot": "zero-shot base", "few_shot": "few-shot base"}
+
+
+def _points(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def verdict(data: dict) -> str:
+    """One or two sentences, from the files, saying whether fine-tuning beat the strongest baseline and how
+    the gates came out."""
+    final, comp, gates = data["final"], data["comparison"], data["gates"]
+    if not final:
+        text = "No evaluation was run."
+    elif not comp:
+        text = f"The fine-tuned model scored {_pct(final['accuracy'])} accuracy; no baseline was evaluated."
+    else:
+        name = BASELINE_NAMES.get(comp.get("strongest_baseline"), "base")
+        low, high = comp["difference_ci95"]
+        verified = comp.get("verified")
+        change = (
+            f"from {_pct(comp['base_accuracy'])} ({name}) to {_pct(comp['final_accuracy'])} "
+            f"({_points(comp['difference'])} points, 95% CI {_points(low)} to {_points(high)})"
+        )
+        if comp["difference"] > 0:
+            text = f"Fine-tuning raised accuracy {change}"
+        else:
+            text = f"Fine-tuning did not beat prompting: accuracy went {change}"
+        if verified:
+            text += (
+                f"; verified accuracy (right answer, every checked step valid) went from "
+                f"{_pct(verified['base_accuracy'])} to {_pct(verified['final_accuracy'])}"
+            )
+        text += "."
+    if gates:
+        failed = [g["name"] for g in gates["gates"] if not g["passed"]]
+        counted = [g for g in gates["gates"] if g["status"] != "skip"]
+        text += f" {len(counted) - len(failed)} of {len(counted)} gates passed"
+        text += f"; failed: {', '.join(failed)}." if failed else "."
+    return text
+
+
 def write_summary(run_dir: Path, data: dict) -> str:
     cfg, run, totals = data["config"], data["run"], training_totals(data)
     t = cfg.get("train", {})
-    lines = [f"# tracetune run `{run.get('run_id', run_dir.name)}`", ""]
+    lines = [f"# tracetune run `{run.get('run_id', run_dir.name)}`", "", f"**{verdict(data)}**", ""]
     lines += [
         f"Status: **{run.get('status', 'unknown')}**; started {run.get('started_at')}, ended {run.get('ended_at')}.",
         "",
@@ -149,12 +196,16 @@ def write_summary(run_dir: Path, data: dict) -> str:
     lines += ["", "### Loss per epoch", ""]
     lines += _table(["epoch", "mean train loss", "first", "last", "val loss at epoch end"], loss_by_epoch(data))
     lines += ["", "## Evaluation", ""]
-    base, final, comp = data["base"], data["final"], data["comparison"]
+    final, comp = data["final"], data["comparison"]
     if final:
-        header = ["metric", *(["base"] if base else []), "fine-tuned"]
-        pick = [s for s in (base, final) if s]
+        columns = [(n, data[k]) for n, k in (("zero-shot base", "base"), ("few-shot base", "few_shot")) if data[k]]
+        columns.append(("fine-tuned", final))
+        pick = [scores for _, scores in columns]
         rows = [
             ["accuracy [95% CI]", *(_ci(s) for s in pick)],
+            ["verified accuracy [95% CI]", *(_verified_ci(s) for s in pick)],
+            ["lucky answers (right, invalid work)", *(_pct(s.get("lucky_answer_rate", 0.0)) for s in pick)],
+            ["step validity", *(_maybe_pct(s.get("steps", {}).get("step_validity")) for s in pick)],
             ["items", *(s["num_items"] for s in pick)],
             ["answer extraction rate", *(_pct(s["format"]["extraction_rate"]) for s in pick)],
             ["'Answer:' marker rate", *(_pct(s["format"]["answer_marker_rate"]) for s in pick)],
@@ -163,26 +214,30 @@ def write_summary(run_dir: Path, data: dict) -> str:
             ["new tokens/s", *(s["throughput"]["new_tokens_per_s"] for s in pick)],
             ["items/s", *(s["throughput"]["items_per_s"] for s in pick)],
         ]
-        lines += _table(header, rows)
+        lines += _table(["metric", *(n for n, _ in columns)], rows)
+        if data["few_shot"] and data["few_shot"].get("baseline"):
+            shot = data["few_shot"]["baseline"]
+            lines += [
+                "",
+                f"Few-shot prompt: {shot['num_shots']} training traces as demonstrations ({shot['format']} format; "
+                f"ids {', '.join(shot['demonstration_ids'])}; prompt sha256 {shot['prefix_sha256'][:12]}...).",
+            ]
         for key in ("by_category", "by_difficulty"):
             names = sorted(final[key])
             if names:
-                lines += ["", f"### Accuracy {key.replace('_', ' ')}", ""]
+                lines += ["", f"### Accuracy {key.replace('_', ' ')} (verified in brackets)", ""]
                 lines += _table(
-                    [key.removeprefix("by_"), *(["base"] if base else []), "fine-tuned", "items"],
+                    [key.removeprefix("by_"), *(n for n, _ in columns), "items"],
                     [
-                        [
-                            n,
-                            *([_pct(base[key][n]["accuracy"])] if base and n in base[key] else []),
-                            _pct(final[key][n]["accuracy"]),
-                            final[key][n]["num_items"],
-                        ]
+                        [n, *(_cell_accuracy(s[key].get(n)) for _, s in columns), final[key][n]["num_items"]]
                         for n in names
                     ],
                 )
+        lines += _failure_examples(data["predictions"]["final"])
     if comp:
         low, high = comp["difference_ci95"]
-        lines += ["", "### Fine-tuned versus base", ""]
+        name = BASELINE_NAMES.get(comp.get("strongest_baseline"), "base")
+        lines += ["", f"### Fine-tuned versus the strongest baseline ({name})", ""]
         lines += [
             f"Paired difference {100 * comp['difference']:+.1f} points (95% CI {100 * low:+.1f} to {100 * high:+.1f}, "
             f"{comp['ci_method']}); exact McNemar p = {comp['mcnemar_p']:.3g}; {len(comp['improved_ids'])} items improved, "
@@ -202,6 +257,46 @@ def write_summary(run_dir: Path, data: dict) -> str:
     text = "\n".join(lines) + "\n"
     (run_dir / "summary.md").write_text(text, encoding="utf-8")
     return text
+
+
+def _maybe_pct(x: float | None) -> str:
+    return "-" if x is None else _pct(x)
+
+
+def _verified_ci(scores: dict) -> str:
+    if "verified_accuracy" not in scores:
+        return "-"
+    low, high = scores["verified_ci95"]
+    return f"{_pct(scores['verified_accuracy'])} [{_pct(low)}, {_pct(high)}]"
+
+
+def _cell_accuracy(group: dict | None) -> str:
+    if group is None:
+        return "-"
+    low, high = group["ci95"]
+    return f"{_pct(group['accuracy'])} [{_pct(low)}, {_pct(high)}] ({_pct(group.get('verified_accuracy', 0.0))})"
+
+
+FAILURE_KINDS = {
+    "wrong answer": lambda r: not r["correct"] and r["finish_reason"] != "length",
+    "right answer, invalid step": lambda r: r["correct"] and r.get("work_valid") is False,
+    "truncated": lambda r: r["finish_reason"] == "length",
+}
+
+
+def _failure_examples(rows: list[dict], per_kind: int = 2) -> list[str]:
+    """A few of the fine-tuned model's completions for each kind of failure, the failing step named."""
+    lines = []
+    for kind, matches in FAILURE_KINDS.items():
+        chosen = [r for r in rows if matches(r)][:per_kind]
+        if not chosen:
+            continue
+        lines += ["", f"### Examples: {kind}", ""]
+        for r in chosen:
+            bad = f"; first invalid step: {r['first_bad_step']}" if r.get("first_bad_step") else ""
+            lines += [f"- `{r['id']}`: expected `{r['expected_answer']}`, got `{r['extracted_answer']}`{bad}", ""]
+            lines += ["  ```", *(f"  {line}" for line in r["completion"].splitlines()), "  ```"]
+    return lines
 
 
 def _short(value) -> str:
@@ -242,16 +337,24 @@ def plot_series(data: dict, key: str, title: str) -> bytes:
 
 
 def plot_accuracy(data: dict) -> bytes:
-    final, base = data["final"], data["base"]
+    """Accuracy per category for every evaluated model, with 95% intervals."""
+    final = data["final"]
+    columns = [(n, data[k]) for n, k in (("zero-shot base", "base"), ("few-shot base", "few_shot")) if data[k]]
+    columns.append(("fine-tuned", final))
     names = sorted(final["by_category"]) or ["all"]
-    get = lambda s, n: s["by_category"][n]["accuracy"] if n in s["by_category"] else s["accuracy"]  # noqa: E731
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    xs = range(len(names))
-    if base:
-        ax.bar([x - 0.2 for x in xs], [get(base, n) for n in names], width=0.4, label="base")
-    ax.bar([x + (0.2 if base else 0) for x in xs], [get(final, n) for n in names], width=0.4, label="fine-tuned")
-    ax.set_xticks(list(xs), names, rotation=20)
-    ax.set(ylabel="accuracy", ylim=(0, 1), title="Accuracy per category")
+    width = 0.8 / len(columns)
+    for k, (label, scores) in enumerate(columns):
+        groups = [scores["by_category"].get(n, scores) if n != "all" else scores for n in names]
+        values = [g["accuracy"] for g in groups]
+        errors = [
+            [v - g["ci95"][0] for v, g in zip(values, groups, strict=True)],
+            [g["ci95"][1] - v for v, g in zip(values, groups, strict=True)],
+        ]
+        xs = [x - 0.4 + width * (k + 0.5) for x in range(len(names))]
+        ax.bar(xs, values, width=width, yerr=errors, capsize=2, label=label)
+    ax.set_xticks(list(range(len(names))), names, rotation=20)
+    ax.set(ylabel="accuracy (95% CI)", ylim=(0, 1), title="Accuracy per category")
     ax.legend()
     return _png(fig)
 
@@ -277,7 +380,11 @@ def write_report(run_dir: Path) -> None:
         for t, p in plots
     )
     page = _HTML.format(
-        title=html.escape(run_dir.name), images=images, summary=html.escape(summary), num_plots=len(plots)
+        title=html.escape(run_dir.name),
+        verdict=html.escape(verdict(data)),
+        images=images,
+        summary=html.escape(summary),
+        num_plots=len(plots),
     )
     (run_dir / "report.html").write_text(page, encoding="utf-8")
 
@@ -290,6 +397,7 @@ _HTML = """<!doctype html>
 img.plot{{max-width:100%;border:1px solid #ddd}} pre{{white-space:pre-wrap;background:#f7f7f7;padding:1em}}</style>
 </head><body data-plots-expected="{num_plots}" data-plots-rendered="pending">
 <h1>tracetune run {title}</h1>
+<p class="verdict"><strong>{verdict}</strong></p>
 {images}
 <h2>Summary</h2>
 <pre>{summary}</pre>

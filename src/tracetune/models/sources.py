@@ -44,11 +44,14 @@ class Packaged:
     locate_gguf: object
     chat_template: str
     description: str
+    chat_trained: bool  # instruction-tuned: follows chat turns before any fine-tuning
 
 
 PACKAGED = {
-    "gemma3-270m": Packaged("gemma3-270m", _gemma_gguf, GEMMA_CHAT_TEMPLATE, "Gemma 3 270M (Q4_K_M GGUF, dequantized)"),
-    "smollm2-135m": Packaged("smollm2-135m", _smollm2_gguf, CHATML_TEMPLATE, "SmolLM2 135M Instruct (Q4_1 GGUF)"),
+    "gemma3-270m": Packaged(
+        "gemma3-270m", _gemma_gguf, GEMMA_CHAT_TEMPLATE, "Gemma 3 270M (Q4_K_M GGUF, dequantized)", False
+    ),
+    "smollm2-135m": Packaged("smollm2-135m", _smollm2_gguf, CHATML_TEMPLATE, "SmolLM2 135M Instruct (Q4_1 GGUF)", True),
 }
 TINY_ARCHS = ("gemma3", "llama")
 
@@ -192,6 +195,29 @@ def load_tokenizer(source: str, seed: int = 0):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def is_chat_model(source: str) -> bool:
+    """Whether a model source was chat-trained: a packaged model says so; a directory or hub model is taken
+    to be when its own tokenizer files carry a chat template (tracetune installs one only where none came);
+    tiny test models are not."""
+    kind, _, name = source.partition(":")
+    if kind == "tiny":
+        return False
+    if kind == "packaged":
+        return PACKAGED[name].chat_trained
+    config = Path(source) / "tokenizer_config.json"
+    if config.is_file():
+        return (
+            bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+            or (Path(source) / "chat_template.jinja").is_file()
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        return bool(AutoTokenizer.from_pretrained(source).chat_template)
+    except OSError as exc:
+        raise _hub_error(source, exc) from exc
 
 
 def load_model(source: str, tokenizer, seed: int = 0, attn_implementation: str = "sdpa"):
