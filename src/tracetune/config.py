@@ -137,7 +137,12 @@ class EvalConfig(Section):
     max_items: int | None = Field(None, ge=1, description="Evaluate only the first N items.")
     batch_size: int = Field(16, ge=1, description="Prompts generated together.")
     max_new_tokens: int = Field(256, ge=1, description="Longest completion before finish_reason is 'length'.")
-    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    do_sample: bool = Field(
+        False, description="Sample instead of greedy decoding (seeded per item and sample, not per batch)."
+    )
+    num_samples: int = Field(
+        1, ge=1, description="Completions per item when sampling: mean@k, pass@k and maj@k go into scores.json."
+    )
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (do_sample only).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (do_sample only).")
     stop_strings: list[str] = Field([], description="Extra strings that end a completion (finish_reason 'stop').")
@@ -166,13 +171,23 @@ class EvalConfig(Section):
         ),
     )
 
+    @model_validator(mode="after")
+    def _samples_need_sampling(self) -> EvalConfig:
+        if self.num_samples > 1 and not self.do_sample:
+            raise ValueError("eval.num_samples > 1 needs sampling; fix: set eval.do_sample=true")
+        return self
+
 
 class GatesConfig(Section):
     min_loss_drop: float = Field(
         0.0, ge=0, description="Mean loss of the last 10% of steps must be below the first 10% by more than this."
     )
     min_accuracy_gain: float = Field(
-        0.0, description="Fine-tuned accuracy minus base accuracy must be at least this (0 = no worse)."
+        0.0,
+        description=(
+            "Fine-tuned accuracy (and verified accuracy) minus the strongest baseline's must be at least this "
+            "(0 = no worse)."
+        ),
     )
     probe_atol: float = Field(
         0.0, ge=0, description="Max abs logit difference when a checkpoint is reloaded on the device it was saved on."

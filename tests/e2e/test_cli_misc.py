@@ -90,3 +90,17 @@ def test_a_torchrun_rank_exits_with_mains_code_and_its_output_flushed(tmp_path):
         [sys.executable, "-m", "tracetune", "data", "validate", str(bad)], capture_output=True, text=True, env=env
     )
     assert failed.returncode == 1 and f"{bad}:1: error:" in failed.stdout, failed.stderr
+
+
+def test_eval_with_samples_reports_pass_and_majority(tmp_path):
+    args = ["eval", "--model", "tiny:gemma3", "--eval-set", "data/eval.jsonl", "--out", str(tmp_path / "s")]
+    sampling = ["eval.do_sample=true", "eval.num_samples=3", "eval.temperature=2.0"]
+    assert main([*args, "eval.max_items=4", "eval.max_new_tokens=6", *sampling]) == 0
+    scores = json.loads((tmp_path / "s" / "scores.json").read_text())
+    sampled = scores["sampled"]
+    assert sampled["num_samples"] == 3 and set(sampled["pass_at"]) == {"1", "2"}
+    rows = [json.loads(line) for line in (tmp_path / "s" / "predictions.jsonl").read_text().splitlines()]
+    assert all(len(r["samples"]) == 3 and r["completion"] == r["samples"][0]["completion"] for r in rows)
+    samples = [s for r in rows for s in r["samples"]]
+    assert sampled["truncation_rate"] == sum(s["finish_reason"] == "length" for s in samples) / 12 > 0.5
+    assert scores["throughput"]["num_new_tokens"] == sum(s["num_new_tokens"] for s in samples)

@@ -8,6 +8,7 @@ import pytest
 from tests.conftest import REPO
 from tests.conftest import tiny_run_args as _args
 from tracetune.cli import main
+from tracetune.evidence.manifest import verify_run
 
 EXPECTED_FILES = {
     "config.yaml",
@@ -148,6 +149,19 @@ def test_verify_passes_then_catches_tampering(run_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "altered: metrics.jsonl" in out and "missing: eval/final/scores.json" in out
     assert "gate evidence_complete fails" in out
+
+
+def test_verify_rescores_every_prediction(run_dir, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    path = copy / "eval" / "final" / "predictions.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[0]["correct"] = not rows[0]["correct"]  # a hand-edited score, hashes left alone
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    problems = verify_run(copy)[0]
+    assert f"eval/final/predictions.jsonl: item {rows[0]['id']}: rescoring changes correct" in problems
+    assert any(p.startswith("eval/final/scores.json: accuracy is") for p in problems)
+    assert any(p.startswith("eval/comparison.json: final_accuracy is") for p in problems)
 
 
 def test_report_regenerates_from_files(run_dir, tmp_path):

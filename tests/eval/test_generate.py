@@ -7,7 +7,7 @@ import torch
 from tracetune.config import EvalConfig
 from tracetune.data.render import end_of_turn_ids, render_prompt
 from tracetune.data.traces import EvalItem, load_eval_items
-from tracetune.eval import generate, invariance
+from tracetune.eval import evaluate, generate, invariance
 from tracetune.eval.evaluate import (
     compare_predictions,
     compute_scores,
@@ -77,7 +77,7 @@ def _bf16_model_with_gemma3_270m_shapes():
 def _skip_unless_invariant(model, tokenizer, prompts, cfg, tmp_path):
     """Where this machine's kernels are not batch-invariant (the probe says so), the claim is not made: check that
     an evaluation records it, then skip with the reason. Elsewhere return, and the test checks the claim."""
-    probe = invariance.probe_generation(model, tokenizer, prompts, cfg)
+    probe = invariance.probe_generation(model, tokenizer, prompts)
     if probe["batch_invariant"]:
         return
     items = [EvalItem(str(k), p, "1") for k, p in enumerate(prompts)]
@@ -110,19 +110,64 @@ def test_bf16_greedy_answers_do_not_depend_on_the_batch(tmp_path):
     assert model.config._attn_implementation == "sdpa"  # generation's attention is put back
 
 
+def test_sampled_answers_do_not_depend_on_the_batch(tmp_path):
+    """Each (item, sample) row draws from its own seeded generator, so samples are the same at any batch size
+    wherever greedy logits are (the probe), and different seeds give different samples."""
+    tokenizer, model = _bf16_model_with_gemma3_270m_shapes()
+    items = load_eval_items("data/eval.jsonl").records[:6]
+    prompts = [render_prompt(tokenizer, i.prompt, "Think step by step.") for i in items]
+    cfg = EvalConfig(eval_file=None, max_new_tokens=16, do_sample=True, temperature=1.5, top_p=0.9, num_samples=3)
+    _skip_unless_invariant(model, tokenizer, prompts, cfg, tmp_path)
+    runs = {}
+    for batch_size in (18, 3):
+        out = tmp_path / f"b{batch_size}"
+        generate_predictions(
+            model,
+            tokenizer,
+            items,
+            cfg.model_copy(update={"batch_size": batch_size}),
+            "Think step by step.",
+            out,
+            seed=5,
+        )
+        runs[batch_size] = {
+            r["id"]: [s["completion"] for s in r["samples"]] for r in read_predictions(out / "predictions.jsonl")
+        }
+    assert runs[18] == runs[3]
+    assert all(len(set(samples)) > 1 for samples in runs[3].values())  # three seeds, three different samples
+    alone = generate_batch(model, tokenizer, [prompts[0]], cfg, [], seeds=[evaluate.sample_seed(5, items[0].id, 1)])
+    assert alone[0].completion == runs[3][items[0].id][1]
+
+
+def test_sampled_scores_count_truncations_as_wrong_and_vote_on_answers():
+    def sample(answer, correct, reason="eos"):
+        return {"extracted_answer": answer, "correct": correct, "verified": correct, "finish_reason": reason}
+
+    rows = [
+        {"expected_answer": "4", "samples": [sample("4", True), sample("4", True, "length"), sample("5", False)]},
+        {"expected_answer": "9", "samples": [sample("8", False), sample("8", False), sample("9", True)]},
+        {"expected_answer": "2", "samples": [sample("2", True), sample(" 2.", True), sample("3", False)]},
+    ]
+    scores = evaluate.sampled_scores(rows)
+    assert scores["num_samples"] == 3 and scores["truncation_rate"] == pytest.approx(1 / 9)
+    assert scores["mean_at_k"]["value"] == pytest.approx((1 / 3 + 1 / 3 + 2 / 3) / 3)
+    assert scores["pass_at"]["1"]["value"] == pytest.approx(scores["mean_at_k"]["value"])
+    assert scores["pass_at"]["2"]["value"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
+    # maj@k: item 1 ties 4 and 5 once the truncated 4 is dropped (first reached wins: 4), item 2 votes 8, item 3 votes 2.
+    assert scores["maj_at_k"]["value"] == pytest.approx(2 / 3)
+
+
 def test_the_probe_sees_a_row_that_depends_on_its_batch(tmp_path):
     """A model whose logits move with the number of rows: the probe says so and scores.json records it."""
     tokenizer, model = _bf16_model_with_gemma3_270m_shapes()
     model.lm_head.register_forward_hook(lambda module, args, out: out + 0.01 * out.shape[0])
     prompts = [render_prompt(tokenizer, i.prompt, "Think.") for i in load_eval_items("data/eval.jsonl").records[:6]]
     cfg = EvalConfig(eval_file=None, max_new_tokens=4)
-    probe = invariance.probe_generation(model, tokenizer, prompts, cfg)
+    probe = invariance.probe_generation(model, tokenizer, prompts)
     assert probe["batch_invariant"] is False and probe["num_prompts"] == invariance.PROBE_PROMPTS
     items = [EvalItem(str(k), p, "1") for k, p in enumerate(prompts)]
     generate_predictions(model, tokenizer, items, cfg, "", tmp_path, seed=0)
     assert write_scores(tmp_path, items, "m")["batch_invariance"]["batch_invariant"] is False
-    sampled = EvalConfig(eval_file=None, max_new_tokens=4, do_sample=True)
-    assert invariance.probe_generation(model, tokenizer, prompts, sampled)["batch_invariant"] is None
 
 
 def test_kernel_probe_reports_each_check():
@@ -249,6 +294,13 @@ def test_predictions_resume_skips_done_ids_and_drops_a_torn_line(tmp_path):
         "correct",
         "match_rule",
         "num_steps",
+        "steps_checked",
+        "steps_valid",
+        "first_bad_step",
+        "answer_follows",
+        "num_claims",
+        "work_valid",
+        "verified",
         "num_new_tokens",
         "finish_reason",
         "latency_ms",

@@ -1,6 +1,6 @@
 import pytest
 
-from tracetune.eval.stats import mcnemar_exact, paired_bootstrap, wilson_interval
+from tracetune.eval.stats import bootstrap_interval, mcnemar_exact, paired_bootstrap, pass_at_k, wilson_interval
 
 
 def test_wilson_known_values():
@@ -23,3 +23,18 @@ def test_mcnemar_exact():
     assert mcnemar_exact(5, 5) == 1.0
     assert mcnemar_exact(10, 0) == pytest.approx(2 / 2**10)
     assert mcnemar_exact(3, 12) == pytest.approx(mcnemar_exact(12, 3))
+
+
+@pytest.mark.parametrize(
+    "n,c,k,expected",
+    [(5, 0, 1, 0.0), (5, 5, 1, 1.0), (4, 1, 1, 0.25), (4, 1, 2, 0.5), (4, 2, 2, 1 - 1 / 6), (4, 3, 2, 1.0)],
+)
+def test_pass_at_k_is_the_unbiased_estimator(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected)
+
+
+def test_bootstrap_interval_brackets_the_mean():
+    values = [1.0] * 30 + [0.0] * 70
+    low, high = bootstrap_interval(values)
+    assert low < 0.3 < high and high - low < 0.25
+    assert bootstrap_interval([1.0] * 10) == (1.0, 1.0)

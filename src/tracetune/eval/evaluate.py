@@ -7,12 +7,12 @@ batch_invariance.json: whether this machine's batched greedy answers are one-at-
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from tracetune.config import EvalConfig
@@ -21,8 +21,8 @@ from tracetune.data.traces import EvalItem
 from tracetune.eval.baselines import FewShot
 from tracetune.eval.generate import generate_batch, prefill_prefix, timed
 from tracetune.eval.invariance import probe_generation
-from tracetune.eval.score import answers_match, extract_answer
-from tracetune.eval.stats import mcnemar_exact, paired_bootstrap, wilson_interval
+from tracetune.eval.score import answers_match, extract_answer, normalize_text
+from tracetune.eval.stats import bootstrap_interval, mcnemar_exact, paired_bootstrap, pass_at_k, wilson_interval
 from tracetune.eval.steps import check_steps
 from tracetune.faults import STOP, crash_point
 from tracetune.runfiles import read_json, read_predictions, write_json
@@ -82,7 +82,7 @@ def generate_predictions(
     if done:
         log.info("%s: %d items already done, %d to go", path, len(done), len(todo))
     if todo and d.is_main:
-        _probe(model, tokenizer, todo, cfg, instruction, out_dir, few_shot)
+        _probe(model, tokenizer, todo, instruction, out_dir, few_shot)
     batches = _predict(model, tokenizer, todo[d.rank :: d.world_size], cfg, instruction, seed, out_dir.name, few_shot)
     if not d.enabled:
         with open(path, "a", encoding="utf-8", newline="\n") as handle:
@@ -103,7 +103,7 @@ def generate_predictions(
     return path
 
 
-def _probe(model, tokenizer, items, cfg: EvalConfig, instruction: str, out_dir: Path, few_shot) -> None:
+def _probe(model, tokenizer, items, instruction: str, out_dir: Path, few_shot) -> None:
     """Write batch_invariance.json: whether batched greedy answers are one-at-a-time ones on this machine (and
     baseline.json for a few-shot evaluation)."""
     model.eval()
@@ -112,15 +112,18 @@ def _probe(model, tokenizer, items, cfg: EvalConfig, instruction: str, out_dir: 
         probe = {"batch_invariant": None, "reason": "few-shot prompts follow a shared cached prefix"}
     else:
         prompts = [render_prompt(tokenizer, item.prompt, instruction) for item in items]
-        probe = probe_generation(model, tokenizer, prompts, cfg)
+        probe = probe_generation(model, tokenizer, prompts)
     write_json(out_dir / "batch_invariance.json", probe)
     if probe["batch_invariant"] is False:
+        hint = (
+            " ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 keeps oneDNN off AMX, which rounds by batch." if probe["amx"] else ""
+        )
         log.warning(
-            "%s: batched greedy logits differ from one-at-a-time ones on this machine (max %.3g): answers may "
-            "depend on eval.batch_size here. ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 keeps oneDNN off AMX, where "
-            "this comes from on Intel CPUs (README, 'How a trace is rendered').",
+            "%s: batched logits differ from one-at-a-time ones for this model, precision and machine (max %.3g): "
+            "answers may depend on eval.batch_size here.%s",
             out_dir.name,
             probe["max_abs_logit_difference"],
+            hint,
         )
 
 
@@ -134,8 +137,9 @@ def _predict(
         rendered = {item.id: render_prompt(tokenizer, item.prompt, instruction) for item in items}
     else:
         rendered = {item.id: few_shot.render(tokenizer, item.prompt) for item in items}
-        if items:
-            prefix, stop_strings = prefill_prefix(model, tokenizer, few_shot.prefix), few_shot.stop_strings
+        stop_strings = few_shot.stop_strings
+        if items and few_shot.prefix:
+            prefix = prefill_prefix(model, tokenizer, few_shot.prefix)
     # Similar lengths in one batch waste less on left padding.
     items = sorted(items, key=lambda item: len(rendered[item.id]))
     model.eval()
@@ -146,33 +150,46 @@ def _predict(
         dynamic_ncols=True,
         disable=not distributed.current().is_main,
     )
-    for start in range(0, len(items), cfg.batch_size):
-        batch = items[start : start + cfg.batch_size]
-        torch.manual_seed(seed + start)
-        prompts = [rendered[i.id] for i in batch]
-        generations, seconds = timed(generate_batch, model, tokenizer, prompts, cfg, stop_ids, prefix, stop_strings)
+    k = cfg.num_samples
+    per_batch = max(1, cfg.batch_size // k)  # eval.batch_size counts rows: an item's k samples are k rows
+    for start in range(0, len(items), per_batch):
+        batch = items[start : start + per_batch]
+        prompts = [rendered[i.id] for i in batch for _ in range(k)]
+        seeds = [sample_seed(seed, i.id, n) for i in batch for n in range(k)] if cfg.do_sample else None
+        generations, seconds = timed(
+            generate_batch, model, tokenizer, prompts, cfg, stop_ids, prefix, stop_strings, seeds
+        )
         rows = []
-        for item, gen in zip(batch, generations, strict=True):
-            row = {
-                "id": item.id,
-                "prompt": item.prompt,
-                "expected_answer": item.expected_answer,
-                "completion": gen.completion,
-            }
-            row.update(score_item(item, gen.completion))
+        for n, item in enumerate(batch):
+            samples = [_sample_row(item, gen) for gen in generations[n * k : (n + 1) * k]]
+            row = {"id": item.id, "prompt": item.prompt, "expected_answer": item.expected_answer, **samples[0]}
             row.update(
-                num_new_tokens=gen.num_new_tokens,
-                finish_reason=gen.finish_reason,
                 latency_ms=round(1000 * seconds / len(batch), 1),
                 section=item.section,
                 category=item.category,
                 difficulty=item.difficulty,
             )
+            if k > 1:
+                row["samples"] = samples
             rows.append(row)
         bar.update(len(batch))
         log.debug("eval batch of %d in %.1f s", len(batch), seconds)
         yield rows
     bar.close()
+
+
+def sample_seed(seed: int, item_id: str, index: int) -> int:
+    """The generator seed of one sample of one item: the same whatever batch the item lands in."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{item_id}:{index}".encode()).digest()[:8], "little")
+
+
+def _sample_row(item: EvalItem, gen) -> dict:
+    return {
+        "completion": gen.completion,
+        **score_item(item, gen.completion),
+        "num_new_tokens": gen.num_new_tokens,
+        "finish_reason": gen.finish_reason,
+    }
 
 
 def _accuracy(rows: list[dict]) -> dict:
@@ -220,8 +237,10 @@ def compute_scores(rows: list[dict]) -> dict:
         "items_with_checked_steps": sum(r.get("steps_checked", 0) > 0 for r in rows) / n,
         "items_with_invalid_work": sum(r.get("work_valid") is False for r in rows) / n,
     }
+    if any("samples" in r for r in rows):
+        scores["sampled"] = sampled_scores(rows)
     seconds = sum(r["latency_ms"] for r in rows) / 1000
-    tokens = sum(r["num_new_tokens"] for r in rows)
+    tokens = sum(s["num_new_tokens"] for r in rows for s in r.get("samples", [r]))
     scores["throughput"] = {
         "generation_s": round(seconds, 2),
         "num_new_tokens": tokens,
@@ -229,6 +248,44 @@ def compute_scores(rows: list[dict]) -> dict:
         "items_per_s": round(len(rows) / seconds, 3) if seconds else None,
     }
     return scores
+
+
+def _majority_correct(item_row: dict) -> bool:
+    """Whether the most common normalised answer among an item's untruncated samples is right (ties: the one
+    reached first in sample order); no answer is wrong."""
+    answers = [s["extracted_answer"] for s in item_row["samples"] if s["finish_reason"] != "length"]
+    answers = [a for a in answers if a is not None]
+    if not answers:
+        return False
+    counts = Counter(normalize_text(a) for a in answers)
+    top = max(counts.values())
+    winner = next(a for a in answers if counts[normalize_text(a)] == top)
+    return answers_match(winner, item_row["expected_answer"])[0]
+
+
+def sampled_scores(rows: list[dict]) -> dict:
+    """mean@k, unbiased pass@k (k = 1, 2, 4, ... up to the samples per item) and maj@k over sampled items, each
+    with a bootstrap interval over items; a truncated sample counts as wrong, and the truncation rate is
+    reported apart."""
+    k = min(len(r["samples"]) for r in rows)
+
+    def good(sample: dict, key: str) -> bool:
+        return bool(sample[key]) and sample["finish_reason"] != "length"
+
+    def summary(values: list[float]) -> dict:
+        low, high = bootstrap_interval(values)
+        return {"value": sum(values) / len(values), "ci95": [low, high]}
+
+    result = {"num_samples": k, "ci_method": "bootstrap over items, 10000 resamples"}
+    for key, label in (("correct", ""), ("verified", "verified_")):
+        correct = [sum(good(s, key) for s in r["samples"][:k]) for r in rows]
+        result[f"{label}mean_at_k"] = summary([c / k for c in correct])
+        sizes = [2**e for e in range(k.bit_length()) if 2**e <= k]
+        result[f"{label}pass_at"] = {str(n): summary([pass_at_k(k, c, n) for c in correct]) for n in sizes}
+    result["maj_at_k"] = summary([float(_majority_correct(r)) for r in rows])
+    samples = [s for r in rows for s in r["samples"][:k]]
+    result["truncation_rate"] = sum(s["finish_reason"] == "length" for s in samples) / len(samples)
+    return result
 
 
 def write_scores(out_dir: Path, items: list[EvalItem], model_name: str) -> dict:

@@ -1,17 +1,20 @@
-"""Batched generation with a KV cache and left padding, stopping each sequence at end-of-turn/EOS or a stop string.
+"""Batched generation with a KV cache and left padding, stopping each sequence at end-of-turn/EOS or a stop string;
+greedy, or sampled with one seeded generator per prompt.
 
-Greedy decoding is batch-invariant: a prompt's tokens do not depend on which other prompts share its batch, or on
-whether it runs alone, so evaluation's answers are those of one-at-a-time decoding, at batched speed. In bf16 that
-takes three things (measured on this project's CPU, where stock kernels break each of them):
+Greedy decoding is batch-invariant where this machine's kernels allow (eval/invariance.py probes it): a
+prompt's tokens do not depend on which other prompts share its batch, or on whether it runs alone, so
+evaluation's answers are those of one-at-a-time decoding, at batched speed. In bf16 that takes three things
+(measured on AVX-512 BF16 CPUs without AMX, where stock kernels break each of them):
 - Attention (`batch_invariant_attention`): eager attention computed so that masked padding adds exact zeros in
   the same order as when the row runs alone (SDPA's kernel sums a padded row in a different order).
 - Alignment: prompts are left-padded to a multiple of `PAD_MULTIPLE` tokens, so each row's real positions fall
   on the same vector lanes whatever the batch's longest prompt.
 - At least two rows: a bf16 matmul of one row takes another kernel than two or more rows (which agree bitwise), so
   a lone prompt runs beside a copy of itself, and the last running row keeps a finished row beside it.
+Sampling draws each prompt's tokens from its own generator, so samples inherit the same property.
 
-On CPU, bf16 linear layers run on weights packed once for oneDNN (`packed_linears`): the same kernel as
-`F.linear`, bitwise, without reordering each weight on every call.
+On CPU, bf16 linear layers run on weights packed once for oneDNN (`packed_linears`) where that is bitwise
+`F.linear` on this machine, without reordering each weight on every call.
 """
 
 from __future__ import annotations
@@ -81,32 +84,35 @@ def generate_batch(
     stop_ids: list[int],
     prefix: Prefix | None = None,
     stop_strings: list[str] | tuple[str, ...] = (),
+    seeds: list[int] | None = None,
 ) -> list[Generation]:
     """Generate completions for already-rendered prompts (chat template applied) in one batch; with `prefix`,
-    each prompt follows its text. A completion ends at a stop id, at any of `cfg.stop_strings` and
-    `stop_strings` (cut off, finish_reason 'stop'), or after `cfg.max_new_tokens`."""
+    each prompt follows its text. Greedy unless `cfg.do_sample`; then each row samples with its own generator,
+    seeded by `seeds` (one per prompt), so its tokens do not depend on its neighbours wherever greedy decoding's
+    logits do not. A completion ends at a stop id, at any of `cfg.stop_strings` and `stop_strings` (cut off,
+    finish_reason 'stop'), or after `cfg.max_new_tokens`."""
     device = next(model.parameters()).device
     stop_strings = [*cfg.stop_strings, *stop_strings]
     tokenizer.padding_side = "left"
-    if cfg.do_sample and prefix is not None:
-        prompts = [prefix.text + p for p in prompts]
     encoded = tokenizer(
         prompts, return_tensors="pt", padding=True, pad_to_multiple_of=PAD_MULTIPLE, add_special_tokens=False
     ).to(device)
+    sampling = None
+    if cfg.do_sample:
+        assert seeds is not None and len(seeds) == len(prompts), "sampling needs one seed per prompt"
+        sampling = Sampling(cfg.temperature, cfg.top_p, [torch.Generator().manual_seed(s) for s in seeds])
+    stop_check = partial(_has_stop_string, tokenizer, stop_strings) if stop_strings else None
     with torch.inference_mode(), packed_linears(model):
-        if cfg.do_sample:
-            rows = _generate_hf(model, tokenizer, encoded, cfg, stop_ids, stop_strings)
-        else:
-            stop_check = partial(_has_stop_string, tokenizer, stop_strings) if stop_strings else None
-            rows = greedy_compacting(
-                model,
-                encoded["input_ids"],
-                encoded["attention_mask"],
-                cfg.max_new_tokens,
-                stop_ids,
-                prefix=prefix,
-                stop_check=stop_check,
-            )
+        rows = greedy_compacting(
+            model,
+            encoded["input_ids"],
+            encoded["attention_mask"],
+            cfg.max_new_tokens,
+            stop_ids,
+            prefix=prefix,
+            stop_check=stop_check,
+            sampling=sampling,
+        )
     results = []
     for row in rows:
         ids, stopped = _cut(row, set(stop_ids), tokenizer.pad_token_id)
@@ -117,6 +123,33 @@ def generate_batch(
                 text, reason = text[: text.index(stop)], "stop"
         results.append(Generation(text.strip(), len(ids), reason))
     return results
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Temperature and nucleus sampling, one CPU generator per prompt of the batch."""
+
+    temperature: float
+    top_p: float
+    generators: list[torch.Generator]
+
+    def choose(self, logits: torch.Tensor, owners: list[int]) -> torch.Tensor:
+        """One token per batch row: rows owned by a prompt draw one uniform number from its generator (exactly
+        one per step, so a row's draws do not depend on the batch); copies (owner -1) take the argmax."""
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        order = None
+        if self.top_p < 1:
+            probs, order = probs.sort(dim=-1, descending=True, stable=True)
+            probs = probs * (probs.cumsum(-1) - probs < self.top_p)  # the smallest head holding top_p of the mass
+        cdf = probs.cumsum(-1)
+        draws = [float(torch.rand((), generator=self.generators[o])) if o >= 0 else 0.0 for o in owners]
+        target = torch.tensor(draws, dtype=cdf.dtype, device=cdf.device)[:, None] * cdf[:, -1:]
+        chosen = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[-1] - 1)
+        if order is not None:
+            chosen = order.gather(1, chosen)
+        chosen = chosen.squeeze(1)
+        copies = torch.tensor([o < 0 for o in owners], device=logits.device)
+        return torch.where(copies, logits.max(-1).indices, chosen)
 
 
 STOP_WINDOW = 12  # newest tokens decoded to look for a stop string; longer stop strings are found at the end
@@ -206,20 +239,6 @@ def packed_linears(model):
     finally:
         for m in linears:
             vars(m).pop("forward", None)  # back to nn.Linear.forward
-
-
-def _generate_hf(model, tokenizer, encoded, cfg: EvalConfig, stop_ids: list[int], stop_strings) -> list[list[int]]:
-    """transformers' generate, for sampling."""
-    options = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, eos_token_id=stop_ids)
-    options["pad_token_id"] = tokenizer.pad_token_id
-    if cfg.do_sample:
-        options.update(temperature=cfg.temperature, top_p=cfg.top_p)
-    else:
-        options.update(temperature=None, top_p=None, top_k=None)
-    if stop_strings:
-        options.update(stop_strings=stop_strings, tokenizer=tokenizer)
-    output = model.generate(**encoded, **options)
-    return output[:, encoded["input_ids"].shape[1] :].tolist()
 
 
 def batch_invariant_attention(module, query, key, value, attention_mask, scaling=None, softcap=None, **kwargs):
@@ -338,6 +357,7 @@ def greedy_compacting(
     step_logits: list | None = None,
     prefix: Prefix | None = None,
     stop_check=None,
+    sampling: Sampling | None = None,
 ) -> list[list[int]]:
     """Greedy decoding with a KV cache that drops each sequence from the batch once it emits a stop id.
 
@@ -348,6 +368,7 @@ def greedy_compacting(
     receives each step's (original row or -1, last-position logits) pair, for `invariance.probe_generation`.
     With `prefix`, the prompts follow its cached tokens (the padding then sits between the two, so such batches
     are not claimed batch-invariant). `stop_check(ids)`, when given, also ends a row whose new ids it accepts.
+    With `sampling`, tokens are sampled (`Sampling.choose`) rather than the argmax.
     """
     rows = input_ids.shape[0]
     if rows < MIN_ROWS:  # a lone prompt runs beside a copy of itself, whose tokens are dropped
@@ -370,7 +391,10 @@ def greedy_compacting(
         for step in range(max_new_tokens):
             # max's indices follow argmax's rule (the first maximum); on bf16 CPU logits it is 4x faster (23.8 versus
             # 5.9 ms at 50 x 262K), about 8% of a batch's generation time.
-            tokens = logits[:, -1].max(-1).indices
+            if sampling is None:
+                tokens = logits[:, -1].max(-1).indices
+            else:
+                tokens = sampling.choose(logits[:, -1], owner.tolist())
             if step_logits is not None:
                 step_logits.append((owner.clone(), logits[:, -1].float()))
             for row, token in zip(owner.tolist(), tokens.tolist(), strict=True):

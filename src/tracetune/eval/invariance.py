@@ -87,13 +87,11 @@ def _attention_ignores_padding(length: int, queries: int, generator: torch.Gener
     return torch.equal(*outputs)
 
 
-def probe_generation(model, tokenizer, prompts: list[str], cfg) -> dict:
+def probe_generation(model, tokenizer, prompts: list[str]) -> dict:
     """Decode up to PROBE_PROMPTS of `prompts` (rendered, spread over their lengths) for PROBE_STEPS greedy
     steps in one batch and each alone, and compare every step's logits bitwise: whether this model, precision
     and machine give batched greedy evaluation one-at-a-time answers. On CPU the kernel probe must agree too (a
     few prompts try only a few row counts). About the cost of one small batch."""
-    if cfg.do_sample:
-        return {"batch_invariant": None, "reason": "sampling uses transformers' generate"}
     started = time.perf_counter()
     chosen = sorted(prompts, key=len)
     chosen = [chosen[round(k * (len(chosen) - 1) / max(PROBE_PROMPTS - 1, 1))] for k in range(PROBE_PROMPTS)]

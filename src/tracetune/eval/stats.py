@@ -38,3 +38,21 @@ def mcnemar_exact(num_improved: int, num_regressed: int) -> float:
     k = min(num_improved, num_regressed)
     tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
     return min(1.0, 2 * tail)
+
+
+def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if num_samples - num_correct < k:
+        return 1.0
+    return 1.0 - math.comb(num_samples - num_correct, k) / math.comb(num_samples, k)
+
+
+def bootstrap_interval(values: list[float], num_resamples: int = 10000, seed: int = 0) -> tuple[float, float]:
+    """2.5th and 97.5th percentile of the mean of `values` resampled over items."""
+    if not values:
+        return 0.0, 1.0
+    array = np.array(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = array[rng.integers(0, len(array), (num_resamples, len(array)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)

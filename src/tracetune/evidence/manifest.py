@@ -45,6 +45,7 @@ def verify_run(run_dir: Path) -> tuple[list[str], list[dict]]:
         recorded = {g["name"]: g for g in json.loads((run_dir / "gates.json").read_text(encoding="utf-8"))["gates"]}
     else:
         problems.append("gates.json missing")
+    problems += recheck_scores(run_dir)
     gates = [asdict(g) for g in compute_gates(run_dir)]
     for gate in gates:
         if not gate["passed"]:
@@ -55,3 +56,41 @@ def verify_run(run_dir: Path) -> tuple[list[str], list[dict]]:
         if old is not None and old["passed"] != gate["passed"]:
             problems.append(f"gate {gate['name']}: recorded passed={old['passed']}, recomputed passed={gate['passed']}")
     return problems, gates
+
+
+SCORE_KEYS = ("num_items", "accuracy", "verified_accuracy", "lucky_answer_rate")
+COMPARISON_KEYS = ("strongest_baseline", "base_accuracy", "final_accuracy", "difference")
+
+
+def recheck_scores(run_dir: Path) -> list[str]:
+    """Score every prediction again from its completion and expected answer, then scores.json and
+    comparison.json from those rows; each disagreement with the files is a problem."""
+    from tracetune.data.traces import EvalItem
+    from tracetune.eval.evaluate import compare_with_baselines, compute_scores, score_item
+    from tracetune.runfiles import read_json, read_predictions
+
+    problems = []
+    for path in sorted((run_dir / "eval").glob("*/predictions.jsonl")):
+        name = path.parent.relative_to(run_dir).as_posix()
+        rows = read_predictions(path)
+        for row in rows:
+            again = score_item(EvalItem(row["id"], row["prompt"], row["expected_answer"]), row["completion"])
+            changed = sorted(k for k, v in again.items() if row.get(k) != v)
+            if changed:
+                problems.append(f"{name}/predictions.jsonl: item {row['id']}: rescoring changes {', '.join(changed)}")
+        recorded = read_json(path.parent / "scores.json") or {}
+        recomputed = compute_scores(rows)
+        problems += [
+            f"{name}/scores.json: {k} is {recorded.get(k)}, predictions give {recomputed[k]}"
+            for k in SCORE_KEYS
+            if recorded.get(k) != recomputed[k]
+        ]
+    recorded = read_json(run_dir / "eval" / "comparison.json")
+    if recorded is not None:
+        recomputed = compare_with_baselines(run_dir / "eval", read_json(run_dir / "run.json").get("seed", 0))
+        problems += [
+            f"eval/comparison.json: {k} is {recorded.get(k)}, predictions give {recomputed[k]}"
+            for k in COMPARISON_KEYS
+            if recorded.get(k) != recomputed[k]
+        ]
+    return problems
