@@ -1,9 +1,8 @@
 import random
-import re
 
 import pytest
 
-from tracetune.data.synth import generate
+from tracetune.data.synth import corrupt_one_number, generate
 from tracetune.eval.steps import check_steps
 
 CASES = [
@@ -25,7 +24,7 @@ CASES = [
     (["Change: 50 - 36 = 14, then 14 + 1 = 16"], "16", 1, 0, 1, True),  # two claims, the second wrong
     (["-3 + 5 = 2"], "2", 1, 1, None, True),
     (["7 - 10 = -3"], "-3", 1, 1, None, True),
-    (["5 / 0 = 1"], "1", 0, 0, None, None),  # nothing computable: not checked
+    (["20 / 0 = 10"], "10", 1, 0, 1, True),  # a division by zero is a false claim
     # Words end an expression: labels and units are never operands, and a side cut short is not checked.
     (["A cyclist rides 45 km in 5 hours", "45 km / 5 hours = 9 km per hour"], "9", 0, 0, None, None),
     (["5 hours * 60 = 300"], "300", 0, 0, None, None),
@@ -47,30 +46,6 @@ def test_check_steps(steps, answer, checked, valid, first_bad, follows):
     assert result.work_valid == (first_bad is None and follows is not False)
 
 
-_WORK_NUMBER = re.compile(r"\d+(?:\.\d+)?")
-
-
-def _corrupt(record: dict, rng: random.Random) -> tuple[list[str], str]:
-    """The trace's steps and answer with one number in the work (after each step's label) or a numeric answer
-    changed to another value."""
-    steps = [s["content"] for s in record["steps"]]
-    answer = record["final_answer"]
-    places = [(k, m) for k, step in enumerate(steps) for m in _WORK_NUMBER.finditer(step, step.index(":") + 1)]
-    if _WORK_NUMBER.fullmatch(answer):
-        places.append((len(steps), _WORK_NUMBER.fullmatch(answer)))
-    k, match = rng.choice(places)
-    old = match.group()
-    new = old
-    while new == old:
-        new = str(int(float(old)) + rng.choice([-3, -2, -1, 1, 2, 7, 10])) if "." not in old else old + "1"
-    text = steps[k] if k < len(steps) else answer
-    text = text[: match.start()] + new + text[match.end() :]
-    if k < len(steps):
-        steps[k] = text
-        return steps, answer
-    return steps, text
-
-
 def test_the_checker_finds_corrupted_numbers_and_never_flags_clean_traces():
     records = generate(1200, seed=11)
     rng = random.Random(0)
@@ -79,5 +54,5 @@ def test_the_checker_finds_corrupted_numbers_and_never_flags_clean_traces():
         c.work_valid and c.steps_checked == c.steps_valid == len(r["steps"])
         for c, r in zip(clean, records, strict=True)
     )
-    found = sum(not check_steps(*_corrupt(r, rng)).work_valid for r in records)
+    found = sum(not check_steps(*corrupt_one_number(r, rng)).work_valid for r in records)
     assert found / len(records) >= 0.99

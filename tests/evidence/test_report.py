@@ -1,6 +1,7 @@
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +44,81 @@ def test_report_has_the_plots_inline(tiny_run_dir):
     for title in ("Training and validation loss", "Learning rate", "Throughput", "Accuracy per category"):
         assert title in html
     assert (tiny_run_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _scores(accuracy: float, verified: float, sampled: dict | None = None) -> dict:
+    return {
+        "accuracy": accuracy,
+        "ci95": [max(0.0, accuracy - 0.1), min(1.0, accuracy + 0.1)],
+        "verified_accuracy": verified,
+        "verified_ci95": [0.0, 1.0],
+        "lucky_answer_rate": accuracy - verified,
+        "num_items": 10,
+        "steps": {"step_validity": 0.9},
+        "format": {"extraction_rate": 1.0, "answer_marker_rate": 1.0, "truncation_rate": 0.0, "mean_steps": 2.0},
+        "throughput": {"new_tokens_per_s": 10.0, "items_per_s": 1.0},
+        "by_category": {},
+        "by_difficulty": {},
+        **({"sampled": sampled} if sampled else {}),
+    }
+
+
+def _comparison(base: float, final: float) -> dict:
+    paired = {"base_accuracy": base, "final_accuracy": final, "difference": final - base}
+    return {
+        "strongest_baseline": "few_shot",
+        **paired,
+        "difference_ci95": [final - base - 0.1, final - base + 0.1],
+        "ci_method": "paired bootstrap",
+        "mcnemar_p": 0.5,
+        "improved_ids": [],
+        "regressed_ids": [],
+        "num_paired_items": 10,
+        "verified": {**paired, "difference_ci95": [-0.1, 0.1]},
+    }
+
+
+def _data(comparison, failed=()):
+    from tracetune.evidence.report import load_run
+
+    data = load_run(Path("/nonexistent"))
+    gates = [
+        {"name": n, "passed": n not in failed, "status": "fail" if n in failed else "pass", "value": 1}
+        for n in ("a", "b", "c")
+    ]
+    gates = {"passed": not failed, "gates": [{**g, "threshold": 1, "source": "x"} for g in gates]}
+    return {**data, "final": _scores(0.3, 0.2), "comparison": comparison, "gates": gates}
+
+
+def test_verdict_says_whether_fine_tuning_beat_prompting():
+    from tracetune.evidence.report import verdict
+
+    better = verdict(_data(_comparison(0.12, 0.31)))
+    assert better.startswith(
+        "Fine-tuning raised accuracy from 12.0% (few-shot base) to 31.0% (+19.0 points, 95% CI +9.0"
+    )
+    assert better.endswith("3 of 3 gates passed.")
+    worse = verdict(_data(_comparison(0.22, 0.07), failed=("b",)))
+    assert worse.startswith("Fine-tuning did not beat prompting: accuracy went from 22.0% (few-shot base) to 7.0%")
+    assert worse.endswith("2 of 3 gates passed; failed: b.")
+    assert verdict({**_data(None), "comparison": None}).startswith("The fine-tuned model scored 30.0% accuracy")
+
+
+def test_summary_shows_sampled_scores_and_failure_examples(tmp_path):
+    from tracetune.evidence.report import write_summary
+
+    value = {"value": 0.5, "ci95": [0.3, 0.7]}
+    sampled = {"num_samples": 4, "mean_at_k": value, "pass_at": {"1": value, "2": value, "4": value}, "maj_at_k": value}
+    data = _data(_comparison(0.1, 0.3))
+    data["final"] = _scores(0.3, 0.2, sampled)
+    row = {"id": "x1", "expected_answer": "5", "extracted_answer": "5", "correct": True, "finish_reason": "eos"}
+    data["predictions"] = {"final": [{**row, "work_valid": False, "first_bad_step": 2, "completion": "1. 2 + 2 = 5"}]}
+    text = write_summary(tmp_path, data)
+    for line in (
+        "| mean@4 [95% CI] | 50.0% [30.0%, 70.0%] |",
+        "| pass@2 |",
+        "| maj@4 |",
+        "### Examples: right answer, invalid step",
+    ):
+        assert line in text
+    assert "first invalid step: 2" in text and "  1. 2 + 2 = 5" in text

@@ -8,6 +8,7 @@ independently. Same (num, seed) -> same file, on any machine.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from fractions import Fraction
 
@@ -255,3 +256,26 @@ def to_eval_item(record: dict) -> dict:
         "category": record["meta"]["category"],
         "difficulty": record["meta"]["difficulty"],
     }
+
+
+_WORK_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def corrupt_one_number(record: dict, rng: random.Random) -> tuple[list[str], str]:
+    """A generated trace's steps and answer with one number of the work (after a step's label) or a numeric
+    answer changed to another value: the test case for the step checker (eval/steps.py)."""
+    steps = [s["content"] for s in record["steps"]]
+    answer = record["final_answer"]
+    places = [(k, m) for k, step in enumerate(steps) for m in _WORK_NUMBER.finditer(step, step.index(":") + 1)]
+    if _WORK_NUMBER.fullmatch(answer):
+        places.append((len(steps), _WORK_NUMBER.fullmatch(answer)))
+    k, match = rng.choice(places)
+    old = new = match.group()
+    while new == old:
+        new = str(int(float(old)) + rng.choice([-3, -2, -1, 1, 2, 7, 10])) if "." not in old else old + "1"
+    text = steps[k] if k < len(steps) else answer
+    text = text[: match.start()] + new + text[match.end() :]
+    if k < len(steps):
+        steps[k] = text
+        return steps, answer
+    return steps, text

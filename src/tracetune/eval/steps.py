@@ -72,6 +72,9 @@ def _runs(tokens: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
     return runs
 
 
+DIVIDES_BY_ZERO = object()
+
+
 class _Parser:
     """Recursive descent over one side: sum := product (('+'|'-') product)*; product := unary (('*'|'/') unary)*;
     unary := '-' unary | atom; atom := number '%'? | '(' sum ')' '%'?."""
@@ -79,11 +82,14 @@ class _Parser:
     def __init__(self, tokens: list[tuple[str, str]]):
         self.tokens, self.at = tokens, 0
 
-    def parse(self) -> Fraction | None:
+    def parse(self) -> Fraction | object | None:
+        """The side's value; None where it is not a whole expression; DIVIDES_BY_ZERO where it divides by 0."""
         try:
             value = self._sum()
-        except (IndexError, ValueError, ZeroDivisionError):
+        except (IndexError, ValueError):
             return None
+        except ZeroDivisionError:
+            return DIVIDES_BY_ZERO if self.at == len(self.tokens) else None
         return value if self.at == len(self.tokens) else None
 
     def _peek(self) -> tuple[str, str]:
@@ -163,9 +169,12 @@ def _claims(step: str) -> tuple[list[bool], Fraction | None]:
             left, right = values[k], values[k + 1]
             if left is None or right is None:
                 continue
-            places = _plain_places(sides[k + 1])
-            results.append(_equal(left, right, places))
-            last = right
+            if DIVIDES_BY_ZERO in (left, right):  # `20 / 0 = 10` is a claim, and a false one
+                results.append(False)
+            else:
+                results.append(_equal(left, right, _plain_places(sides[k + 1])))
+            if right is not DIVIDES_BY_ZERO:
+                last = right
     return results, last
 
 

@@ -213,6 +213,7 @@ def write_summary(run_dir: Path, data: dict) -> str:
             ["mean reasoning steps", *(f"{s['format']['mean_steps']:.2f}" for s in pick)],
             ["new tokens/s", *(s["throughput"]["new_tokens_per_s"] for s in pick)],
             ["items/s", *(s["throughput"]["items_per_s"] for s in pick)],
+            *_sampled_rows(pick),
         ]
         lines += _table(["metric", *(n for n, _ in columns)], rows)
         if data["few_shot"] and data["few_shot"].get("baseline"):
@@ -225,7 +226,7 @@ def write_summary(run_dir: Path, data: dict) -> str:
         for key in ("by_category", "by_difficulty"):
             names = sorted(final[key])
             if names:
-                lines += ["", f"### Accuracy {key.replace('_', ' ')} (verified in brackets)", ""]
+                lines += ["", f"### Accuracy {key.replace('_', ' ')} [95% CI] (verified; lucky answers)", ""]
                 lines += _table(
                     [key.removeprefix("by_"), *(n for n, _ in columns), "items"],
                     [
@@ -271,10 +272,34 @@ def _verified_ci(scores: dict) -> str:
 
 
 def _cell_accuracy(group: dict | None) -> str:
+    """Accuracy [95% CI] (verified accuracy; lucky answers)."""
     if group is None:
         return "-"
     low, high = group["ci95"]
-    return f"{_pct(group['accuracy'])} [{_pct(low)}, {_pct(high)}] ({_pct(group.get('verified_accuracy', 0.0))})"
+    verified, lucky = _pct(group.get("verified_accuracy", 0.0)), _pct(group.get("lucky_answer_rate", 0.0))
+    return f"{_pct(group['accuracy'])} [{_pct(low)}, {_pct(high)}] ({verified}; {lucky})"
+
+
+def _sampled_rows(pick: list[dict]) -> list[list]:
+    """mean@k, pass@k and maj@k rows where any evaluated model was sampled."""
+    if not any(s.get("sampled") for s in pick):
+        return []
+
+    def cell(scores: dict, *path: str) -> str:
+        value = scores.get("sampled")
+        for key in path:
+            value = value.get(key) if value else None
+        if not value:
+            return "-"
+        low, high = value["ci95"]
+        return f"{_pct(value['value'])} [{_pct(low)}, {_pct(high)}]"
+
+    k = max(s["sampled"]["num_samples"] for s in pick if s.get("sampled"))
+    sizes = [str(2**e) for e in range(k.bit_length()) if 2**e <= k]
+    rows = [[f"mean@{k} [95% CI]", *(cell(s, "mean_at_k") for s in pick)]]
+    rows += [[f"pass@{n}", *(cell(s, "pass_at", n) for s in pick)] for n in sizes]
+    rows += [[f"maj@{k}", *(cell(s, "maj_at_k") for s in pick)]]
+    return rows
 
 
 FAILURE_KINDS = {
