@@ -29,25 +29,22 @@ def _rss_mb() -> float:
 
 def worker(steps: int) -> dict:
     import torch
-    from profile_step import train_step  # bench/ is this script's directory, first on sys.path
 
     from tracetune import allocator
     from tracetune.config import load_config
     from tracetune.data.batching import collate
     from tracetune.pipeline import load_for_training, load_inputs
-    from tracetune.train.loss import TiedGradient
-    from tracetune.train.optim import build_optimizer, param_groups
+    from tracetune.train.step import build_state, train_step
 
     cfg = load_config(REPO / "configs" / "quickstart.yaml", ["data.max_train_records=200"])
     tokenizer, model, train, _, _ = load_for_training(cfg, load_inputs(cfg))
-    model.train()
-    optimizer = build_optimizer(param_groups(list(model.named_parameters()), 0.01), cfg.train, torch.device("cpu"))
-    tied = TiedGradient.for_model(model)
+    state = build_state(cfg, model, torch.device("cpu"), steps + 1)
     rows = []
     for step in range(steps + 1):
         batch = collate(train[4 * step : 4 * step + 4], tokenizer.pad_token_id)
         faults, started = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-        train_step(model, batch, tied, optimizer, autocast=True)
+        train_step(state, [batch], step + 1)
+        state.scheduler.step()
         seconds = time.perf_counter() - started
         rows.append(
             {

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from tracetune.config import load_config
-from tracetune.data.traces import load_eval_items, load_traces
 from tracetune.eval import evaluate
 from tracetune.eval.baselines import build_few_shot
 from tracetune.models.sources import is_chat_model, load_model, load_tokenizer
+from tracetune.pipeline import load_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,8 +67,8 @@ def main() -> None:
     source = cfg.model.source
     tokenizer = load_tokenizer(source)
     model = load_model(source, tokenizer).to(torch.bfloat16).eval()
-    items = load_eval_items(cfg.eval.eval_file).records[: args.items]
-    train = load_traces(cfg.data.train_file).records[: cfg.data.max_train_records]
+    inputs = load_inputs(cfg)  # the demonstrations `tracetune run` draws from: the training split
+    items, train = inputs.eval_items, inputs.train
     fmt = "chat" if is_chat_model(source) else "plain"
     shot = build_few_shot(tokenizer, train, items, cfg.eval.num_shots, cfg.seed, cfg.data.instruction, fmt)
     modes = {"zero_shot": None, "few_shot_cached": shot, "few_shot_uncached": _WithoutPrefix(shot)}

@@ -1,7 +1,7 @@
 """Training throughput and MFU of tracetune's step on the Gemma-2B architecture (random weights), seq 128.
 
-The step is the loop's own: `loss_sum` (LM head only at loss positions), backward, clip, fused AdamW over
-fp32 master weights of bf16 parameters (`train.precision=bf16-weights`). Every position is a loss position,
+The step is the loop's own `train_step` (train/step.py): `loss_sum` (LM head only at loss positions), backward,
+clip, fused AdamW over fp32 master weights of bf16 parameters (`train.precision=bf16-weights`). Every position is a loss position,
 as in full-sequence pretraining-style fine-tuning, so the FLOP count below is exact for the work done.
 
 MFU = tokens x (6 N + 12 L H Q T) / (seconds x peak), with N the parameters that do matmuls (the input
@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from tracetune.train.loss import loss_sum
-from tracetune.train.optim import MasterWeights, param_groups
+from tracetune.config import load_config
+from tracetune.train.step import build_state, train_step
 
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "RTX 5090": 209.5}
 
@@ -86,14 +86,10 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     model, config = build(args.arch, device)
-    model.to(device).train()
-    if args.compile:  # one compiled region per decoder layer, as torchtitan does
-        for layer in model.get_decoder().layers:
-            layer.compile()
+    settings = ["data.train_file=null", "eval.eval_file=null", "train.precision=bf16-weights", "train.lr=2e-5"]
+    settings += ["train.weight_decay=0.01", "train.max_grad_norm=1.0", f"train.compile={args.compile}"]
+    state = build_state(load_config(None, settings), model, device, args.warmup + args.steps)
     params = [p for p in model.parameters() if p.requires_grad]
-    master = MasterWeights(params)
-    groups = param_groups(list(zip([n for n, _ in model.named_parameters()], master.master, strict=True)), 0.01)
-    optimizer = torch.optim.AdamW(groups, lr=2e-5, fused=True)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     times = []
@@ -107,14 +103,8 @@ def main() -> None:
             profiler.start()
         sync(device)
         started = time.perf_counter()
-        for _ in range(args.accum):
-            s, n = loss_sum(model, batch)
-            (s / (n * args.accum)).backward()
-        master.grads_to_master()
-        torch.nn.utils.clip_grad_norm_(master.master, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        master.master_to_model()
+        train_step(state, [batch] * args.accum, step + 1)
+        state.scheduler.step()
         sync(device)
         if profiler:
             profiler.stop()

@@ -2,10 +2,9 @@
 
 A CPU training step frees and re-creates tensors of tens to hundreds of MB (the LM head's logit chunks
 and their gradient, casts, oneDNN's scratch). glibc hands every block over 32 MB back to the kernel on
-free, so each step page-faults them back in (300,000 minor faults per step even with TiedGradient); tcmalloc
-keeps them (2,000). On the 2-core machine of docs/PERFORMANCE.md that made Gemma 3 270M training 1.2x
-faster (1.8x before TiedGradient removed the largest of them) at less peak memory. (glibc with mmap
-turned off was as fast for a few steps but fragmented: 300 MB more per step.)
+free, so each step page-faults them back in; tcmalloc keeps them for reuse, which makes CPU training faster
+at less peak memory (docs/PERFORMANCE.md has the measurements). glibc with mmap turned off was as fast for a
+few steps but fragmented.
 
 An allocator must be chosen before the process starts, so `tracetune run/train/resume/eval` re-executes
 itself once with tcmalloc in LD_PRELOAD when it is installed (`libtcmalloc-minimal4` on Debian and Ubuntu,
@@ -87,7 +86,7 @@ def hint() -> str | None:
     if active() != "glibc" or os.environ.get(ENV, "auto") == "system":
         return None
     return (
-        "memory allocator: glibc; CPU training runs about 1.2x faster under tcmalloc (apt install "
+        "memory allocator: glibc; CPU training runs faster under tcmalloc (apt install "
         "libtcmalloc-minimal4, or your system's gperftools; TRACETUNE_ALLOCATOR=system silences this)"
     )
 

@@ -37,10 +37,15 @@ def cmd_config(args) -> int:
 def cmd_data(args) -> int:
     from tracetune.data import commands
 
+    tokenizer = None
+    if args.tokenizer and args.action in ("validate", "stats"):
+        from tracetune.models.sources import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
     if args.action == "validate":
-        return commands.validate(args.file, args.format, args.eval, args.against, args.tokenizer, args.max_seq_length)
+        return commands.validate(args.file, args.format, args.eval, args.against, tokenizer, args.max_seq_length)
     if args.action == "stats":
-        return commands.stats(args.file, args.format, args.tokenizer)
+        return commands.stats(args.file, args.format, tokenizer, args.tokenizer)
     return commands.synth(args.num, args.seed, args.output, args.eval, args.exclude)
 
 
@@ -67,7 +72,7 @@ def cmd_train(args) -> int:
     from tracetune.pipeline import train_stage
 
     cfg = load_config(args.config, args.overrides)
-    print(train_stage(cfg, sys.argv))
+    print(train_stage(cfg))
     return 0
 
 

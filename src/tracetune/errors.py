@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 class TracetuneError(Exception):
     """Base class of every error caused by the user's input or environment; the CLI prints it and exits 2."""
@@ -41,3 +43,17 @@ class GateFailure(TracetuneError):
     """One or more quality gates failed; everything was written before this was raised."""
 
     exit_code = 3
+
+
+@dataclass(frozen=True)
+class Issue:
+    path: str
+    line: int
+    field: str
+    problem: str
+    fix: str
+    severity: str = "error"
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line else self.path
+        return f"{where}: {self.severity}: {self.field}: {self.problem}; fix: {self.fix}"

@@ -26,6 +26,7 @@ from tracetune.data.traces import (
     split_train_val,
 )
 from tracetune.errors import ConfigError, DataError, RunDirError
+from tracetune.runfiles import write_json
 
 log = logging.getLogger("tracetune")
 
@@ -184,7 +185,7 @@ def load_for_training(cfg: Config, inputs: Inputs):
     """Tokenizer, tokenized splits and model for a validated config."""
     from tracetune.models.sources import load_model, load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.model.source, cfg.seed)
+    tokenizer = load_tokenizer(cfg.model.source)
     train, val, counts = tokenize_inputs(cfg, inputs, tokenizer)
     model = load_model(cfg.model.source, tokenizer, cfg.seed, cfg.model.attn_implementation)
     return tokenizer, model, train, val, counts
@@ -195,43 +196,43 @@ def prepare(cfg: Config):
     process group. Returns (inputs, this rank's device)."""
     import torch
 
-    from tracetune.train import distributed
-    from tracetune.train.loop import resolve_device
+    from tracetune import dist
+    from tracetune.dist import resolve_device
 
     inputs = load_inputs(cfg)
     device = resolve_device(cfg.train.device)
-    distributed.init_from_env(cfg.train.device)
-    device = distributed.rank_device(device)
+    dist.init_from_env(cfg.train.device)
+    device = dist.rank_device(device)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     return inputs, device
 
 
-def train_stage(cfg: Config, argv: list[str]) -> Path:
+def train_stage(cfg: Config) -> Path:
     """`tracetune train`: validate inputs, create the run directory, fine-tune, write final_model/."""
-    from tracetune.train import distributed
+    from tracetune import dist
 
     inputs, _ = prepare(cfg)
     run_dir = _agreed_run_dir(cfg)
     with _main_lock(run_dir):
-        distributed.on_main(lambda: new_run_dir(cfg))
+        dist.on_main(lambda: new_run_dir(cfg))
         _train_or_resume(cfg, inputs, run_dir, resume=False)
     return run_dir
 
 
 def _agreed_run_dir(cfg: Config) -> Path:
     """The run directory, named by rank 0 (a timestamped name must not differ between ranks)."""
-    from tracetune.train import distributed
+    from tracetune import dist
 
-    cfg.output.run_name = distributed.broadcast_from_main(run_dir_of(cfg).name)
+    cfg.output.run_name = dist.broadcast_from_main(run_dir_of(cfg).name)
     return run_dir_of(cfg)
 
 
 def _main_lock(run_dir: Path):
     """The run lock, held by rank 0 (the one process that writes the run directory)."""
-    from tracetune.train import distributed
+    from tracetune import dist
 
-    return run_lock(run_dir) if distributed.current().is_main else contextlib.nullcontext()
+    return run_lock(run_dir) if dist.current().is_main else contextlib.nullcontext()
 
 
 def evaluate_model(
@@ -241,15 +242,15 @@ def evaluate_model(
     `demonstrations` (training traces), evaluate it few-shot (eval/baselines.py)."""
     import torch
 
+    from tracetune import dist
+    from tracetune.dist import resolve_device
     from tracetune.eval.baselines import build_few_shot
     from tracetune.eval.evaluate import generate_predictions, write_scores
     from tracetune.models.sources import is_chat_model, load_model, load_tokenizer
-    from tracetune.train import distributed
-    from tracetune.train.loop import resolve_device
 
-    tokenizer = load_tokenizer(model_source, cfg.seed)
+    tokenizer = load_tokenizer(model_source)
     model = load_model(model_source, tokenizer, cfg.seed, cfg.model.attn_implementation)
-    model.to(distributed.rank_device(resolve_device(cfg.train.device)))
+    model.to(dist.rank_device(resolve_device(cfg.train.device)))
     if cfg.eval.precision == "bf16":
         model.to(torch.bfloat16)
     few_shot = None
@@ -261,7 +262,7 @@ def evaluate_model(
             tokenizer, demonstrations, items, cfg.eval.num_shots, cfg.seed, cfg.data.instruction, fmt
         )
     generate_predictions(model, tokenizer, items, cfg.eval, cfg.data.instruction, out_dir, cfg.seed, few_shot)
-    return distributed.on_main(lambda: write_scores(out_dir, items, model_source))
+    return dist.on_main(lambda: write_scores(out_dir, items, model_source))
 
 
 def evaluate_baselines(cfg: Config, inputs: Inputs, eval_dir: Path) -> None:
@@ -277,19 +278,17 @@ def evaluate_baselines(cfg: Config, inputs: Inputs, eval_dir: Path) -> None:
 def eval_stage(cfg: Config, model_source: str, out_dir: Path | None, baseline: str = "zero_shot") -> Path:
     """`tracetune eval`: score one model on the eval set into out_dir (resumable: done ids are skipped); few-shot
     draws its demonstrations from data.train_file."""
+    from tracetune import dist
     from tracetune.config import dump_config
     from tracetune.data.traces import load_eval_items
     from tracetune.logs import log_to_file
-    from tracetune.train import distributed
 
     report = load_eval_items(cfg.eval.eval_file)
     report.raise_on_errors()
     items = report.records[: cfg.eval.max_items]
-    distributed.init_from_env(cfg.train.device)
-    out_dir = out_dir or cfg.output.root / distributed.broadcast_from_main(
-        datetime.now(UTC).strftime("eval-%Y%m%dT%H%M%SZ")
-    )
-    if distributed.current().is_main:
+    dist.init_from_env(cfg.train.device)
+    out_dir = out_dir or cfg.output.root / dist.broadcast_from_main(datetime.now(UTC).strftime("eval-%Y%m%dT%H%M%SZ"))
+    if dist.current().is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "eval_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     demonstrations = None
@@ -318,9 +317,7 @@ def _git_state() -> dict:
 
 
 def _write_run_json(run_dir: Path, record: dict) -> None:
-    import json
-
-    (run_dir / "run.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_json(run_dir / "run.json", record)
 
 
 def _now() -> str:
@@ -332,16 +329,16 @@ def _train_or_resume(cfg: Config, inputs: Inputs, run_dir: Path, resume: bool):
     import gc
     import json
 
+    from tracetune import dist
     from tracetune.logs import log_to_file
-    from tracetune.train import distributed
-    from tracetune.train.checkpoint import latest_good_checkpoint
+    from tracetune.models.checkpoints import latest_good_checkpoint
     from tracetune.train.loop import fit
 
     if resume and (run_dir / "training.json").is_file():
         log.info("training already finished in %s", run_dir)
         return run_dir / "final_model"
     checkpoint = latest_good_checkpoint(run_dir / "checkpoints") if resume else None
-    if resume and checkpoint is None and distributed.current().is_main:  # nothing committed: start over
+    if resume and checkpoint is None and dist.current().is_main:  # nothing committed: start over
         for name in ("metrics.jsonl", "example_ids.jsonl"):
             (run_dir / name).unlink(missing_ok=True)
     with log_to_file(run_dir / "logs" / "train.log"):
@@ -361,6 +358,7 @@ def run_stage(cfg: Config, argv: list[str], resume: bool = False) -> tuple[Path,
     import json
 
     import tracetune
+    from tracetune import dist
     from tracetune.eval.evaluate import compare_with_baselines
     from tracetune.evidence.env import write_env, write_gpu_snapshot
     from tracetune.evidence.gates import compute_gates, write_gates
@@ -370,12 +368,11 @@ def run_stage(cfg: Config, argv: list[str], resume: bool = False) -> tuple[Path,
     from tracetune.hashing import sha256_file
     from tracetune.logs import log_to_file
     from tracetune.runfiles import write_json
-    from tracetune.train import distributed
 
     inputs, device = prepare(cfg)
-    d = distributed.current()
+    d = dist.current()
     run_dir = _agreed_run_dir(cfg)
-    topology = distributed.describe(device)
+    topology = dist.describe(device)
     with _main_lock(run_dir), STOP:
 
         def start() -> dict:  # rank 0: create or reopen the run directory and its records
@@ -407,7 +404,7 @@ def run_stage(cfg: Config, argv: list[str], resume: bool = False) -> tuple[Path,
             write_gpu_snapshot(run_dir, device.type, "start")
             return record
 
-        record = distributed.on_main(start)
+        record = dist.on_main(start)
         try:
             if inputs.eval_items is not None and cfg.eval.run_base:
                 with log_to_file(run_dir / "logs" / "eval.log"):
@@ -437,5 +434,5 @@ def run_stage(cfg: Config, argv: list[str], resume: bool = False) -> tuple[Path,
             write_manifest(run_dir)
             return gates
 
-        gates = distributed.on_main(finish)
+        gates = dist.on_main(finish)
     return run_dir, gates

@@ -30,3 +30,31 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 read_predictions = read_jsonl
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """One line, appended and closed: a crash leaves at most one torn last line, which readers skip."""
+    with open(path, "a", encoding="utf-8", newline="\n") as handle:
+        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def trim_torn_line(path: Path) -> None:
+    """Drop a torn last line (no newline: a crash mid-write) before appending more."""
+    if path.is_file():
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def trim_jsonl(path: Path, last_step: int) -> None:
+    """Keep the complete lines whose step is at most `last_step` (drops a torn line and anything later)."""
+    if path.is_file():
+        kept = [json.dumps(row) + "\n" for row in read_jsonl(path) if row["step"] <= last_step]
+        path.write_text("".join(kept), encoding="utf-8", newline="\n")
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(training lines, validation lines) of metrics.jsonl; skipped-step events carry no loss and are left out."""
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    train = [r for r in rows if r.get("split") != "val" and "loss" in r]
+    return train, [r for r in rows if r.get("split") == "val"]

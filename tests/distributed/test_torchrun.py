@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, TINY_CONFIG
-from tracetune.train.checkpoint import latest_good_checkpoint, verify_checkpoint
+from tracetune.models.checkpoints import latest_good_checkpoint, verify_checkpoint
 
 ARGS = [f"data.train_file={REPO}/data/train.jsonl", f"eval.eval_file={REPO}/data/eval.jsonl"]
 # PYTHONFAULTHANDLER: a rank that aborts (SIGABRT, SIGSEGV) prints every thread's Python stack into stderr,

@@ -6,7 +6,19 @@ import pytest
 import torch
 
 from tracetune.config import load_config
-from tracetune.evidence.gates import compute_gates, gate_finite, gate_loss_decreased, gate_training_completed
+from tracetune.evidence.gates import compute_gates, gate_table
+
+
+def _gate(run, name: str):
+    """One gate computed from the run's files, found by name in the gate table."""
+    cfg = load_config(run / "config.yaml")
+    return dict(gate_table(cfg))[name](name, run, cfg)
+
+
+def test_every_gate_is_named_once_and_reports_its_table_name(tiny_run_dir):
+    cfg = load_config(tiny_run_dir / "config.yaml")
+    names = [name for name, _ in gate_table(cfg)]
+    assert len(names) == len(set(names)) and [g.name for g in compute_gates(tiny_run_dir)] == names
 
 
 def _copy(tiny_run_dir, tmp_path):
@@ -24,7 +36,7 @@ def _rewrite_metrics(run_dir, change):
 def test_flat_loss_fails_loss_decreased(tiny_run_dir, tmp_path):
     run = _copy(tiny_run_dir, tmp_path)
     _rewrite_metrics(run, lambda rows: [{**r, "loss": 2.0} for r in rows])
-    gate = gate_loss_decreased(run, load_config(run / "config.yaml"))
+    gate = _gate(run, "loss_decreased")
     assert not gate.passed and gate.value["first_10pct_loss"] == gate.value["last_10pct_loss"] == 2.0
 
 
@@ -33,14 +45,14 @@ def test_nan_fails_the_finite_gate(tiny_run_dir, tmp_path):
     _rewrite_metrics(
         run, lambda rows: [{**r, "loss": math.nan} if r["step"] == 3 and "split" not in r else r for r in rows]
     )
-    gate = gate_finite(run)
+    gate = _gate(run, "no_nan_or_inf")
     assert not gate.passed and gate.value == 1 and "3" in gate.detail
 
 
 def test_missing_steps_fail_training_completed(tiny_run_dir, tmp_path):
     run = _copy(tiny_run_dir, tmp_path)
     _rewrite_metrics(run, lambda rows: [r for r in rows if r["step"] < 6])
-    gate = gate_training_completed(run)
+    gate = _gate(run, "training_completed")
     assert not gate.passed and (gate.value, gate.threshold) == (5, 8)
 
 

@@ -1,14 +1,9 @@
 import pytest
 
+from tracetune.models.checkpoints import committed_checkpoints, latest_good_checkpoint, verify_checkpoint
 from tracetune.models.sources import load_model, load_tokenizer
 from tracetune.train import checkpoint
-from tracetune.train.checkpoint import (
-    CheckpointError,
-    committed_checkpoints,
-    latest_good_checkpoint,
-    save_checkpoint,
-    verify_checkpoint,
-)
+from tracetune.train.checkpoint import CheckpointError, save_checkpoint
 
 
 @pytest.fixture

@@ -2,7 +2,8 @@
 
 import pytest
 
-from tracetune.train.distributed import Dist, shard_window
+from tracetune.dist import Dist
+from tracetune.train.distributed import shard_window
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])

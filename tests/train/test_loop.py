@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from tracetune.data.batching import collate
 from tracetune.pipeline import load_for_training, load_inputs, new_run_dir
 from tracetune.train.loop import fit
-from tracetune.train.loss import loss_sum
+from tracetune.train.step import build_state, train_step
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "tiny_losses.json"
 
@@ -90,23 +90,43 @@ def test_accumulation_equals_one_big_batch(tiny_cfg):
     assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-6 * max(1.0, a["grad_norm"])
 
 
-def test_accumulated_gradients_equal_big_batch_gradients(tiny_cfg):
-    cfg = tiny_cfg("data.max_train_records=8", "data.val_fraction=0", "train.eval_every_steps=null")
+def _one_step(cfg, micro_sizes: list[int]):
+    """Fresh tiny model and state, then one real `train_step` over the first 8 examples split as given; returns
+    (result, the gradients the optimizer stepped with, weights after the step, weights before)."""
     tokenizer, model, train, _, _ = load_for_training(cfg, load_inputs(cfg))
-    examples = train[:8]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = build_state(cfg, model, torch.device("cpu"), total_steps=1)
+    grads, optimizer_step = {}, state.optimizer.step
 
-    def grads(micro_batches):
-        model.zero_grad()
-        total = sum(e.num_loss_tokens for mb in micro_batches for e in mb)  # of the whole optimizer step
-        for mb in micro_batches:
-            s, _ = loss_sum(model, collate(mb, tokenizer.pad_token_id))
-            (s / total).backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
+    def recording_step():
+        grads.update({n: p.grad.clone() for n, p in state.model.named_parameters() if p.grad is not None})
+        optimizer_step()
 
-    one = grads([examples])
-    four = grads([examples[i : i + 2] for i in range(0, 8, 2)])
-    for name in one:
-        torch.testing.assert_close(one[name], four[name], rtol=0, atol=1e-6)
+    state.optimizer.step = recording_step
+    starts = [sum(micro_sizes[:k]) for k in range(len(micro_sizes))]
+    micro = [collate(train[s : s + n], tokenizer.pad_token_id) for s, n in zip(starts, micro_sizes, strict=True)]
+    result = train_step(state, micro, step=1)
+    return result, grads, {n: p.detach().clone() for n, p in state.model.named_parameters()}, before
+
+
+def test_the_step_over_micro_batches_equals_the_step_over_one_big_batch(tiny_cfg):
+    cfg = tiny_cfg("data.max_train_records=8", "data.val_fraction=0", "train.eval_every_steps=null")
+    one, grads_one, after, before = _one_step(cfg, [8])
+    four, grads_four, _, _ = _one_step(cfg, [2, 2, 2, 2])
+    assert one.num_loss_tokens == four.num_loss_tokens and one.finite and four.finite
+    assert abs(one.loss_sum - four.loss_sum) < 1e-4 and abs(one.grad_norm - four.grad_norm) < 1e-5
+    assert set(grads_one) == set(before)  # every parameter got a gradient (the tied one through TiedGradient)
+    for name in grads_one:
+        torch.testing.assert_close(grads_one[name], grads_four[name], rtol=0, atol=1e-6)
+    assert all(not torch.equal(after[n], before[n]) for n in before)  # and the update reached it
+
+
+def test_a_non_finite_step_applies_no_update(tiny_cfg, monkeypatch):
+    cfg = tiny_cfg("data.max_train_records=8", "data.val_fraction=0", "train.eval_every_steps=null")
+    monkeypatch.setenv("TRACETUNE_NAN_AT_STEP", "1")
+    result, _, after, before = _one_step(cfg, [4, 4])
+    assert not result.finite and math.isnan(result.loss_sum)
+    assert all(torch.equal(after[n], before[n]) for n in before)
 
 
 def test_same_seed_gives_identical_losses_and_other_seed_differs(tiny_cfg):

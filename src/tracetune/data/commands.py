@@ -9,8 +9,9 @@ from pathlib import Path
 
 from tracetune.data import synth as synth_module
 from tracetune.data.render import end_of_turn_ids, tokenize_trace
-from tracetune.data.traces import Issue, find_leakage, load_eval_items, load_traces
-from tracetune.errors import TracetuneError
+from tracetune.data.traces import find_leakage, load_eval_items, load_traces
+from tracetune.errors import Issue, TracetuneError
+from tracetune.runfiles import write_json
 
 
 def _load(path: str, fmt: str, is_eval: bool):
@@ -19,19 +20,16 @@ def _load(path: str, fmt: str, is_eval: bool):
     return load_traces(path, fmt)
 
 
-def _token_lengths(report, tokenizer_source: str) -> list[int]:
+def _token_lengths(report, tokenizer) -> list[int]:
     from tracetune.config import DataConfig
-    from tracetune.models.sources import load_tokenizer
 
-    tokenizer = load_tokenizer(tokenizer_source)
     end_ids = end_of_turn_ids(tokenizer)
     instruction = DataConfig.model_fields["instruction"].default
     return [len(tokenize_trace(tokenizer, t, instruction, end_ids).input_ids) for t in report.records]
 
 
-def validate(
-    path: str, fmt: str, is_eval: bool, against: str | None, tokenizer: str | None, max_len: int | None
-) -> int:
+def validate(path: str, fmt: str, is_eval: bool, against: str | None, tokenizer, max_len: int | None) -> int:
+    """`data validate`; `tokenizer` (already loaded, or None) measures lengths against `max_len`."""
     if path is None:
         raise TracetuneError("data validate needs a FILE")
     report = _load(path, fmt, is_eval)
@@ -66,7 +64,8 @@ def _percentiles(values: list[int]) -> dict[str, int]:
     return {f"p{q}": ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))] for q in (50, 90, 95, 99, 100)}
 
 
-def stats(path: str, fmt: str, tokenizer: str | None) -> int:
+def stats(path: str, fmt: str, tokenizer, tokenizer_name: str | None) -> int:
+    """`data stats`; with a loaded `tokenizer`, also token length percentiles."""
     report = load_traces(path, fmt)
     report.raise_on_errors()
     records = report.records
@@ -82,7 +81,7 @@ def stats(path: str, fmt: str, tokenizer: str | None) -> int:
         print(f"  {num:>3} steps {count:>6} {'#' * max(1, round(40 * count / widest))}")
     if tokenizer:
         lengths = _token_lengths(report, tokenizer)
-        print(f"token lengths with {tokenizer} (prompt + completion): {_percentiles(lengths)}")
+        print(f"token lengths with {tokenizer_name} (prompt + completion): {_percentiles(lengths)}")
     return 0
 
 
@@ -108,6 +107,6 @@ def synth(num: int, seed: int, output: str | None, is_eval: bool, exclude: str |
         "kind": "eval" if is_eval else "train",
         "excluded_prompts_from": Path(exclude).name if exclude else None,
     }
-    out.with_suffix(".manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    write_json(out.with_suffix(".manifest.json"), manifest)
     print(f"wrote {len(records)} records to {out}")
     return 0

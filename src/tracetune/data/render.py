@@ -10,18 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# Gemma's turn format. The packaged GGUF tokenizer carries no template, so we install this one.
-GEMMA_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
-    "<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n"
-    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
-)
-# ChatML, as used by SmolLM2.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from tracetune.chat import end_of_turn_ids
+from tracetune.errors import Issue
 
 ANSWER_MARKER = "Answer:"
 _STEP_LINE = re.compile(r"^\s*(\d+)[.)]\s+(.*\S)\s*$")
@@ -65,21 +55,6 @@ def parse_completion(text: str) -> tuple[list[str], str | None]:
     return steps, answer
 
 
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """Token ids that end the model's turn: the template's end-of-turn token, then EOS if different."""
-    probe = "\x00PROBE\x00"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "q"}, {"role": "assistant", "content": probe}], tokenize=False
-    )
-    suffix = text.split(probe, 1)[1]
-    ids = tokenizer(suffix, add_special_tokens=False).input_ids
-    assert ids, "chat template must close the assistant turn"
-    out = [ids[0]]
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in out:
-        out.append(tokenizer.eos_token_id)
-    return out
-
-
 def tokenize_trace(tokenizer, trace, instruction: str, end_ids: list[int]) -> Example:
     """Prompt and completion are tokenized separately so the loss-mask boundary is exact."""
     prompt_ids = tokenizer(render_prompt(tokenizer, trace.prompt, instruction), add_special_tokens=False).input_ids
@@ -105,7 +80,6 @@ def tokenize_traces(tokenizer, traces, instruction: str, max_seq_length: int, po
     Truncation cuts the completion's tail; an example left with no loss tokens is always dropped and counted,
     because it would teach nothing and divide by zero in a loss average.
     """
-    from tracetune.data.traces import Issue
 
     end_ids = end_of_turn_ids(tokenizer)
     report = TokenizeReport([], issues=[])

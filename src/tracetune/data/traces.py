@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tracetune.data.render import parse_completion
-from tracetune.errors import DataError
+from tracetune.errors import DataError, Issue
 
 TRACE_VERSION = "1.0"
 FORMATS = ("native", "eval", "gsm8k", "chat", "alpaca")
@@ -46,20 +46,6 @@ class EvalItem:
     category: str | None = None
     difficulty: str | None = None
     line: int = field(default=0, compare=False)
-
-
-@dataclass(frozen=True)
-class Issue:
-    path: str
-    line: int
-    field: str
-    problem: str
-    fix: str
-    severity: str = "error"
-
-    def __str__(self) -> str:
-        where = f"{self.path}:{self.line}" if self.line else self.path
-        return f"{where}: {self.severity}: {self.field}: {self.problem}; fix: {self.fix}"
 
 
 @dataclass

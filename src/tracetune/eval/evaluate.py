@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from tracetune import dist
 from tracetune.config import EvalConfig
 from tracetune.data.render import end_of_turn_ids, parse_completion, render_prompt
 from tracetune.data.traces import EvalItem
@@ -25,17 +26,9 @@ from tracetune.eval.score import answers_match, extract_answer, normalize_text
 from tracetune.eval.stats import bootstrap_interval, mcnemar_exact, paired_bootstrap, pass_at_k, wilson_interval
 from tracetune.eval.steps import check_steps
 from tracetune.faults import STOP, crash_point
-from tracetune.runfiles import read_json, read_predictions, write_json
-from tracetune.train import distributed
+from tracetune.runfiles import read_json, read_predictions, trim_torn_line, write_json
 
 log = logging.getLogger("tracetune")
-
-
-def _trim_torn_line(path: Path) -> None:
-    if path.is_file():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
 def score_item(item: EvalItem, completion: str) -> dict:
@@ -72,12 +65,12 @@ def generate_predictions(
     Under torchrun each rank generates every world_size-th remaining item; rank 0 gathers the rows and
     appends them in eval-set order once all are done (so a distributed evaluation resumes per run, not per batch).
     """
-    d = distributed.current()
+    d = dist.current()
     path = out_dir / "predictions.jsonl"
     if d.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _trim_torn_line(path)
-    done = distributed.broadcast_from_main({row["id"] for row in read_predictions(path)} if d.is_main else None)
+        trim_torn_line(path)
+    done = dist.broadcast_from_main({row["id"] for row in read_predictions(path)} if d.is_main else None)
     todo = [item for item in items if item.id not in done]
     if done:
         log.info("%s: %d items already done, %d to go", path, len(done), len(todo))
@@ -93,13 +86,13 @@ def generate_predictions(
                 STOP.check(f"during evaluation ({out_dir.name}); finished items are kept")
         return path
     mine = [row for rows in batches for row in rows]
-    gathered = [row for rows in distributed.gather_to_all(mine) for row in rows]
+    gathered = [row for rows in dist.gather_to_all(mine) for row in rows]
     if d.is_main:
         order = {item.id: k for k, item in enumerate(items)}
         with open(path, "a", encoding="utf-8", newline="\n") as handle:
             for row in sorted(gathered, key=lambda r: order[r["id"]]):
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    distributed.barrier()
+    dist.barrier()
     return path
 
 
@@ -148,7 +141,7 @@ def _predict(
         desc=f"eval {name}",
         unit="item",
         dynamic_ncols=True,
-        disable=not distributed.current().is_main,
+        disable=not dist.current().is_main,
     )
     k = cfg.num_samples
     per_batch = max(1, cfg.batch_size // k)  # eval.batch_size counts rows: an item's k samples are k rows

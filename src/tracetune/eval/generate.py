@@ -179,7 +179,7 @@ def packs_exactly(linears: list[torch.nn.Linear]) -> bool:
     They are two oneDNN primitives (inner product on the packed weight, matmul on the plain one). With AVX-512
     BF16 and no AMX both run one brgemm kernel and agree (measured); with AMX each primitive picks its own
     blocking, so equality is checked, once per shape and thread count, on random inputs at decode and prefill
-    row counts (about 0.5 s for Gemma 3 270M's shapes).
+    row counts.
     """
     shapes = sorted({(m.out_features, m.in_features, m.bias is not None) for m in linears})
     key = (tuple(shapes), torch.get_num_threads())
@@ -221,8 +221,8 @@ def packed_linears(model):
     """Run `model`'s bf16 CPU linear layers on weights packed once into oneDNN's layout, then restore them.
 
     `F.linear` on bf16 CPU tensors calls oneDNN, which first reorders the weight into its blocked layout, on
-    every call: at decode sizes that reorder costs about as much as the product (the 262K x 640 LM head at 2
-    rows: 24 versus 16 ms on this project's CPU, bench/packed_linears.py). Packing runs only where the packed
+    every call: at decode sizes that reorder costs about as much as the product (bench/packed_linears.py).
+    Packing runs only where the packed
     product is bitwise `F.linear`'s on this machine (`packs_exactly`), so greedy answers do not change. The
     packed copies take as much memory as the weights, for the duration only. Other dtypes and devices, and
     torch builds without oneDNN, run unchanged.
@@ -389,8 +389,7 @@ def greedy_compacting(
         attention_mask, positions = attention_mask[order], positions[order]
         next_position = positions[:, -1] + 1
         for step in range(max_new_tokens):
-            # max's indices follow argmax's rule (the first maximum); on bf16 CPU logits it is 4x faster (23.8 versus
-            # 5.9 ms at 50 x 262K), about 8% of a batch's generation time.
+            # max's indices follow argmax's rule (the first maximum) and are much cheaper on bf16 CPU logits.
             if sampling is None:
                 tokens = logits[:, -1].max(-1).indices
             else:

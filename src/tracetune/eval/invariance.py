@@ -44,7 +44,7 @@ def describe_cpu() -> dict:
 
 
 def probe_kernels() -> dict:
-    """Kernel-level checks for env.json, no model needed (about 0.1 s on CPU): does a bf16 matmul round a row
+    """Kernel-level checks for env.json, no model needed: does a bf16 matmul round a row
     the same way at other row counts, does `generate.batch_invariant_attention` ignore leading padding, and do
     packed linear layers equal `F.linear`. Each is True or False as measured here."""
     started = time.perf_counter()
@@ -91,7 +91,7 @@ def probe_generation(model, tokenizer, prompts: list[str]) -> dict:
     """Decode up to PROBE_PROMPTS of `prompts` (rendered, spread over their lengths) for PROBE_STEPS greedy
     steps in one batch and each alone, and compare every step's logits bitwise: whether this model, precision
     and machine give batched greedy evaluation one-at-a-time answers. On CPU the kernel probe must agree too (a
-    few prompts try only a few row counts). About the cost of one small batch."""
+    few prompts try only a few row counts)."""
     started = time.perf_counter()
     chosen = sorted(prompts, key=len)
     chosen = [chosen[round(k * (len(chosen) - 1) / max(PROBE_PROMPTS - 1, 1))] for k in range(PROBE_PROMPTS)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import platform
 import shutil
@@ -16,6 +15,7 @@ import torch
 
 from tracetune import allocator
 from tracetune.eval.invariance import probe_kernels
+from tracetune.runfiles import write_json
 
 
 def _cpu_model() -> str:
@@ -58,7 +58,7 @@ def environment(device: str) -> dict:
 
 def write_env(run_dir: Path, device: str) -> dict:
     env = environment(device)
-    (run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n", encoding="utf-8")
+    write_json(run_dir / "env.json", env)
     lines = [f"{k}: {v}" for k, v in env.items() if k != "packages"]
     lines += ["", "packages:"] + [f"  {name}=={version}" for name, version in env["packages"].items()]
     (run_dir / "env_snapshot.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -15,8 +16,9 @@ import torch
 
 from tracetune.config import Config, load_config
 from tracetune.data.traces import load_eval_items
-from tracetune.eval.evaluate import BASELINE_DIRS, read_predictions
-from tracetune.train.checkpoint import latest_good_checkpoint, load_sharded_model
+from tracetune.eval.evaluate import BASELINE_DIRS
+from tracetune.models.checkpoints import latest_good_checkpoint, load_sharded_model
+from tracetune.runfiles import read_metrics, read_predictions, write_json
 
 
 @dataclass
@@ -33,23 +35,16 @@ class Gate:
         self.status = self.status or ("pass" if self.passed else "fail")
 
 
-def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(training lines, validation lines) of metrics.jsonl."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line]
-    train = [r for r in rows if r.get("split") != "val" and "loss" in r]  # skipped-step events carry no loss
-    return train, [r for r in rows if r.get("split") == "val"]
-
-
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def gate_training_completed(run_dir: Path) -> Gate:
+def gate_training_completed(name: str, run_dir: Path, cfg: Config) -> Gate:
     training = json.loads((run_dir / "training.json").read_text(encoding="utf-8"))
     train, _ = read_metrics(run_dir)
     last = train[-1]["step"] if train else 0
     return Gate(
-        "training_completed",
+        name,
         last == training["planned_steps"],
         last,
         training["planned_steps"],
@@ -57,7 +52,7 @@ def gate_training_completed(run_dir: Path) -> Gate:
     )
 
 
-def gate_loss_decreased(run_dir: Path, cfg: Config) -> Gate:
+def gate_loss_decreased(name: str, run_dir: Path, cfg: Config) -> Gate:
     train, val = read_metrics(run_dir)
     k = max(1, len(train) // 10)
     first, last = _mean([r["loss"] for r in train[:k]]), _mean([r["loss"] for r in train[-k:]])
@@ -67,13 +62,13 @@ def gate_loss_decreased(run_dir: Path, cfg: Config) -> Gate:
         value.update(first_val_loss=val[0]["loss"], last_val_loss=val[-1]["loss"])
         passed = passed and len(val) >= 2 and val[-1]["loss"] < val[0]["loss"]
     threshold = f"first - last > {cfg.gates.min_loss_drop}" + ("; last val < first val" if val else "")
-    return Gate("loss_decreased", passed, value, threshold, "metrics.jsonl")
+    return Gate(name, passed, value, threshold, "metrics.jsonl")
 
 
-def gate_finite(run_dir: Path) -> Gate:
+def gate_no_nan_or_inf(name: str, run_dir: Path, cfg: Config) -> Gate:
     train, val = read_metrics(run_dir)
     bad = [r["step"] for r in train + val for k in ("loss", "grad_norm") if k in r and not math.isfinite(r[k])]
-    return Gate("no_nan_or_inf", not bad, len(bad), 0, "metrics.jsonl", detail=f"steps {bad[:10]}" if bad else "")
+    return Gate(name, not bad, len(bad), 0, "metrics.jsonl", detail=f"steps {bad[:10]}" if bad else "")
 
 
 def _load_checkpoint_model(path: Path, cfg: Config):
@@ -88,9 +83,7 @@ def _load_checkpoint_model(path: Path, cfg: Config):
 
         from tracetune.models.sources import load_model, load_tokenizer
 
-        base = load_model(
-            cfg.model.source, load_tokenizer(cfg.model.source, cfg.seed), cfg.seed, cfg.model.attn_implementation
-        )
+        base = load_model(cfg.model.source, load_tokenizer(cfg.model.source), cfg.seed, cfg.model.attn_implementation)
         model = PeftModel.from_pretrained(base, path / "model")
     else:
         model = AutoModelForCausalLM.from_pretrained(
@@ -99,13 +92,13 @@ def _load_checkpoint_model(path: Path, cfg: Config):
     return model.to(torch.bfloat16) if cfg.train.precision == "bf16-weights" else model
 
 
-def gate_checkpoint_reloads(run_dir: Path, cfg: Config) -> Gate:
+def gate_checkpoint_reloads(name: str, run_dir: Path, cfg: Config) -> Gate:
     from tracetune.models.probe import probe_difference, probe_outputs
 
     path = latest_good_checkpoint(run_dir / "checkpoints")
     if path is None:
         return Gate(
-            "checkpoint_reloads",
+            name,
             False,
             None,
             f"max |diff| <= {cfg.gates.probe_atol}",
@@ -123,10 +116,10 @@ def gate_checkpoint_reloads(run_dir: Path, cfg: Config) -> Gate:
     detail = f"probe recorded on {recorded}, reloaded on {device}" + (
         "" if expected.get("exact", True) else " (inexact)"
     )
-    return Gate("checkpoint_reloads", diff <= atol, diff, atol, source, detail=detail)
+    return Gate(name, diff <= atol, diff, atol, source, detail=detail)
 
 
-def gate_final_model_loads(run_dir: Path) -> Gate:
+def gate_final_model_loads(name: str, run_dir: Path, cfg: Config) -> Gate:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     final = run_dir / "final_model"
@@ -134,16 +127,16 @@ def gate_final_model_loads(run_dir: Path) -> Gate:
         AutoTokenizer.from_pretrained(final)
         model = AutoModelForCausalLM.from_pretrained(final)
         detail = f"{type(model).__name__}, {sum(p.numel() for p in model.parameters())} params"
-        return Gate("final_model_loads", True, True, True, "final_model/", detail=detail)
+        return Gate(name, True, True, True, "final_model/", detail=detail)
     except (OSError, ValueError) as exc:
-        return Gate("final_model_loads", False, False, True, "final_model/", detail=str(exc)[:300])
+        return Gate(name, False, False, True, "final_model/", detail=str(exc)[:300])
 
 
-def gate_gpu_used(run_dir: Path, cfg: Config) -> Gate:
+def gate_gpu_used(name: str, run_dir: Path, cfg: Config) -> Gate:
     env = json.loads((run_dir / "env.json").read_text(encoding="utf-8"))
     if cfg.train.device != "cuda":
         return Gate(
-            "gpu_used",
+            name,
             True,
             env["device"],
             "cuda (only when asked)",
@@ -153,16 +146,16 @@ def gate_gpu_used(run_dir: Path, cfg: Config) -> Gate:
         )
     train, _ = read_metrics(run_dir)
     on_gpu = env["device"] == "cuda" and all("cuda_allocated_mb" in r for r in train)
-    return Gate("gpu_used", on_gpu, env.get("device_name"), "cuda", "env.json, metrics.jsonl")
+    return Gate(name, on_gpu, env.get("device_name"), "cuda", "env.json, metrics.jsonl")
 
 
-def gate_eval_complete(run_dir: Path, cfg: Config, which: str) -> Gate:
+def gate_eval_complete(name: str, run_dir: Path, cfg: Config, which: str) -> Gate:
     items = load_eval_items(cfg.eval.eval_file).records[: cfg.eval.max_items]
     done = {r["id"] for r in read_predictions(run_dir / "eval" / which / "predictions.jsonl")}
     missing = [i.id for i in items if i.id not in done]
     source = f"eval/{which}/predictions.jsonl"
     return Gate(
-        f"eval_{which}_complete",
+        name,
         not missing,
         len(items) - len(missing),
         len(items),
@@ -174,7 +167,7 @@ def gate_eval_complete(run_dir: Path, cfg: Config, which: str) -> Gate:
 COMPARISON_GATES = {"finetuned_beats_baseline": "accuracy", "finetuned_verified_beats_baseline": "verified accuracy"}
 
 
-def gate_beats_baseline(run_dir: Path, cfg: Config, name: str) -> Gate:
+def gate_beats_baseline(name: str, run_dir: Path, cfg: Config) -> Gate:
     """The fine-tuned model against the strongest baseline (eval/comparison.json), on accuracy or on verified
     accuracy: the paired difference must be at least gates.min_accuracy_gain."""
     threshold = f"difference >= {cfg.gates.min_accuracy_gain}"
@@ -220,37 +213,41 @@ def expected_files(cfg: Config) -> list[str]:
     return files
 
 
-def gate_evidence_complete(run_dir: Path, cfg: Config) -> Gate:
+def gate_evidence_complete(name: str, run_dir: Path, cfg: Config) -> Gate:
     missing = [f for f in expected_files(cfg) if not (run_dir / f).is_file()]
     if not list((run_dir / "final_model").glob("*.safetensors")):
         missing.append("final_model/*.safetensors")
-    return Gate("evidence_complete", not missing, missing, [], "run directory", detail=", ".join(missing))
+    return Gate(name, not missing, missing, [], "run directory", detail=", ".join(missing))
+
+
+def gate_table(cfg: Config) -> list[tuple[str, Callable[[str, Path, Config], Gate]]]:
+    """Every gate this run's config calls for, by name: the one place a gate is named."""
+    table = [
+        ("training_completed", gate_training_completed),
+        ("loss_decreased", gate_loss_decreased),
+        ("no_nan_or_inf", gate_no_nan_or_inf),
+        ("checkpoint_reloads", gate_checkpoint_reloads),
+        ("final_model_loads", gate_final_model_loads),
+        ("gpu_used", gate_gpu_used),
+    ]
+    if cfg.eval.eval_file is not None:
+        table.append(("eval_final_complete", partial(gate_eval_complete, which="final")))
+        if cfg.eval.run_base:
+            for baseline in cfg.eval.baselines:
+                which = BASELINE_DIRS[baseline]
+                table.append((f"eval_{which}_complete", partial(gate_eval_complete, which=which)))
+        table += [(name, gate_beats_baseline) for name in COMPARISON_GATES]
+    table.append(("evidence_complete", gate_evidence_complete))
+    return table
 
 
 def compute_gates(run_dir: Path) -> list[Gate]:
     """Every gate, from files; a gate whose inputs are missing fails rather than raising."""
     cfg = load_config(run_dir / "config.yaml")
-    checks = [
-        ("training_completed", lambda: gate_training_completed(run_dir)),
-        ("loss_decreased", lambda: gate_loss_decreased(run_dir, cfg)),
-        ("no_nan_or_inf", lambda: gate_finite(run_dir)),
-        ("checkpoint_reloads", lambda: gate_checkpoint_reloads(run_dir, cfg)),
-        ("final_model_loads", lambda: gate_final_model_loads(run_dir)),
-        ("gpu_used", lambda: gate_gpu_used(run_dir, cfg)),
-    ]
-    if cfg.eval.eval_file is not None:
-        checks.append(("eval_final_complete", lambda: gate_eval_complete(run_dir, cfg, "final")))
-        if cfg.eval.run_base:
-            for baseline in cfg.eval.baselines:
-                which = BASELINE_DIRS[baseline]
-                checks.append((f"eval_{which}_complete", partial(gate_eval_complete, run_dir, cfg, which)))
-        for name in COMPARISON_GATES:
-            checks.append((name, partial(gate_beats_baseline, run_dir, cfg, name)))
-    checks.append(("evidence_complete", lambda: gate_evidence_complete(run_dir, cfg)))
     gates = []
-    for name, check in checks:
+    for name, check in gate_table(cfg):
         try:
-            gates.append(check())
+            gates.append(check(name, run_dir, cfg))
         except (OSError, KeyError, ValueError, IndexError) as exc:
             gates.append(Gate(name, False, None, None, "", detail=f"could not compute: {type(exc).__name__}: {exc}"))
     return gates
@@ -258,5 +255,5 @@ def compute_gates(run_dir: Path) -> list[Gate]:
 
 def write_gates(run_dir: Path, gates: list[Gate]) -> dict:
     record = {"passed": all(g.passed for g in gates), "gates": [asdict(g) for g in gates]}
-    (run_dir / "gates.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_json(run_dir / "gates.json", record)
     return record

@@ -14,8 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tracetune.evidence.gates import read_metrics  # noqa: E402
-from tracetune.runfiles import read_predictions  # noqa: E402
+from tracetune.runfiles import read_metrics, read_predictions  # noqa: E402
 
 
 def _json(path: Path) -> dict | None:

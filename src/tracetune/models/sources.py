@@ -16,9 +16,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tracetune.data.render import CHATML_TEMPLATE, GEMMA_CHAT_TEMPLATE, end_of_turn_ids
+from tracetune.chat import CHATML_TEMPLATE, GEMMA_CHAT_TEMPLATE, end_of_turn_ids
 from tracetune.errors import SourceError
 from tracetune.hashing import sha256_file
+from tracetune.runfiles import write_json
 
 
 def cache_root() -> Path:
@@ -94,7 +95,7 @@ def prepare_packaged(name: str, log=print) -> Path:
     tokenizer.save_pretrained(staging)
     record = {"source": f"packaged:{name}", "gguf_file": str(gguf), "gguf_sha256": sha256_file(gguf)}
     record["convert_seconds"] = round(time.time() - started, 1)
-    (staging / "tracetune_source.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_json(staging / "tracetune_source.json", record)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
     log(f"converted in {record['convert_seconds']} s")
@@ -161,13 +162,6 @@ def tiny_model(arch: str, tokenizer, seed: int, **overrides):
 # ---------------------------------------------------------------- resolving a source string
 
 
-def describe_source(source: str) -> str:
-    kind, _, name = source.partition(":")
-    if kind == "packaged":
-        return PACKAGED[name].description if name in PACKAGED else source
-    return source
-
-
 def _hub_error(source: str, exc: Exception) -> SourceError:
     return SourceError(
         f"cannot load model {source!r}: it is not a local directory, it is not in the Hugging Face cache "
@@ -177,7 +171,7 @@ def _hub_error(source: str, exc: Exception) -> SourceError:
     )
 
 
-def load_tokenizer(source: str, seed: int = 0):
+def load_tokenizer(source: str):
     """The tokenizer of a model source, with a chat template guaranteed."""
     from transformers import AutoTokenizer
 

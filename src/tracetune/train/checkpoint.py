@@ -23,13 +23,11 @@ from pathlib import Path
 
 import torch
 
+from tracetune.dist import barrier, current
 from tracetune.errors import TracetuneError
 from tracetune.faults import crash_point
-from tracetune.hashing import hash_mismatches, sha256_file
-from tracetune.train.distributed import barrier, current
-
-COMMIT_MARKER = "COMMITTED"
-MANIFEST = "MANIFEST.json"
+from tracetune.hashing import sha256_file
+from tracetune.models.checkpoints import COMMIT_MARKER, MANIFEST, committed_checkpoints
 
 
 class CheckpointError(TracetuneError):
@@ -151,33 +149,6 @@ def _write_committed(root, step, write_weights, trainer_state, config_yaml, prob
     return final
 
 
-def verify_checkpoint(path: Path) -> list[str]:
-    """Problems with one checkpoint directory: missing marker or manifest, missing or altered files."""
-    if not (path / COMMIT_MARKER).is_file():
-        return [f"{path.name}: no {COMMIT_MARKER} marker (incomplete write)"]
-    if not (path / MANIFEST).is_file():
-        return [f"{path.name}: no {MANIFEST}"]
-    manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    reasons = {"missing": "missing", "altered": "sha256 mismatch (altered or truncated)"}
-    return [f"{path.name}/{name}: {reasons[kind]}" for name, kind in hash_mismatches(path, manifest)]
-
-
-def committed_checkpoints(root: Path) -> list[Path]:
-    """Committed checkpoint directories, oldest first (marker present; hashes not checked here)."""
-    if not root.is_dir():
-        return []
-    dirs = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".staging")]
-    return sorted((p for p in dirs if (p / COMMIT_MARKER).is_file()), key=lambda p: p.name)
-
-
-def latest_good_checkpoint(root: Path) -> Path | None:
-    """The newest committed checkpoint whose files all match its manifest."""
-    for path in reversed(committed_checkpoints(root)):
-        if not verify_checkpoint(path):
-            return path
-    return None
-
-
 def prune_checkpoints(root: Path, keep_last: int) -> None:
     committed = committed_checkpoints(root)
     for old in committed[: max(0, len(committed) - keep_last)]:
@@ -234,19 +205,6 @@ def restore_sharded_checkpoint(path: Path, model, optimizer, scheduler) -> Progr
     dcp.load(state, checkpoint_id=path / "dcp")
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     return _restore_trainer_state(path, scheduler)
-
-
-def load_sharded_model(path: Path):
-    """A plain (unsharded) model from an FSDP checkpoint, in one process: for the reload gate and evaluation."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
-    state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=path / "dcp", no_dist=True)  # rank 0 alone, even inside a process group
-    set_model_state_dict(model, state["model"])
-    return model
 
 
 def _restore_trainer_state(path: Path, scheduler) -> Progress:

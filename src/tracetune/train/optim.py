@@ -34,7 +34,7 @@ def param_groups(named_params: list[tuple[str, torch.nn.Parameter]], weight_deca
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adafactor":
         return torch.optim.Adafactor(groups, lr=cfg.lr)
     # fused AdamW runs one kernel over all tensors on CUDA and CPU; foreach where fused is unavailable.
