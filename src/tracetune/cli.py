@@ -235,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: invalid JSON: {exc}", file=sys.stderr)
         return 2
     finally:
-        if "tracetune.train.distributed" in sys.modules:  # leave torchrun's process group cleanly
-            sys.modules["tracetune.train.distributed"].shutdown()
+        if "tracetune.dist" in sys.modules:  # leave torchrun's process group cleanly
+            sys.modules["tracetune.dist"].shutdown()
 
 
 def entry() -> None:

@@ -14,6 +14,7 @@ number or nothing was computed). `work_valid` is no failed claim and no answer t
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import asdict, dataclass
 from fractions import Fraction
@@ -25,6 +26,7 @@ _TOKEN = re.compile(
     r"|(?P<op>[-+*/×÷·−])|(?P<lp>\()|(?P<rp>\))|(?P<pct>%)|(?P<eq>=)"
     r"|(?P<word>[A-Za-z]+)|(?P<cur>[$€£¥])|(?P<space>\s+)|(?P<other>.)"
 )
+_APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 _OPERATORS = {"+": "+", "-": "-", "−": "-", "*": "*", "×": "*", "·": "*", "/": "/", "÷": "/"}
 
 
@@ -96,21 +98,18 @@ class _Parser:
         return self.tokens[self.at] if self.at < len(self.tokens) else ("end", "")
 
     def _sum(self) -> Fraction:
-        value = self._product()
-        while self._peek()[0] == "op" and _OPERATORS[self._peek()[1]] in "+-":
-            op = _OPERATORS[self.tokens[self.at][1]]
-            self.at += 1
-            right = self._product()
-            value = value + right if op == "+" else value - right
-        return value
+        return self._chain(self._product, "+-")
 
     def _product(self) -> Fraction:
-        value = self._unary()
-        while self._peek()[0] == "op" and _OPERATORS[self._peek()[1]] in "*/":
+        return self._chain(self._unary, "*/")
+
+    def _chain(self, operand, operators: str) -> Fraction:
+        """operand ((one of `operators`) operand)*, left to right."""
+        value = operand()
+        while self._peek()[0] == "op" and _OPERATORS[self._peek()[1]] in operators:
             op = _OPERATORS[self.tokens[self.at][1]]
             self.at += 1
-            right = self._unary()
-            value = value * right if op == "*" else value / right
+            value = _APPLY[op](value, operand())
         return value
 
     def _unary(self) -> Fraction:

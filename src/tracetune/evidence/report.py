@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from collections import defaultdict
 from pathlib import Path
 
@@ -14,11 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tracetune.runfiles import read_metrics, read_predictions  # noqa: E402
-
-
-def _json(path: Path) -> dict | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+from tracetune.runfiles import read_json, read_metrics, read_predictions  # noqa: E402
 
 
 def _pct(x: float) -> str:
@@ -47,21 +42,21 @@ def load_run(run_dir: Path) -> dict:
     """Every file the report reads, parsed."""
     train, val = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else ([], [])
     return {
-        "run": _json(run_dir / "run.json") or {},
+        "run": read_json(run_dir / "run.json") or {},
         "config": _config(run_dir),
-        "training": _json(run_dir / "training.json") or {},
-        "env": _json(run_dir / "env.json") or {},
+        "training": read_json(run_dir / "training.json") or {},
+        "env": read_json(run_dir / "env.json") or {},
         "train": train,
         "val": val,
-        "base": _json(run_dir / "eval" / "base" / "scores.json"),
-        "few_shot": _json(run_dir / "eval" / "few_shot" / "scores.json"),
-        "final": _json(run_dir / "eval" / "final" / "scores.json"),
+        "base": read_json(run_dir / "eval" / "base" / "scores.json"),
+        "few_shot": read_json(run_dir / "eval" / "few_shot" / "scores.json"),
+        "final": read_json(run_dir / "eval" / "final" / "scores.json"),
         "predictions": {
             which: read_predictions(run_dir / "eval" / which / "predictions.jsonl")
             for which in ("base", "few_shot", "final")
         },
-        "comparison": _json(run_dir / "eval" / "comparison.json"),
-        "gates": _json(run_dir / "gates.json"),
+        "comparison": read_json(run_dir / "eval" / "comparison.json"),
+        "gates": read_json(run_dir / "gates.json"),
     }
 
 
@@ -152,14 +147,10 @@ def verdict(data: dict) -> str:
     return text
 
 
-def write_summary(run_dir: Path, data: dict) -> str:
-    cfg, run, totals = data["config"], data["run"], training_totals(data)
-    t = cfg.get("train", {})
-    lines = [f"# tracetune run `{run.get('run_id', run_dir.name)}`", "", f"**{verdict(data)}**", ""]
-    lines += [
-        f"Status: **{run.get('status', 'unknown')}**; started {run.get('started_at')}, ended {run.get('ended_at')}.",
-        "",
-    ]
+def _configuration_section(data: dict) -> list[str]:
+    """The run's settings, from config.yaml and env.json."""
+    cfg, t = data["config"], data["config"].get("train", {})
+    lines: list[str] = []
     lines += ["## Configuration", ""]
     lines += _table(
         ["setting", "value"],
@@ -178,6 +169,13 @@ def write_summary(run_dir: Path, data: dict) -> str:
             ],
         ],
     )
+    return lines
+
+
+def _training_section(data: dict) -> list[str]:
+    """Steps, throughput and losses, from metrics.jsonl and training.json."""
+    totals = training_totals(data)
+    lines: list[str] = []
     lines += ["", "## Training results", ""]
     lines += _table(
         ["steps", "runtime (s)", "samples/s", "tokens/s", "final train loss", "final val loss"],
@@ -194,6 +192,13 @@ def write_summary(run_dir: Path, data: dict) -> str:
     )
     lines += ["", "### Loss per epoch", ""]
     lines += _table(["epoch", "mean train loss", "first", "last", "val loss at epoch end"], loss_by_epoch(data))
+    return lines
+
+
+def _evaluation_section(data: dict) -> list[str]:
+    """Every evaluated model side by side, per category, examples of failures, and the comparison."""
+    final, comp = data["final"], data["comparison"]
+    lines: list[str] = []
     lines += ["", "## Evaluation", ""]
     final, comp = data["final"], data["comparison"]
     if final:
@@ -243,6 +248,12 @@ def write_summary(run_dir: Path, data: dict) -> str:
             f"{comp['ci_method']}); exact McNemar p = {comp['mcnemar_p']:.3g}; {len(comp['improved_ids'])} items improved, "
             f"{len(comp['regressed_ids'])} regressed, out of {comp['num_paired_items']}.",
         ]
+    return lines
+
+
+def _gates_section(data: dict) -> list[str]:
+    """The gate table, from gates.json."""
+    lines: list[str] = []
     if data["gates"]:
         lines += ["", "## Quality gates", "", f"All passed: **{data['gates']['passed']}**", ""]
         lines += _table(
@@ -252,6 +263,18 @@ def write_summary(run_dir: Path, data: dict) -> str:
                 for g in data["gates"]["gates"]
             ],
         )
+    return lines
+
+
+def write_summary(run_dir: Path, data: dict) -> str:
+    """summary.md: the verdict first, then configuration, training, evaluation, gates and the file list."""
+    run = data["run"]
+    lines = [f"# tracetune run `{run.get('run_id', run_dir.name)}`", "", f"**{verdict(data)}**", ""]
+    lines += [
+        f"Status: **{run.get('status', 'unknown')}**; started {run.get('started_at')}, ended {run.get('ended_at')}.",
+        "",
+    ]
+    lines += _configuration_section(data) + _training_section(data) + _evaluation_section(data) + _gates_section(data)
     lines += ["", "## Artifacts", "", f"Besides {', '.join(REPORT_OUTPUTS)}, written after this list:", ""]
     lines += _table(["file", "size"], _artifacts(run_dir))
     text = "\n".join(lines) + "\n"
