@@ -316,10 +316,6 @@ def _git_state() -> dict:
         return {"commit": None, "dirty": None}
 
 
-def _write_run_json(run_dir: Path, record: dict) -> None:
-    write_json(run_dir / "run.json", record)
-
-
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
@@ -350,89 +346,91 @@ def _train_or_resume(cfg: Config, inputs: Inputs, run_dir: Path, resume: bool):
     return result.final_model_dir
 
 
-def run_stage(cfg: Config, argv: list[str], resume: bool = False) -> tuple[Path, dict]:
-    """`tracetune run`: base eval, train, final eval, gates, report, manifest. Returns (run_dir, gates record).
-
-    With `resume`, continue the run directory the config names: finished items and steps are kept.
-    """
-    import json
-
+def _open_run(cfg: Config, run_dir: Path, argv: list[str], resume: bool, device, topology: dict) -> dict:
+    """Rank 0: create (or reopen, on resume) the run directory and its records; returns run.json's record."""
     import tracetune
-    from tracetune import dist
-    from tracetune.eval.evaluate import compare_with_baselines
     from tracetune.evidence.env import write_env, write_gpu_snapshot
+    from tracetune.hashing import sha256_file
+    from tracetune.runfiles import read_json
+
+    if resume:
+        check_resumable(run_dir, cfg, topology["world_size"])
+        record = read_json(run_dir / "run.json")
+        record.setdefault("resumed_at", []).append(_now())
+        record.update(status="running", ended_at=None)
+        record.pop("error", None)
+        (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")  # accumulation may differ
+    else:
+        new_run_dir(cfg)
+        data_files = [cfg.data.train_file] + ([cfg.eval.eval_file] if cfg.eval.eval_file else [])
+        record = {
+            "run_id": run_dir.name,
+            "argv": argv,
+            "started_at": _now(),
+            "ended_at": None,
+            "status": "running",
+            "seed": cfg.seed,
+            "tracetune_version": tracetune.__version__,
+            "git": _git_state(),
+            "data_sha256": {str(p): sha256_file(p) for p in data_files},
+        }
+    record.update(topology)
+    write_json(run_dir / "run.json", record)
+    if not (run_dir / "env.json").is_file():
+        write_env(run_dir, device.type)
+    write_gpu_snapshot(run_dir, device.type, "start")
+    return record
+
+
+def _close_run(run_dir: Path, record: dict) -> dict:
+    """Rank 0: gates, run.json's final status, report, and the manifest (written last)."""
     from tracetune.evidence.gates import compute_gates, write_gates
     from tracetune.evidence.manifest import write_manifest
     from tracetune.evidence.report import write_report
+
+    gates = write_gates(run_dir, compute_gates(run_dir))
+    record.update(status="completed" if gates["passed"] else "gates_failed", ended_at=_now())
+    write_json(run_dir / "run.json", record)
+    write_report(run_dir)
+    write_manifest(run_dir)
+    return gates
+
+
+def run_stage(cfg: Config, argv: list[str], resume: bool = False) -> tuple[Path, dict]:
+    """`tracetune run`: baselines, train, final eval, comparison, gates, report, manifest. Returns (run_dir,
+    gates record). With `resume`, continue the run directory the config names: finished items and steps are kept.
+    """
+    from tracetune import dist
+    from tracetune.eval.evaluate import compare_with_baselines
+    from tracetune.evidence.env import write_gpu_snapshot
     from tracetune.faults import STOP, Interrupted
-    from tracetune.hashing import sha256_file
     from tracetune.logs import log_to_file
-    from tracetune.runfiles import write_json
 
     inputs, device = prepare(cfg)
     d = dist.current()
     run_dir = _agreed_run_dir(cfg)
     topology = dist.describe(device)
+    evaluate = inputs.eval_items is not None
     with _main_lock(run_dir), STOP:
-
-        def start() -> dict:  # rank 0: create or reopen the run directory and its records
-            if resume:
-                check_resumable(run_dir, cfg, d.world_size)
-                record = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-                record.setdefault("resumed_at", []).append(_now())
-                record.update(status="running", ended_at=None)
-                record.pop("error", None)
-                (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")  # accumulation may differ
-            else:
-                new_run_dir(cfg)
-                data_files = [cfg.data.train_file] + ([cfg.eval.eval_file] if cfg.eval.eval_file else [])
-                record = {
-                    "run_id": run_dir.name,
-                    "argv": argv,
-                    "started_at": _now(),
-                    "ended_at": None,
-                    "status": "running",
-                    "seed": cfg.seed,
-                    "tracetune_version": tracetune.__version__,
-                    "git": _git_state(),
-                    "data_sha256": {str(p): sha256_file(p) for p in data_files},
-                }
-            record.update(topology)
-            _write_run_json(run_dir, record)
-            if not (run_dir / "env.json").is_file():
-                write_env(run_dir, device.type)
-            write_gpu_snapshot(run_dir, device.type, "start")
-            return record
-
-        record = dist.on_main(start)
+        record = dist.on_main(lambda: _open_run(cfg, run_dir, argv, resume, device, topology))
         try:
-            if inputs.eval_items is not None and cfg.eval.run_base:
+            if evaluate and cfg.eval.run_base:
                 with log_to_file(run_dir / "logs" / "eval.log"):
                     evaluate_baselines(cfg, inputs, run_dir / "eval")
             final_model = _train_or_resume(cfg, inputs, run_dir, resume)
-            if inputs.eval_items is not None:
+            if evaluate:
                 with log_to_file(run_dir / "logs" / "eval.log"):
                     log.info("evaluating the fine-tuned model %s", final_model)
                     evaluate_model(cfg, str(final_model), inputs.eval_items, run_dir / "eval" / "final")
             if d.is_main:
-                if inputs.eval_items is not None and cfg.eval.run_base:
-                    comparison = compare_with_baselines(run_dir / "eval", cfg.seed)
-                    write_json(run_dir / "eval" / "comparison.json", comparison)
+                if evaluate and cfg.eval.run_base:
+                    write_json(run_dir / "eval" / "comparison.json", compare_with_baselines(run_dir / "eval", cfg.seed))
                 write_gpu_snapshot(run_dir, device.type, "end")
         except BaseException as exc:
             if d.is_main:
                 status = "interrupted" if isinstance(exc, Interrupted | KeyboardInterrupt) else "failed"
                 record.update(status=status, ended_at=_now(), error=f"{type(exc).__name__}: {exc}")
-                _write_run_json(run_dir, record)
+                write_json(run_dir / "run.json", record)
             raise
-
-        def finish() -> dict:  # rank 0: gates, report, manifest
-            gates = write_gates(run_dir, compute_gates(run_dir))
-            record.update(status="completed" if gates["passed"] else "gates_failed", ended_at=_now())
-            _write_run_json(run_dir, record)
-            write_report(run_dir)
-            write_manifest(run_dir)
-            return gates
-
-        gates = dist.on_main(finish)
+        gates = dist.on_main(lambda: _close_run(run_dir, record))
     return run_dir, gates
