@@ -325,14 +325,15 @@ def fit(
     ctx.bar.close()
     elapsed = time.perf_counter() - ctx.started
     final_dir = save_final_model(state.model, tokenizer, run_dir, tc.method, state.strategy == "fsdp")
+    record = _training_record(ctx, state, progress, len(train), steps_per_epoch)  # a collective: every rank
     if d.is_main:
-        write_json(run_dir / "training.json", _training_record(ctx, state, progress, len(train), steps_per_epoch))
+        write_json(run_dir / "training.json", record)
     log.info("training done: %d steps in %.1f s; final model in %s", progress.step, elapsed, final_dir)
     return FitResult(progress.step, total_steps, elapsed, final_dir)
 
 
 def _training_record(ctx: RunContext, state: TrainState, progress: Progress, num_train: int, per_epoch: int) -> dict:
-    """training.json: what was planned and done, on what, how."""
+    """training.json: what was planned and done, on what, how. Every rank calls it (dist.describe gathers)."""
     tc, device = ctx.cfg.train, state.device
     return {
         "planned_steps": ctx.total_steps,
