@@ -22,3 +22,17 @@ def test_bench_worker_runs_on_the_tiny_model(worker):
         assert record["num_items"] == 4 and record["tracetune"]["items_per_s"] > 0
     else:
         assert record["real_tokens_per_s"] > 0 and record["val_loss"] > 0
+
+
+def test_gpu_bench_runs_the_real_step_on_the_cpu():
+    args = ["--device", "cpu", "--arch", "tiny", "--batch", "2", "--steps", "2", "--warmup", "1"]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_bench.py"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads(result.stdout[result.stdout.index("{") :])
+    assert record["arch"] == "tiny" and record["tokens_per_s"] > 0
