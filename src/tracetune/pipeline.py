@@ -235,24 +235,39 @@ def _main_lock(run_dir: Path):
     return run_lock(run_dir) if dist.current().is_main else contextlib.nullcontext()
 
 
-def evaluate_model(
-    cfg: Config, model_source: str, items: list[EvalItem], out_dir: Path, demonstrations: list[Trace] | None = None
-) -> dict:
-    """Load a model (source string or directory), generate predictions for `items`, write scores.json. With
-    `demonstrations` (training traces), evaluate it few-shot (eval/baselines.py)."""
+def _load_for_eval(cfg: Config, model_source: str):
+    """(tokenizer, model) of a source or directory, on this rank's device in the evaluation's precision."""
     import torch
 
     from tracetune import dist
     from tracetune.dist import resolve_device
-    from tracetune.eval.baselines import build_few_shot
-    from tracetune.eval.evaluate import generate_predictions, write_scores
-    from tracetune.models.sources import is_chat_model, load_model, load_tokenizer
+    from tracetune.models.sources import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_source)
     model = load_model(model_source, tokenizer, cfg.seed, cfg.model.attn_implementation)
     model.to(dist.rank_device(resolve_device(cfg.train.device)))
     if cfg.eval.precision == "bf16":
         model.to(torch.bfloat16)
+    return tokenizer, model
+
+
+def evaluate_model(
+    cfg: Config,
+    model_source: str,
+    items: list[EvalItem],
+    out_dir: Path,
+    demonstrations: list[Trace] | None = None,
+    loaded: tuple | None = None,
+) -> dict:
+    """Generate predictions for `items` with a model (source string or directory; `loaded` when its (tokenizer,
+    model) are already in memory), write scores.json. With `demonstrations` (training traces), evaluate it
+    few-shot (eval/baselines.py)."""
+    from tracetune import dist
+    from tracetune.eval.baselines import build_few_shot
+    from tracetune.eval.evaluate import generate_predictions, write_scores
+    from tracetune.models.sources import is_chat_model
+
+    tokenizer, model = loaded or _load_for_eval(cfg, model_source)
     few_shot = None
     if demonstrations is not None:
         fmt = cfg.eval.few_shot_format
@@ -266,13 +281,16 @@ def evaluate_model(
 
 
 def evaluate_baselines(cfg: Config, inputs: Inputs, eval_dir: Path) -> None:
-    """The base model under every configured baseline: zero-shot into eval/base, few-shot into eval/few_shot."""
+    """The base model, loaded once, under every configured baseline: zero-shot into eval/base, few-shot into
+    eval/few_shot."""
     from tracetune.eval.evaluate import BASELINE_DIRS
 
+    loaded = _load_for_eval(cfg, cfg.model.source)
     for name in cfg.eval.baselines:
         log.info("evaluating the base model %s (%s)", cfg.model.source, name.replace("_", "-"))
         demonstrations = inputs.train if name == "few_shot" else None
-        evaluate_model(cfg, cfg.model.source, inputs.eval_items, eval_dir / BASELINE_DIRS[name], demonstrations)
+        out_dir = eval_dir / BASELINE_DIRS[name]
+        evaluate_model(cfg, cfg.model.source, inputs.eval_items, out_dir, demonstrations, loaded)
 
 
 def eval_stage(cfg: Config, model_source: str, out_dir: Path | None, baseline: str = "zero_shot") -> Path:

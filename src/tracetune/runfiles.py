@@ -49,7 +49,7 @@ def trim_torn_line(path: Path) -> None:
 def trim_jsonl(path: Path, last_step: int) -> None:
     """Keep the complete lines whose step is at most `last_step` (drops a torn line and anything later)."""
     if path.is_file():
-        kept = [json.dumps(row) + "\n" for row in read_jsonl(path) if row["step"] <= last_step]
+        kept = [json.dumps(row, ensure_ascii=False) + "\n" for row in read_jsonl(path) if row["step"] <= last_step]
         path.write_text("".join(kept), encoding="utf-8", newline="\n")
 
 

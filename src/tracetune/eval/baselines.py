@@ -16,6 +16,7 @@ The demonstrations are the same for every item, so they form one prefix whose KV
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from dataclasses import dataclass
 
@@ -100,7 +101,4 @@ def _chat_prefix(tokenizer, turns: list[dict], instruction: str) -> str:
         )
         for q in ("A", "B")
     ]
-    common = 0
-    while texts[0][common] == texts[1][common]:
-        common += 1
-    return texts[0][:common]
+    return os.path.commonprefix(texts)

@@ -61,7 +61,6 @@ class Prefix:
     """Text every prompt of an evaluation starts with (few-shot demonstrations), prefilled once: its KV cache
     is copied into each batch, so the prompts' forward pass covers only what follows it."""
 
-    text: str
     num_tokens: int
     cache: DynamicCache
 
@@ -73,7 +72,15 @@ def prefill_prefix(model, tokenizer, text: str) -> Prefix:
     cache = DynamicCache(config=model.config)
     with torch.inference_mode(), packed_linears(model), _attention(model, ATTENTION):
         model(input_ids=ids, use_cache=True, logits_to_keep=1, **{_cache_name(model): cache})
-    return Prefix(text, ids.shape[1], cache)
+    return Prefix(ids.shape[1], cache)
+
+
+def encode(tokenizer, prompts: list[str], device) -> dict:
+    """Rendered prompts as ids, left-padded to a multiple of PAD_MULTIPLE tokens (see the module docstring)."""
+    tokenizer.padding_side = "left"
+    return tokenizer(
+        prompts, return_tensors="pt", padding=True, pad_to_multiple_of=PAD_MULTIPLE, add_special_tokens=False
+    ).to(device)
 
 
 def generate_batch(
@@ -91,12 +98,8 @@ def generate_batch(
     seeded by `seeds` (one per prompt), so its tokens do not depend on its neighbours wherever greedy decoding's
     logits do not. A completion ends at a stop id, at any of `cfg.stop_strings` and `stop_strings` (cut off,
     finish_reason 'stop'), or after `cfg.max_new_tokens`."""
-    device = next(model.parameters()).device
     stop_strings = [*cfg.stop_strings, *stop_strings]
-    tokenizer.padding_side = "left"
-    encoded = tokenizer(
-        prompts, return_tensors="pt", padding=True, pad_to_multiple_of=PAD_MULTIPLE, add_special_tokens=False
-    ).to(device)
+    encoded = encode(tokenizer, prompts, next(model.parameters()).device)
     sampling = None
     if cfg.do_sample:
         assert seeds is not None and len(seeds) == len(prompts), "sampling needs one seed per prompt"
@@ -212,7 +215,10 @@ def _packable(model) -> list[torch.nn.Linear]:
 def will_pack(model) -> bool:
     """Whether `packed_linears(model)` packs: bf16 CPU linear layers, oneDNN bf16 kernels, and packed products
     equal to `F.linear` bitwise on this machine."""
-    linears = _packable(model)
+    return _packs(_packable(model))
+
+
+def _packs(linears: list[torch.nn.Linear]) -> bool:
     return bool(linears) and can_pack() and packs_exactly(linears)
 
 
@@ -222,15 +228,14 @@ def packed_linears(model):
 
     `F.linear` on bf16 CPU tensors calls oneDNN, which first reorders the weight into its blocked layout, on
     every call: at decode sizes that reorder costs about as much as the product (bench/packed_linears.py).
-    Packing runs only where the packed
-    product is bitwise `F.linear`'s on this machine (`packs_exactly`), so greedy answers do not change. The
-    packed copies take as much memory as the weights, for the duration only. Other dtypes and devices, and
-    torch builds without oneDNN, run unchanged.
+    Packing runs only where the packed product is bitwise `F.linear`'s on this machine (`packs_exactly`), so
+    greedy answers do not change. The packed copies take as much memory as the weights, for the duration only.
+    Other dtypes and devices, and torch builds without oneDNN, run unchanged.
     """
-    if not will_pack(model):
+    linears = _packable(model)
+    if not _packs(linears):
         yield
         return
-    linears = _packable(model)
     try:
         for m in linears:
             packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach())

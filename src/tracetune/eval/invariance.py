@@ -122,11 +122,7 @@ def probe_generation(model, tokenizer, prompts: list[str]) -> dict:
 
 def _step_logits(model, tokenizer, prompts: list[str]) -> list[list[torch.Tensor]]:
     """Each prompt's last-position logits at every greedy step, decoded together as generation does."""
-    device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
-    encoded = tokenizer(
-        prompts, return_tensors="pt", padding=True, pad_to_multiple_of=generate.PAD_MULTIPLE, add_special_tokens=False
-    ).to(device)
+    encoded = generate.encode(tokenizer, prompts, next(model.parameters()).device)
     recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.inference_mode(), generate.packed_linears(model):
         generate.greedy_compacting(

@@ -90,7 +90,7 @@ def _probe_ids(examples: list[Example]) -> list[list[int]]:
     return [list(examples[0].input_ids[:32])]
 
 
-def append_metrics(path: Path, record: dict) -> None:
+def append_on_main(path: Path, record: dict) -> None:
     """Rank 0 appends a line to a run file (metrics.jsonl, example_ids.jsonl)."""
     if dist.current().is_main:
         append_jsonl(path, record)
@@ -153,7 +153,7 @@ def run_validation(ctx: RunContext, state: TrainState, progress: Progress) -> No
     val_loss, n = validate(state.net, ctx.val, ctx.cfg.train.batch_size, ctx.pad_id, state.device, state.autocast)
     epoch = round(progress.epoch + progress.next_batch / max(1, ctx.num_batches), 4)
     record = {"split": "val", "step": progress.step, "epoch": epoch, "loss": val_loss, "num_loss_tokens": n}
-    append_metrics(ctx.metrics_path, record)
+    append_on_main(ctx.metrics_path, record)
     log.info("step %d val_loss %.4f", progress.step, val_loss)
 
 
@@ -231,12 +231,12 @@ def log_step(ctx: RunContext, state: TrainState, progress: Progress, micro, resu
     add_to_window(progress.window, micro, result)
     if not result.finite:
         event = {"step": progress.step, "epoch": round(epoch, 4), "event": "skipped_nonfinite"}
-        append_metrics(ctx.metrics_path, event)
+        append_on_main(ctx.metrics_path, event)
     elif progress.step % tc.log_every_steps == 0 or progress.step == ctx.total_steps:
         now = time.perf_counter()
         seconds = max(now - ctx.last_log_time, 1e-9)
         record = metrics_line(state, progress, epoch, result, seconds, now - ctx.started)
-        append_metrics(ctx.metrics_path, record)
+        append_on_main(ctx.metrics_path, record)
         ctx.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         progress.window = Progress().window
         ctx.last_log_time = time.perf_counter()
@@ -311,7 +311,7 @@ def fit(
                 progress.step, progress.next_batch = progress.step + 1, start + len(chunk)
                 crash_point(f"step-{progress.step}/updated")
                 if tc.record_example_ids:
-                    append_metrics(
+                    append_on_main(
                         ctx.ids_path, {"step": progress.step, "ids": [train[i].id for b in chunk for i in b]}
                     )
                 log_step(ctx, state, progress, micro, result, progress.epoch + progress.next_batch / len(batches))
