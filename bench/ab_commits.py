@@ -40,14 +40,14 @@ def _run_worker(tree: Path, runner: Path, worker: str, extra: list[str]) -> dict
     env = os.environ | {"PYTHONPATH": str(tree / "src"), "TQDM_DISABLE": "1"}
     if library := allocator.find_tcmalloc():  # as `tracetune run` and bench/run.py run tracetune
         env = allocator.preload_env(env, library)
-    code = f"import tracetune, sys; sys.stderr.write('tracetune from ' + tracetune.__file__ + '\\n'); "
-    code += f"sys.argv = ['run.py', '--worker', {worker!r}, *{extra!r}]; "
-    code += f"exec(compile(open({str(runner)!r}).read(), {str(runner)!r}, 'exec'))"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tree)
+    imported = subprocess.run(
+        [sys.executable, "-c", "import tracetune; print(tracetune.__file__)"], env=env, capture_output=True, text=True
+    ).stdout.strip()
+    assert imported == str(tree / "src" / "tracetune" / "__init__.py"), imported
+    command = [sys.executable, str(runner), "--worker", worker, *extra]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tree)
     if out.returncode:
         raise SystemExit(f"worker failed in {tree}:\n{out.stderr[-4000:]}")
-    imported = [line for line in out.stderr.splitlines() if line.startswith("tracetune from ")][0]
-    assert imported.endswith(str(tree / "src" / "tracetune" / "__init__.py")), imported
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

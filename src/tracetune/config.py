@@ -192,6 +192,12 @@ class GatesConfig(Section):
     probe_atol: float = Field(
         0.0, ge=0, description="Max abs logit difference when a checkpoint is reloaded on the device it was saved on."
     )
+    max_truncation_rate: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="After an rft or grpo stage, the share of held-out completions cut off by max_new_tokens must be at most this.",
+    )
     probe_cross_device_atol: float = Field(
         0.1,
         ge=0,
@@ -200,6 +206,79 @@ class GatesConfig(Section):
             "FSDP checkpoint (bf16 compute over sharded weights) reloaded into a plain model."
         ),
     )
+
+
+class RewardWeights(Section):
+    correct: float = Field(1.0, ge=0, description="Weight of the answer being right (eval/score.py).")
+    steps_valid: float = Field(
+        0.5, ge=0, description="Weight of every checked step holding (eval/steps.py); no checked step earns none."
+    )
+    format: float = Field(
+        0.1, ge=0, description="Weight of the form: an 'Answer:' line present and the completion not truncated."
+    )
+
+
+class SamplingConfig(Section):
+    temperature: float = Field(0.8, gt=0, description="Sampling temperature of the rollouts.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the rollouts.")
+    max_new_tokens: int = Field(128, ge=1, description="Longest sampled completion; longer ones count as truncated.")
+    batch_size: int = Field(32, ge=1, description="Rows generated together (a prompt's k samples are k rows).")
+
+
+class RFTConfig(Section):
+    num_rounds: int = Field(2, ge=1, description="Rounds of sample -> keep the verified -> fine-tune.")
+    num_samples: int = Field(4, ge=1, description="Completions sampled per training prompt per round (k).")
+    prompts_per_round: int | None = Field(
+        None, ge=1, description="Training prompts sampled each round (seeded, a new draw each round); null: all."
+    )
+    max_kept_per_prompt: int = Field(2, ge=1, description="Distinct verified completions kept per prompt.")
+    include_original: bool = Field(
+        True, description="Fine-tune on the original traces of the round's prompts beside the kept samples."
+    )
+    rationalize: bool = Field(
+        False,
+        description=(
+            "Prompts with no verified sample get one more greedy try with the expected answer as a hint; a verified "
+            "result is kept (trained on without the hint) and marked rationalized in the kept file."
+        ),
+    )
+    num_epochs: int = Field(1, ge=1, description="Passes over each round's kept traces.")
+    lr: float | None = Field(None, gt=0, le=1, description="Learning rate of the rounds; null: train.lr.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="How the rounds sample.")
+
+
+class GRPOConfig(Section):
+    num_steps: int = Field(20, ge=1, description="Optimizer steps (each on freshly sampled groups).")
+    prompts_per_step: int = Field(4, ge=1, description="Training prompts per step (a seeded pass over the split).")
+    group_size: int = Field(4, ge=2, description="Samples per prompt (G); advantages are relative within a group.")
+    lr: float = Field(1e-6, gt=0, le=1, description="Learning rate (constant after train.warmup_steps).")
+    num_iterations: int = Field(
+        1, ge=1, description="Updates per sampled batch (mu); above 1 the ratio to the sampling policy is clipped."
+    )
+    epsilon_low: float = Field(0.2, ge=0, lt=1, description="Clip the ratio below at 1 - epsilon_low.")
+    epsilon_high: float = Field(
+        0.28, ge=0, description="Clip the ratio above at 1 + epsilon_high (DAPO's clip-higher)."
+    )
+    kl_coef: float = Field(0.0, ge=0, description="Weight of the k3 KL estimate to the starting model; 0 loads none.")
+    scale_rewards: bool = Field(
+        False, description="Divide advantages by the group's reward std (GRPO); false keeps the mean only (Dr. GRPO)."
+    )
+    loss_normalization: Literal["token", "sequence", "constant"] = Field(
+        "token",
+        description=(
+            "token: every completion token of the step weighs the same (DAPO); sequence: each completion's mean, "
+            "then their mean (GRPO); constant: divide by completions x max_new_tokens (Dr. GRPO)."
+        ),
+    )
+    drop_zero_variance_groups: bool = Field(
+        True, description="Leave groups whose rewards are all equal out of the step (they carry no signal)."
+    )
+    reward: RewardWeights = Field(default_factory=RewardWeights, description="Reward terms and their weights.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="How the groups are sampled.")
+    eval_every_steps: int | None = Field(
+        10, ge=1, description="Held-out accuracy (the evaluation's own code) every N steps and at the end."
+    )
+    save_every_steps: int | None = Field(10, ge=1, description="Checkpoint every N steps (and at the end).")
 
 
 class OutputConfig(Section):
@@ -222,6 +301,17 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Generation and scoring.")
     gates: GatesConfig = Field(default_factory=GatesConfig, description="Quality-gate thresholds.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where runs are written.")
+    stages: list[Literal["sft", "rft", "grpo"]] = Field(
+        ["sft"],
+        min_length=1,
+        description=(
+            "Training stages in order, each starting from the one before: sft (supervised, the train section), rft "
+            "(rejection-sampling fine-tuning) and grpo. Without sft the first stage starts from model.source, e.g. "
+            "the final_model of an earlier run."
+        ),
+    )
+    rft: RFTConfig = Field(default_factory=RFTConfig, description="Rejection-sampling fine-tuning (stage rft).")
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="Group relative policy optimisation (stage grpo).")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
@@ -231,6 +321,15 @@ class Config(Section):
             raise ValueError(
                 "train.distributed=fsdp shards full fine-tuning only; fix: use train.distributed=ddp with lora"
             )
+        if len(set(self.stages)) != len(self.stages) or "sft" in self.stages[1:]:
+            raise ValueError(
+                f"stages {self.stages}: each stage at most once, sft only first; fix: e.g. stages=[sft, grpo]"
+            )
+        rl = [s for s in self.stages if s != "sft"]
+        if rl and self.train.method == "lora":
+            raise ValueError("stages rft and grpo train the full model; fix: train.method=full")
+        if rl and self.train.distributed == "fsdp":
+            raise ValueError("stages rft and grpo run replicated (ddp); fix: train.distributed=ddp")
         return self
 
 

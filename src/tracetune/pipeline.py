@@ -216,7 +216,7 @@ def train_stage(cfg: Config) -> Path:
     run_dir = _agreed_run_dir(cfg)
     with _main_lock(run_dir):
         dist.on_main(lambda: new_run_dir(cfg))
-        _train_or_resume(cfg, inputs, run_dir, resume=False)
+        _train_stages(cfg, inputs, run_dir, resume=False)
     return run_dir
 
 
@@ -364,6 +364,62 @@ def _train_or_resume(cfg: Config, inputs: Inputs, run_dir: Path, resume: bool):
     return result.final_model_dir
 
 
+def stage_eval_dir(cfg: Config, stage: str) -> str:
+    """Where a stage's model is evaluated: the last stage's is the run's final model (eval/final)."""
+    return "final" if stage == cfg.stages[-1] else stage
+
+
+def _rl_stage(cfg: Config, inputs: Inputs, run_dir: Path, stage: str, start: str, resume: bool) -> Path:
+    """An RFT or GRPO stage in run_dir/<stage>/, from the model in `start`; a finished one (its
+    training.json) is kept."""
+    from tracetune.logs import log_to_file
+    from tracetune.models.checkpoints import latest_good_checkpoint
+    from tracetune.models.sources import load_model, load_tokenizer
+
+    stage_dir = run_dir / stage
+    if resume and (stage_dir / "training.json").is_file():
+        log.info("stage %s already finished in %s", stage, stage_dir)
+        return stage_dir / "final_model"
+    stage_dir.mkdir(exist_ok=True)
+    with log_to_file(run_dir / "logs" / f"{stage}.log"):
+        log.info("stage %s from %s", stage, start)
+        tokenizer = load_tokenizer(start)
+        if stage == "rft":
+            from tracetune.rl.rft import fit_rft
+
+            _, val, _ = tokenize_inputs(cfg, inputs, tokenizer)
+            return fit_rft(cfg, stage_dir, start, tokenizer, inputs.train, val, inputs.eval_items, resume)
+        from tracetune.rl.grpo import fit_grpo
+
+        model = load_model(start, tokenizer, cfg.seed, cfg.model.attn_implementation)
+        checkpoint = latest_good_checkpoint(stage_dir / "checkpoints") if resume else None
+        return fit_grpo(cfg, stage_dir, model, tokenizer, inputs.train, inputs.eval_items, checkpoint)
+
+
+def _train_stages(cfg: Config, inputs: Inputs, run_dir: Path, resume: bool) -> Path:
+    """Every stage in order, each from the model the one before made (the first from model.source); every
+    stage but the last is evaluated into eval/<stage> (the start the next stage's gate compares with).
+    Returns the last stage's model directory; stages.json says where each stage's model is."""
+    from tracetune import dist
+    from tracetune.logs import log_to_file
+
+    model_dir, record = cfg.model.source, []
+    for stage in cfg.stages:
+        if stage == "sft":
+            model_dir = _train_or_resume(cfg, inputs, run_dir, resume)
+        else:
+            model_dir = _rl_stage(cfg, inputs, run_dir, stage, str(model_dir), resume)
+        if inputs.eval_items is not None and stage != cfg.stages[-1]:
+            with log_to_file(run_dir / "logs" / "eval.log"):
+                log.info("evaluating the %s stage's model %s", stage, model_dir)
+                evaluate_model(cfg, str(model_dir), inputs.eval_items, run_dir / "eval" / stage)
+        where = {"model": str(Path(model_dir).relative_to(run_dir)), "eval": f"eval/{stage_eval_dir(cfg, stage)}"}
+        record.append({"stage": stage, **where})
+    if cfg.stages != ["sft"]:
+        dist.on_main(lambda: write_json(run_dir / "stages.json", record))
+    return Path(model_dir)
+
+
 def _open_run(cfg: Config, run_dir: Path, argv: list[str], resume: bool, device, topology: dict) -> dict:
     """Rank 0: create (or reopen, on resume) the run directory and its records; returns run.json's record."""
     import tracetune
@@ -435,7 +491,7 @@ def run_stage(cfg: Config, argv: list[str], resume: bool = False) -> tuple[Path,
             if evaluate and cfg.eval.run_base:
                 with log_to_file(run_dir / "logs" / "eval.log"):
                     evaluate_baselines(cfg, inputs, run_dir / "eval")
-            final_model = _train_or_resume(cfg, inputs, run_dir, resume)
+            final_model = _train_stages(cfg, inputs, run_dir, resume)
             if evaluate:
                 with log_to_file(run_dir / "logs" / "eval.log"):
                     log.info("evaluating the fine-tuned model %s", final_model)

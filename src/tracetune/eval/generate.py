@@ -23,7 +23,7 @@ import copy
 import inspect
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -44,6 +44,7 @@ class Generation:
     completion: str
     num_new_tokens: int
     finish_reason: str  # eos | stop | length
+    token_ids: tuple[int, ...] = field(default=(), compare=False)  # the new tokens before any stop (rl trains on them)
 
 
 def _cut(new_ids: list[int], stop_ids: set[int], pad_id: int) -> tuple[list[int], bool]:
@@ -124,7 +125,7 @@ def generate_batch(
         for stop in stop_strings:
             if stop in text:
                 text, reason = text[: text.index(stop)], "stop"
-        results.append(Generation(text.strip(), len(ids), reason))
+        results.append(Generation(text.strip(), len(ids), reason, tuple(ids)))
     return results
 
 

@@ -119,17 +119,102 @@ def gate_checkpoint_reloads(name: str, run_dir: Path, cfg: Config) -> Gate:
     return Gate(name, diff <= atol, diff, atol, source, detail=detail)
 
 
+def final_model_path(cfg: Config) -> str:
+    """The run's model: the last stage's final_model (SFT's is the run directory's own)."""
+    return "final_model" if cfg.stages[-1] == "sft" else f"{cfg.stages[-1]}/final_model"
+
+
 def gate_final_model_loads(name: str, run_dir: Path, cfg: Config) -> Gate:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    final = run_dir / "final_model"
+    final = run_dir / final_model_path(cfg)
+    source = f"{final_model_path(cfg)}/"
     try:
         AutoTokenizer.from_pretrained(final)
         model = AutoModelForCausalLM.from_pretrained(final)
         detail = f"{type(model).__name__}, {sum(p.numel() for p in model.parameters())} params"
-        return Gate(name, True, True, True, "final_model/", detail=detail)
+        return Gate(name, True, True, True, source, detail=detail)
     except (OSError, ValueError) as exc:
-        return Gate(name, False, False, True, "final_model/", detail=str(exc)[:300])
+        return Gate(name, False, False, True, source, detail=str(exc)[:300])
+
+
+def stage_start_eval(cfg: Config, stage: str) -> str | None:
+    """The eval/ directory holding the model a stage started from: the stage before's, or the base model
+    zero-shot (model.source in the run's own format) for a first stage; None where none was evaluated."""
+    index = cfg.stages.index(stage)
+    if index:
+        return cfg.stages[index - 1]
+    return "base" if cfg.eval.run_base and "zero_shot" in cfg.eval.baselines else None
+
+
+def stage_end_eval(cfg: Config, stage: str) -> str:
+    return "final" if stage == cfg.stages[-1] else stage
+
+
+def gate_stage_completed(name: str, run_dir: Path, cfg: Config, stage: str) -> Gate:
+    training = json.loads((run_dir / stage / "training.json").read_text(encoding="utf-8"))
+    done, planned = training["num_steps"], training["planned_steps"]
+    unit = "rounds" if stage == "rft" else "steps"
+    return Gate(name, done == planned, done, planned, f"{stage}/training.json", detail=f"{unit} done of planned")
+
+
+def gate_stage_finite(name: str, run_dir: Path, cfg: Config, stage: str) -> Gate:
+    paths = [run_dir / stage / "metrics.jsonl"] + sorted((run_dir / stage).glob("round-*/metrics.jsonl"))
+    rows = [r for path in paths for r in read_metrics(path.parent)[0]]
+    bad = [r["step"] for r in rows for k in ("loss", "grad_norm") if k in r and not math.isfinite(r[k])]
+    bad += [r["step"] for r in rows if r.get("finite") is False]
+    return Gate(name, not bad, len(bad), 0, f"{stage}/**/metrics.jsonl", detail=f"steps {bad[:10]}" if bad else "")
+
+
+def gate_stage_not_below_start(name: str, run_dir: Path, cfg: Config, stage: str) -> Gate:
+    """Held-out verified accuracy after the stage minus where it started, paired over items: at least 0."""
+    from tracetune.eval.evaluate import compare_predictions
+
+    start, end = stage_start_eval(cfg, stage), stage_end_eval(cfg, stage)
+    if start is None:
+        reason = "nothing evaluated where the stage started (first stage, and eval.run_base is false)"
+        return Gate(name, True, None, "difference >= 0", "config.yaml", status="skip", detail=reason)
+    paired = compare_predictions(run_dir / "eval" / start, run_dir / "eval" / end, cfg.seed, key="verified")
+    value = {k: paired[k] for k in ("base_accuracy", "final_accuracy", "difference", "difference_ci95")}
+    detail = f"verified accuracy, eval/{start} -> eval/{end}, {paired['num_paired_items']} paired items"
+    source = f"eval/{start}, eval/{end}"
+    return Gate(
+        name,
+        paired["num_paired_items"] > 0 and paired["difference"] >= 0,
+        value,
+        "difference >= 0",
+        source,
+        detail=detail,
+    )
+
+
+def gate_stage_truncation(name: str, run_dir: Path, cfg: Config, stage: str) -> Gate:
+    end = stage_end_eval(cfg, stage)
+    scores = json.loads((run_dir / "eval" / end / "scores.json").read_text(encoding="utf-8"))
+    rate, limit = scores["format"]["truncation_rate"], cfg.gates.max_truncation_rate
+    return Gate(
+        name, rate <= limit, rate, f"<= {limit}", f"eval/{end}/scores.json", detail="held-out completions cut off"
+    )
+
+
+def gate_reward_agrees_with_heldout(name: str, run_dir: Path, cfg: Config) -> Gate:
+    """A rising reward with a falling held-out verified accuracy fails: the policy learned the reward, not the task."""
+    from tracetune.runfiles import read_jsonl
+
+    rows = read_jsonl(run_dir / "grpo" / "metrics.jsonl")
+    steps = [r for r in rows if "reward" in r]
+    held = [r for r in rows if r.get("split") == "heldout"]
+    k = max(1, len(steps) // 4)
+    reward_change = _mean([r["reward"]["mean"] for r in steps[-k:]]) - _mean([r["reward"]["mean"] for r in steps[:k]])
+    heldout_change = held[-1]["verified_accuracy"] - held[0]["verified_accuracy"] if len(held) >= 2 else 0.0
+    value = {"reward_change": reward_change, "heldout_verified_change": heldout_change}
+    failed = reward_change > 0 and heldout_change < 0
+    detail = (
+        f"reward rose by {reward_change:.3f} while held-out verified accuracy fell by {-heldout_change:.3f}"
+        if failed
+        else "reward and held-out verified accuracy do not diverge"
+    )
+    return Gate(name, not failed, value, "not (reward up and held-out down)", "grpo/metrics.jsonl", detail=detail)
 
 
 def gate_gpu_used(name: str, run_dir: Path, cfg: Config) -> Gate:
@@ -190,19 +275,20 @@ def gate_beats_baseline(name: str, run_dir: Path, cfg: Config) -> Gate:
 
 def expected_files(cfg: Config) -> list[str]:
     """Files every complete run directory holds when the gates are computed."""
-    files = [
-        "config.yaml",
-        "run.json",
-        "env.json",
-        "env_snapshot.txt",
-        "gpu_snapshot.txt",
-        "logs/train.log",
-        "metrics.jsonl",
-        "training.json",
-    ]
-    files += ["final_model/config.json", "final_model/tokenizer_config.json", "final_model/generation_config.json"]
+    files = ["config.yaml", "run.json", "env.json", "env_snapshot.txt", "gpu_snapshot.txt"]
+    if "sft" in cfg.stages:
+        files += ["logs/train.log", "metrics.jsonl", "training.json"]
+    final = final_model_path(cfg)
+    files += [f"{final}/config.json", f"{final}/tokenizer_config.json", f"{final}/generation_config.json"]
     if cfg.train.method == "lora":
         files += ["adapter/adapter_config.json"]
+    if cfg.stages != ["sft"]:
+        files += ["stages.json"]
+    for stage in cfg.stages[1:] if cfg.stages[0] == "sft" else cfg.stages:
+        files += [f"logs/{stage}.log", f"{stage}/training.json"]
+        files += [f"{stage}/rounds.jsonl"] if stage == "rft" else [f"{stage}/metrics.jsonl"]
+        if cfg.eval.eval_file is not None and stage != cfg.stages[-1]:
+            files += [f"eval/{stage}/predictions.jsonl", f"eval/{stage}/scores.json"]
     if cfg.eval.eval_file is not None:
         files += ["logs/eval.log", "eval/final/predictions.jsonl", "eval/final/scores.json"]
         if cfg.eval.run_base:
@@ -215,21 +301,34 @@ def expected_files(cfg: Config) -> list[str]:
 
 def gate_evidence_complete(name: str, run_dir: Path, cfg: Config) -> Gate:
     missing = [f for f in expected_files(cfg) if not (run_dir / f).is_file()]
-    if not list((run_dir / "final_model").glob("*.safetensors")):
-        missing.append("final_model/*.safetensors")
+    if not list((run_dir / final_model_path(cfg)).glob("*.safetensors")):
+        missing.append(f"{final_model_path(cfg)}/*.safetensors")
     return Gate(name, not missing, missing, [], "run directory", detail=", ".join(missing))
 
 
 def gate_table(cfg: Config) -> list[tuple[str, Callable[[str, Path, Config], Gate]]]:
     """Every gate this run's config calls for, by name: the one place a gate is named."""
-    table = [
-        ("training_completed", gate_training_completed),
-        ("loss_decreased", gate_loss_decreased),
-        ("no_nan_or_inf", gate_no_nan_or_inf),
-        ("checkpoint_reloads", gate_checkpoint_reloads),
-        ("final_model_loads", gate_final_model_loads),
-        ("gpu_used", gate_gpu_used),
-    ]
+    table = []
+    if "sft" in cfg.stages:
+        table += [
+            ("training_completed", gate_training_completed),
+            ("loss_decreased", gate_loss_decreased),
+            ("no_nan_or_inf", gate_no_nan_or_inf),
+            ("checkpoint_reloads", gate_checkpoint_reloads),
+        ]
+    for stage in (s for s in cfg.stages if s != "sft"):
+        table += [
+            (f"{stage}_completed", partial(gate_stage_completed, stage=stage)),
+            (f"{stage}_no_nan_or_inf", partial(gate_stage_finite, stage=stage)),
+        ]
+        if cfg.eval.eval_file is not None:
+            table += [
+                (f"{stage}_heldout_not_below_start", partial(gate_stage_not_below_start, stage=stage)),
+                (f"{stage}_truncation_below_limit", partial(gate_stage_truncation, stage=stage)),
+            ]
+            if stage == "grpo":
+                table.append(("grpo_reward_agrees_with_heldout", gate_reward_agrees_with_heldout))
+    table += [("final_model_loads", gate_final_model_loads), ("gpu_used", gate_gpu_used)]
     if cfg.eval.eval_file is not None:
         table.append(("eval_final_complete", partial(gate_eval_complete, which="final")))
         if cfg.eval.run_base:

@@ -12,6 +12,8 @@ matrix; at 256 loss tokens and 262K entries, 270 MB each).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 
@@ -25,9 +27,66 @@ def unwrap_model(model):
     return getattr(model, "module", model)
 
 
-def loss_sum(model, batch: dict[str, torch.Tensor], tied: TiedGradient | None = None) -> tuple[torch.Tensor, int]:
+POLICY_KEYS = ("advantages", "old_logprobs", "ref_logprobs")  # per-token tensors shaped like labels
+
+
+@dataclass
+class PolicySettings:
+    """The clipped-surrogate settings of a policy-gradient loss, and the sums it reports since `reset`."""
+
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    kl_coef: float = 0.0
+    stats: dict = field(init=False, default_factory=dict)
+
+    def __post_init__(self):
+        self.reset()
+
+    def reset(self) -> dict:
+        """The sums since the last reset (tokens, clipped tokens, KL, entropy), and a fresh start."""
+        stats, self.stats = self.stats, {"tokens": 0.0, "clipped": 0.0, "kl": 0.0, "entropy": 0.0}
+        return stats
+
+
+@dataclass
+class PolicyTerms:
+    """One micro-batch's per-loss-token tensors (in loss-position order) for `PolicySettings`' loss."""
+
+    settings: PolicySettings
+    advantages: torch.Tensor
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+
+    def rows(self, start: int, logp: torch.Tensor, entropy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss per row, -d loss / d logp per row) for rows start.. of the loss positions, given their logp.
+
+        loss = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) + kl_coef * k3, with r = exp(logp - old) (1 when
+        there is no old: one update per sample, the ratio's value and gradient are those of r at 1) and
+        k3 = exp(ref - logp) - (ref - logp) - 1. The gradient of a clipped row's surrogate is zero.
+        """
+        s, end = self.settings, start + logp.shape[0]
+        advantage = self.advantages[start:end].to(logp.dtype)
+        ratio = torch.ones_like(logp) if self.old_logprobs is None else (logp - self.old_logprobs[start:end]).exp()
+        clipped = ((advantage > 0) & (ratio > 1 + s.epsilon_high)) | ((advantage < 0) & (ratio < 1 - s.epsilon_low))
+        surrogate = torch.minimum(ratio * advantage, ratio.clamp(1 - s.epsilon_low, 1 + s.epsilon_high) * advantage)
+        loss, weight = -surrogate, torch.where(clipped, 0.0, ratio * advantage)
+        if s.kl_coef and self.ref_logprobs is not None:
+            delta = self.ref_logprobs[start:end].to(logp.dtype) - logp
+            loss = loss + s.kl_coef * (delta.exp() - delta - 1)
+            weight = weight - s.kl_coef * (1 - delta.exp())
+            s.stats["kl"] += float((delta.exp() - delta - 1).sum())
+        s.stats["tokens"] += logp.shape[0]
+        s.stats["clipped"] += float(clipped.sum())
+        s.stats["entropy"] += float(entropy.sum())
+        return loss, weight
+
+
+def loss_sum(
+    model, batch: dict[str, torch.Tensor], tied: TiedGradient | None = None, policy: PolicySettings | None = None
+) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over loss positions, and how many there were. With `tied`, the tied
-    embedding/head matrix's gradient goes into tied.grad instead of through autograd."""
+    embedding/head matrix's gradient goes into tied.grad instead of through autograd. With `policy` and
+    `batch["advantages"]`, the sum is of the policy loss instead (`PolicyTerms.rows`)."""
     inner = unwrap_model(model)
     ids = batch["input_ids"]
     inputs = {"input_ids": ids} if tied is None else {"inputs_embeds": tied.embed(ids)}
@@ -35,11 +94,41 @@ def loss_sum(model, batch: dict[str, torch.Tensor], tied: TiedGradient | None = 
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
     selected, wanted, count = hidden[:, :-1][mask], targets[mask], int(mask.sum())
+    terms = None
+    if policy is not None and batch.get("advantages") is not None:
+        per_token = {k: batch[k][:, 1:][mask] if batch.get(k) is not None else None for k in POLICY_KEYS}
+        terms = PolicyTerms(policy, **per_token)
     head = inner.get_output_embeddings()
     if head.bias is not None:  # no Gemma or Llama-family model has one; keep autograd's path for any that does
+        assert terms is None, "policy losses need a head without bias"
         return F.cross_entropy(head(selected).float(), wanted, reduction="sum"), count
     cap = getattr(inner.config, "final_logit_softcapping", None) or 0.0
-    return linear_cross_entropy(selected, head.weight, wanted, cap, tied), count
+    return linear_cross_entropy(selected, head.weight, wanted, cap, tied, terms), count
+
+
+@torch.no_grad()
+def token_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """log p(token) at every loss position (labels != IGNORE_INDEX), shaped like labels (0 elsewhere); the
+    head runs a chunk of rows at a time, as in training."""
+    inner = unwrap_model(model)
+    hidden = inner.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE_INDEX
+    selected, wanted = hidden[:, :-1][mask], targets[mask]
+    head = inner.get_output_embeddings()
+    cap = getattr(inner.config, "final_logit_softcapping", None) or 0.0
+    rows = max(1, _LinearCrossEntropy.CHUNK_ENTRIES // head.weight.shape[0])
+    parts = []
+    for start in range(0, selected.shape[0], rows):
+        logits = head(selected[start : start + rows]).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        parts.append(logits.log_softmax(-1).gather(1, wanted[start : start + rows, None]).squeeze(1))
+    out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
+    out[mask] = torch.cat(parts) if parts else out[mask]
+    return torch.cat([torch.zeros_like(out[:, :1]), out], dim=1)
 
 
 def linear_cross_entropy(
@@ -48,13 +137,16 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     softcap: float = 0.0,
     tied: TiedGradient | None = None,
+    policy: PolicyTerms | None = None,
 ):
     """Sum over rows of cross_entropy(softcap(hidden @ weight.T), targets), computed as autocast would (the
     matmuls in its dtype, softmax in fp32), with the LM head's logits never held whole in fp32. With `tied`
-    (whose weight is `weight`), the weight's gradient is added into tied.grad."""
+    (whose weight is `weight`), the weight's gradient is added into tied.grad. With `policy`, each row's
+    term is its policy loss instead, and its gradient row is scaled by -d loss / d logp (a row's cross-entropy
+    gradient is -d logp / d logits)."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    return _LinearCrossEntropy.apply(hidden, weight, targets, float(softcap), dtype, tied)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, float(softcap), dtype, tied, policy)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -66,7 +158,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     TIED_GRAD_ROWS = 1 << 14
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, softcap, dtype, tied):
+    def forward(ctx, hidden, weight, targets, softcap, dtype, tied, policy):
         with torch.autocast(hidden.device.type, enabled=False):
             h, w = hidden.to(dtype), (tied.cast(dtype) if tied else weight.to(dtype))
             budget = _LinearCrossEntropy.CUDA_CHUNK_ENTRIES if h.is_cuda else _LinearCrossEntropy.CHUNK_ENTRIES
@@ -81,11 +173,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     logits = capped * softcap
                 target = targets[start : start + rows, None]
                 lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-                total += (lse - logits.gather(1, target)).sum()
+                row_weight = None
+                if policy is None:
+                    total += (lse - logits.gather(1, target)).sum()
+                else:
+                    logp = (logits.gather(1, target) - lse).squeeze(1)
+                    entropy = lse.squeeze(1) - (torch.softmax(logits, -1) * logits).sum(-1)
+                    row_loss, row_weight = policy.rows(start, logp, entropy)
+                    total += row_loss.sum()
                 grad = logits.sub_(lse).exp_()  # softmax, in place of the logits
                 grad.scatter_add_(1, target, grad.new_full(target.shape, -1.0))
                 if softcap:
                     grad.mul_(1 - capped * capped)
+                if row_weight is not None:
+                    grad.mul_(row_weight[:, None])
                 grad_logits[start : start + rows] = grad
         ctx.save_for_backward(h, w, grad_logits)
         ctx.dtypes = hidden.dtype, weight.dtype
@@ -107,7 +208,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 ctx.tied.grad[start : start + step].addcmul_(part, grad_total)
         elif ctx.needs_input_grad[1]:
             grad_weight = (grad_logits.T @ h).to(weight_dtype).mul_(grad_total)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 class TiedGradient:
@@ -202,16 +303,17 @@ class CausalLMLoss(torch.nn.Module):
     logits), for the checkpoint probe.
     """
 
-    def __init__(self, model, tied: TiedGradient | None = None):
+    def __init__(self, model, tied: TiedGradient | None = None, policy: PolicySettings | None = None):
         super().__init__()
         self.model = model
         self.tied = tied
+        self.policy = policy  # set: batches that carry advantages get the policy loss (rl/grpo.py)
 
-    def forward(self, input_ids, attention_mask=None, labels=None):
+    def forward(self, input_ids, attention_mask=None, labels=None, **policy_tensors):
         if labels is None:
             return self.model(input_ids=input_ids, attention_mask=attention_mask)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        return loss_sum(self.model, batch, self.tied)[0]
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **policy_tensors}
+        return loss_sum(self.model, batch, self.tied, self.policy)[0]
 
 
 def num_loss_tokens(batch: dict[str, torch.Tensor]) -> int:

@@ -18,7 +18,7 @@ from tracetune import dist
 from tracetune.config import Config
 from tracetune.faults import crash_point, nan_injected
 from tracetune.train import distributed
-from tracetune.train.loss import CausalLMLoss, TiedGradient, num_loss_tokens, unwrap_model
+from tracetune.train.loss import CausalLMLoss, PolicySettings, TiedGradient, num_loss_tokens, unwrap_model
 from tracetune.train.optim import MasterWeights, build_optimizer, lr_lambda, param_groups
 
 
@@ -63,8 +63,11 @@ def apply_lora(model, cfg: Config):
     return get_peft_model(model, peft_config)
 
 
-def build_state(cfg: Config, model, device: torch.device, total_steps: int) -> TrainState:
-    """Put `model` on `device` in the configured precision and strategy, and build its optimizer and schedule."""
+def build_state(
+    cfg: Config, model, device: torch.device, total_steps: int, policy: PolicySettings | None = None
+) -> TrainState:
+    """Put `model` on `device` in the configured precision and strategy, and build its optimizer and schedule.
+    With `policy`, batches carrying advantages are trained on the policy-gradient loss (rl/grpo.py)."""
     tc = cfg.train
     if tc.method == "lora":
         model = apply_lora(model, cfg)
@@ -88,7 +91,7 @@ def build_state(cfg: Config, model, device: torch.device, total_steps: int) -> T
     # Not on CUDA: its caching allocator has no page faults to save, and index_add_ there is nondeterministic.
     in_place = strategy == "single" and not bf16_weights and device.type == "cpu"
     tied = TiedGradient.for_model(model) if in_place else None
-    net = distributed.wrap(CausalLMLoss(model, tied), layers, strategy, tc.precision, device)
+    net = distributed.wrap(CausalLMLoss(model, tied, policy), layers, strategy, tc.precision, device)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # FSDP's shards if wrapped
     master = MasterWeights([p for _, p in trainable]) if bf16_weights else None
     params = master.master if master else [p for _, p in trainable]

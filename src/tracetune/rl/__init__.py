@@ -1,0 +1,1 @@
+"""Training past imitation: sample from the model, check the samples, learn from what the checkers say."""

@@ -1,0 +1,295 @@
+"""GRPO: sample a group of completions per prompt, reward them with the checkers, step on the group-relative
+advantages through the one `train_step`.
+
+Each step: the step's prompts (a seeded pass over the training split), `group_size` samples each from the
+current weights (rl/rollout.py), their rewards (rl/rewards.py), advantages relative to their group, groups
+whose rewards are all equal left out, then `num_iterations` optimizer steps on the policy loss
+(train/loss.py: PolicyTerms). Everything goes to the stage directory: metrics.jsonl (a line per step, and
+`"split": "heldout"` lines from the evaluation's own code), checkpoints/, final_model/ and training.json.
+Under torchrun each rank samples every world-size-th prompt and all ranks then hold the whole step, so the
+step's micro-batches and their normalisation are those of one process.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tracetune import dist
+from tracetune.config import Config
+from tracetune.data.batching import collate
+from tracetune.data.render import Example, end_of_turn_ids
+from tracetune.data.traces import EvalItem, Trace
+from tracetune.faults import STOP, crash_point
+from tracetune.rl.rewards import TERMS, group_advantages, reward_terms, total_reward
+from tracetune.rl.rollout import Rollout, Sampler, as_item
+from tracetune.runfiles import write_json
+from tracetune.train.checkpoint import Progress
+from tracetune.train.loop import NonFiniteLossError, RunContext, append_on_main, restore, save, save_final_model
+from tracetune.train.loss import PolicySettings, token_logprobs
+from tracetune.train.step import TrainState, autocast_context, build_state, to_device, train_step
+
+log = logging.getLogger("tracetune")
+
+
+def stage_config(cfg: Config) -> Config:
+    """The config `build_state` and checkpoints see in the GRPO stage: its learning rate, a constant schedule
+    and one optimizer step per sampled batch and iteration."""
+    g, staged = cfg.grpo, cfg.model_copy(deep=True)
+    staged.train.lr, staged.train.scheduler = g.lr, "constant"
+    staged.train.max_steps = g.num_steps * g.num_iterations
+    staged.train.save_every_steps = g.save_every_steps
+    return staged
+
+
+def step_prompts(traces: list[Trace], step: int, per_step: int, seed: int) -> list[Trace]:
+    """The prompts of sampling step `step` (from 0): consecutive slices of seeded per-epoch permutations."""
+    out = []
+    for position in range(step * per_step, (step + 1) * per_step):
+        epoch, index = divmod(position, len(traces))
+        order = list(range(len(traces)))
+        random.Random(f"{seed}:grpo:{epoch}").shuffle(order)
+        out.append(traces[order[index]])
+    return out
+
+
+@dataclass
+class Group:
+    """One prompt's samples with their reward terms, rewards and advantages."""
+
+    rollouts: list[Rollout]
+    terms: list[dict]
+    rewards: list[float]
+    advantages: list[float]
+
+    @property
+    def zero_variance(self) -> bool:
+        return max(self.rewards) == min(self.rewards)
+
+
+def score_groups(groups: list[list[Rollout]], cfg: Config) -> list[Group]:
+    g = cfg.grpo
+    out = []
+    for rollouts in groups:
+        terms = [reward_terms(r.score, r.generation.finish_reason) for r in rollouts]
+        rewards = [total_reward(t, g.reward) for t in terms]
+        out.append(Group(rollouts, terms, rewards, group_advantages(rewards, g.scale_rewards)))
+    return out
+
+
+def policy_batches(groups: list[Group], cfg: Config, end_id: int, pad_id: int) -> list[dict]:
+    """The step's micro-batches (train.batch_size completions each): prompt + sampled tokens (+ the end of
+    turn where the sample ended), loss on the sampled tokens, `advantages` per token with the configured
+    normalisation folded in (train_step divides every step by its loss tokens)."""
+    rows = [
+        (r, a)
+        for group in groups
+        for r, a in zip(group.rollouts, group.advantages, strict=True)
+        if not (cfg.grpo.drop_zero_variance_groups and group.zero_variance)
+    ]
+    examples = []
+    for r, _ in rows:
+        ended = r.generation.finish_reason != "length"
+        completion = r.generation.token_ids + ((end_id,) if ended else ())
+        examples.append(Example(f"{r.item.id}:{r.index}", r.prompt_ids + completion, len(r.prompt_ids)))
+    lengths = [e.num_loss_tokens for e in examples]
+    step_tokens, n = sum(lengths), len(examples)
+    norm = cfg.grpo.loss_normalization
+    scales = [
+        1.0
+        if norm == "token"
+        else step_tokens / (length * n if norm == "sequence" else cfg.grpo.sampling.max_new_tokens * n)
+        for length in lengths
+    ]
+    size, batches = cfg.train.batch_size, []
+    for start in range(0, len(examples), size):
+        part = examples[start : start + size]
+        batch = collate(part, pad_id)
+        advantages = torch.zeros(batch["labels"].shape, dtype=torch.float32)
+        for row, example in enumerate(part):
+            _, advantage = rows[start + row]
+            advantages[row, example.num_prompt_tokens : len(example.input_ids)] = advantage * scales[start + row]
+        batches.append(batch | {"advantages": advantages})
+    return batches
+
+
+@torch.no_grad()
+def add_logprobs(state: TrainState, batches: list[dict], key: str, model=None) -> None:
+    """Each micro-batch's per-token log-probabilities under `model` (the trained one by default) as `key`."""
+    model = model or state.model
+    for batch in batches:
+        on_device = to_device(batch, state.device)
+        with autocast_context(state.autocast, state.device):
+            batch[key] = token_logprobs(model, on_device).cpu()
+
+
+def _spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values)} if values else {"mean": None}
+
+
+def step_record(groups: list[Group], policy_stats: dict, results: list, step: int, seconds: dict) -> dict:
+    """One metrics.jsonl line: the rewards (total and per term), groups, truncation, clip, KL, entropy."""
+    rollouts = [r for g in groups for r in g.rollouts]
+    tokens = max(policy_stats["tokens"], 1)
+    record = {
+        "step": step,
+        "reward": _spread([x for g in groups for x in g.rewards]),
+        **{f"reward_{t}": _spread([terms[t] for g in groups for terms in g.terms]) for t in TERMS},
+        "num_groups": len(groups),
+        "zero_variance_fraction": sum(g.zero_variance for g in groups) / max(len(groups), 1),
+        "truncation_ratio": sum(r.generation.finish_reason == "length" for r in rollouts) / max(len(rollouts), 1),
+        "mean_completion_tokens": statistics.fmean(r.generation.num_new_tokens for r in rollouts),
+        "num_trained_completions": int(policy_stats.get("completions", 0)),
+        "clip_fraction": policy_stats["clipped"] / tokens,
+        "kl": policy_stats["kl"] / tokens,
+        "entropy": policy_stats["entropy"] / tokens,
+    }
+    if results:
+        record.update(loss=results[-1].loss_sum / max(results[-1].num_loss_tokens, 1), grad_norm=results[-1].grad_norm)
+        record["finite"] = all(r.finite for r in results)
+    return record | {k: round(v, 3) for k, v in seconds.items()}
+
+
+def heldout(sampler: Sampler, cfg: Config, items: list[EvalItem], out_dir: Path) -> dict:
+    """Greedy accuracy on the held-out items by the evaluation's own code (predictions and scores in out_dir)."""
+    from tracetune.eval.evaluate import generate_predictions, write_scores
+
+    if dist.current().is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    generate_predictions(sampler.model, sampler.tokenizer, items, cfg.eval, cfg.data.instruction, out_dir, cfg.seed)
+    scores = dist.on_main(lambda: write_scores(out_dir, items, str(out_dir)))
+    keys = ("accuracy", "ci95", "verified_accuracy", "verified_ci95")
+    return {k: scores[k] for k in keys} | {"truncation_rate": scores["format"]["truncation_rate"]}
+
+
+def log_heldout(ctx: RunContext, sampler: Sampler, items: list[EvalItem] | None, step: int) -> None:
+    if not items:
+        return
+    sampler.refresh()
+    result = heldout(sampler, ctx.cfg, items, ctx.run_dir / "heldout" / f"step-{step}")
+    append_on_main(ctx.metrics_path, {"split": "heldout", "step": step, **result})
+    log.info(
+        "grpo step %d: held-out accuracy %.3f, verified %.3f", step, result["accuracy"], result["verified_accuracy"]
+    )
+
+
+def sample_step(sampler: Sampler, cfg: Config, train: list[Trace], step: int) -> list[Group]:
+    """Every group of sampling step `step` (from 0), on every rank; each rank samples its share of prompts."""
+    d = dist.current()
+    prompts = step_prompts(train, step, cfg.grpo.prompts_per_step, cfg.seed)
+    mine = [as_item(t) for t in prompts[d.rank :: d.world_size]]
+    sampler.refresh()
+    rollouts = sampler.sample(mine, cfg.grpo.group_size, cfg.grpo.sampling, f"grpo:step-{step}")
+    shares = dist.gather_to_all(rollouts)
+    ordered = [None] * len(prompts)  # back in the step's prompt order, whatever the world size
+    for rank, share in enumerate(shares):
+        ordered[rank :: d.world_size] = share
+    return score_groups(ordered, cfg)
+
+
+def learn(
+    state: TrainState, cfg: Config, batches: list[dict], progress: Progress, policy: PolicySettings, ref
+) -> tuple[list, dict]:
+    """num_iterations optimizer steps on the step's micro-batches (none when every group was left out; the
+    schedule advances all the same); (step results, policy statistics summed over ranks)."""
+    policy.reset()
+    if batches and cfg.grpo.num_iterations > 1:
+        add_logprobs(state, batches, "old_logprobs")
+    if batches and ref is not None:
+        add_logprobs(state, batches, "ref_logprobs", ref)
+    results = []
+    for iteration in range(cfg.grpo.num_iterations):
+        if batches:
+            results.append(train_step(state, batches, progress.step * cfg.grpo.num_iterations + iteration + 1))
+        state.scheduler.step()
+    stats = dist.sum_across_ranks([policy.stats[k] for k in ("tokens", "clipped", "kl", "entropy")])
+    policy.reset()
+    completions = sum(int(b["input_ids"].shape[0]) for b in batches)
+    return results, dict(zip(("tokens", "clipped", "kl", "entropy"), stats, strict=True)) | {"completions": completions}
+
+
+def fit_grpo(
+    cfg: Config,
+    stage_dir: Path,
+    model,
+    tokenizer,
+    train: list[Trace],
+    heldout_items: list[EvalItem] | None,
+    resume_from: Path | None = None,
+) -> Path:
+    """The GRPO stage on `model`; returns its final_model directory."""
+    staged, g, d = stage_config(cfg), cfg.grpo, dist.current()
+    device = dist.rank_device(dist.resolve_device(cfg.train.device))
+    torch.manual_seed(cfg.seed)
+    ref = copy.deepcopy(model).eval().requires_grad_(False).to(device) if g.kl_coef else None
+    policy = PolicySettings(g.epsilon_low, g.epsilon_high, g.kl_coef)
+    state = build_state(staged, model, device, staged.train.max_steps, policy)
+    end_id = end_of_turn_ids(tokenizer)[0]  # the sampler stopped at it; the SFT traces end with it too
+    probe = [list(tokenizer(train[0].prompt, add_special_tokens=False).input_ids[:32])]
+    ctx = RunContext(staged, stage_dir, [], tokenizer.pad_token_id, probe, 1, g.num_steps)
+    progress = restore(state, resume_from, ctx) if resume_from is not None else Progress()
+    sampler = Sampler(state.model, tokenizer, cfg)
+    if progress.step == 0:
+        log_heldout(ctx, sampler, heldout_items, 0)
+    bar = tqdm(total=g.num_steps, initial=progress.step, desc="grpo", unit="step", disable=not d.is_main)
+    with STOP:
+        while progress.step < g.num_steps:
+            started = time.perf_counter()
+            groups = sample_step(sampler, cfg, train, progress.step)
+            sampled = time.perf_counter()
+            batches = policy_batches(groups, cfg, end_id, tokenizer.pad_token_id)
+            results, stats = learn(state, cfg, batches, progress, policy, ref)
+            progress.step += 1
+            crash_point(f"grpo-{progress.step}/updated")
+            progress.elapsed_s = time.perf_counter() - ctx.started
+            seconds = {
+                "sample_s": sampled - started,
+                "train_s": time.perf_counter() - sampled,
+                "elapsed_s": progress.elapsed_s,
+            }
+            record = step_record(groups, stats, results, progress.step, seconds)
+            append_on_main(ctx.metrics_path, record | {"lr": state.scheduler.get_last_lr()[0]})
+            bar.set_postfix(reward=f"{record['reward']['mean']:.2f}")
+            bar.update(1)
+            if results and not record["finite"]:
+                raise NonFiniteLossError(
+                    f"non-finite policy loss or gradient at grpo step {progress.step}; no update was applied; "
+                    "fix: lower grpo.lr"
+                )
+            done = progress.step >= g.num_steps
+            if done or (g.eval_every_steps and progress.step % g.eval_every_steps == 0):
+                log_heldout(ctx, sampler, heldout_items, progress.step)
+            if done or (g.save_every_steps and progress.step % g.save_every_steps == 0):
+                save(ctx, state, progress)
+            STOP.requested = dist.stop_agreed(STOP.requested)
+            if STOP.requested is not None:
+                if ctx.last_saved != progress.step:
+                    save(ctx, state, progress)
+                STOP.check(f"after grpo step {progress.step}")
+    bar.close()
+    final_dir = save_final_model(state.model, tokenizer, stage_dir, "full")
+    if d.is_main:
+        write_json(stage_dir / "training.json", stage_record(ctx, progress, state))
+    return final_dir
+
+
+def stage_record(ctx: RunContext, progress: Progress, state: TrainState) -> dict:
+    return {
+        "stage": "grpo",
+        "planned_steps": ctx.total_steps,
+        "num_steps": progress.step,
+        "elapsed_s": round(time.perf_counter() - ctx.started, 3),
+        "resumed": ctx.resumed,
+        "num_trainable_params": state.num_trainable_params,
+        "strategy": state.strategy,
+        "device": state.device.type,
+        "world_size": dist.current().world_size,
+    }

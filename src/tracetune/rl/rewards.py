@@ -1,0 +1,36 @@
+"""The reward of one sampled completion, from the evaluation's own checkers (pure functions).
+
+Three terms, each 0 or 1, weighted by `grpo.reward`: the answer is right (eval/score.py); the work holds
+(eval/steps.py: at least one step was checked and none failed, and the answer is the last computed value
+where that can be told); and the form (an `Answer:` line, and the completion ended before max_new_tokens).
+"""
+
+from __future__ import annotations
+
+from tracetune.config import RewardWeights
+
+TERMS = ("correct", "steps_valid", "format")
+
+
+def reward_terms(score: dict, finish_reason: str) -> dict[str, float]:
+    """Each term of one completion, from its score_item row and finish reason."""
+    return {
+        "correct": float(bool(score["correct"])),
+        "steps_valid": float(score["steps_checked"] > 0 and score["work_valid"]),
+        "format": float(score["extraction_rule"] == "answer_marker" and finish_reason != "length"),
+    }
+
+
+def total_reward(terms: dict[str, float], weights: RewardWeights) -> float:
+    return sum(getattr(weights, name) * terms[name] for name in TERMS)
+
+
+def group_advantages(rewards: list[float], scale: bool) -> list[float]:
+    """Each reward minus its group's mean; with `scale`, divided by the group's standard deviation (GRPO) as
+    well. A group whose rewards are all equal gets zeros."""
+    mean = sum(rewards) / len(rewards)
+    centred = [r - mean for r in rewards]
+    if not scale:
+        return centred
+    std = (sum(c * c for c in centred) / max(1, len(rewards) - 1)) ** 0.5
+    return [c / (std + 1e-4) for c in centred] if std > 0 else [0.0] * len(rewards)
