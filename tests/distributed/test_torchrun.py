@@ -157,3 +157,27 @@ def test_fsdp_mixed_precision_trains_and_its_checkpoint_reloads_within_tolerance
     reload = gates["checkpoint_reloads"]
     assert reload["status"] == "pass" and reload["detail"].endswith("(inexact)") and 0 < reload["value"] < 0.1
     assert gates["loss_decreased"]["status"] == "pass"
+
+
+def test_grpo_on_two_ranks_matches_one_process(tmp_path):
+    """Each rank samples every second prompt of a step and all ranks then train on the whole step, so the
+    rewards, losses and gradient norms of 2 DDP ranks are those of one process."""
+    from tests.e2e.test_rl import GRPO, _traces
+
+    extra = [f"data.train_file={_traces(tmp_path)}", "train.max_steps=30", "eval.max_items=4", "eval.run_base=false",
+             "eval.max_new_tokens=12", *GRPO, "grpo.num_steps=3", "grpo.eval_every_steps=3"]  # fmt: skip
+    single = launch(None, *run_args(tmp_path, "single", *extra))
+    assert single.returncode in (0, 3), why(single)
+    ranks = launch(2, *run_args(tmp_path, "ddp", *extra, "train.distributed=ddp", "train.grad_accum_steps=1"))
+    assert ranks.returncode in (0, 3), why(ranks)
+
+    def steps(run):
+        rows = [json.loads(x) for x in (tmp_path / run / "grpo" / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in rows if "reward" in r]
+
+    one, two = steps("single"), steps("ddp")
+    assert [r["reward"] for r in one] == [r["reward"] for r in two]  # the same samples
+    assert sum(r["num_trained_completions"] for r in one) > 0
+    for a, b in zip(one, two, strict=True):
+        for key in ("loss", "grad_norm", "entropy"):
+            assert (key in a) == (key in b) and abs(a.get(key, 0) - b.get(key, 0)) < 1e-5, (key, a, b)

@@ -28,9 +28,11 @@ def total_reward(terms: dict[str, float], weights: RewardWeights) -> float:
 def group_advantages(rewards: list[float], scale: bool) -> list[float]:
     """Each reward minus its group's mean; with `scale`, divided by the group's standard deviation (GRPO) as
     well. A group whose rewards are all equal gets zeros."""
+    if max(rewards) == min(rewards):  # exactly: a float mean of equal values need not equal them
+        return [0.0] * len(rewards)
     mean = sum(rewards) / len(rewards)
     centred = [r - mean for r in rewards]
     if not scale:
         return centred
-    std = (sum(c * c for c in centred) / max(1, len(rewards) - 1)) ** 0.5
-    return [c / (std + 1e-4) for c in centred] if std > 0 else [0.0] * len(rewards)
+    std = (sum(c * c for c in centred) / (len(rewards) - 1)) ** 0.5
+    return [c / (std + 1e-4) for c in centred]

@@ -29,6 +29,7 @@ from tracetune.config import Config
 from tracetune.data.render import parse_completion, tokenize_traces
 from tracetune.data.traces import EvalItem, Trace, load_traces
 from tracetune.errors import DataError
+from tracetune.faults import crash_point
 from tracetune.rl.rollout import Rollout, Sampler, as_item
 from tracetune.runfiles import append_jsonl, read_jsonl, write_json
 
@@ -191,6 +192,7 @@ def run_round(cfg, stage_dir: Path, model, tokenizer, train, val, heldout_items,
             write_json(round_dir / "sampling.json", summary)
         dist.barrier()
         summary = {k: v for k, v in summary.items() if k != "sampled_rows"}
+        crash_point(f"rft-round-{round_number}/sampled")
     log.info("rft round %d: kept %d of %d samples (yield %.3f)", round_number, summary["num_kept"],
              summary["num_sampled"], summary["yield"])  # fmt: skip
     examples = round_examples(cfg, tokenizer, round_dir, prompts)

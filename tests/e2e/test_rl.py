@@ -1,0 +1,126 @@
+"""RFT and GRPO as stages of a run on the tiny model: the files, the gates, and exact resume after kill -9.
+
+The tiny model is first taught (the sft stage) traces answering 7 or 3, so its samples differ within a group
+and GRPO has rewards to learn from; without that a random model's rewards are all 0 and nothing would train.
+"""
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO, TINY_CONFIG, write_jsonl
+from tests.reliability.test_faults import cli
+
+GRPO = [
+    "stages=[sft,grpo]",
+    "grpo.num_steps=4",
+    "grpo.prompts_per_step=3",
+    "grpo.group_size=4",
+    "grpo.eval_every_steps=2",
+    "grpo.save_every_steps=2",
+    "grpo.lr=3e-3",
+    "grpo.sampling.temperature=1.5",
+    "grpo.sampling.max_new_tokens=12",
+]
+RFT = [
+    "stages=[sft,rft]",
+    "rft.num_rounds=2",
+    "rft.prompts_per_round=12",
+    "rft.num_samples=3",
+    "rft.sampling.temperature=0.5",
+    "train.max_steps=80",
+    "rft.sampling.max_new_tokens=12",
+]
+
+
+def _traces(tmp_path):
+    records = [json.loads(line) for line in (REPO / "data" / "train.jsonl").read_text().splitlines()[:64]]
+    lines = [
+        {"id": r["id"], "prompt": r["prompt"], "steps": [], "final_answer": "7" if k % 2 else "3"}
+        for k, r in enumerate(records)
+    ]
+    return write_jsonl(tmp_path / "train73.jsonl", lines)
+
+
+def _args(tmp_path, name, *extra):
+    return [
+        "run", str(TINY_CONFIG), f"output.root={tmp_path}", f"output.run_name={name}",
+        f"data.train_file={_traces(tmp_path)}", "train.max_steps=30", "train.save_every_steps=null",
+        "train.eval_every_steps=null", "eval.max_items=4", "eval.max_new_tokens=12", "eval.baselines=[zero_shot]",
+        *extra,
+    ]  # fmt: skip
+
+
+def _gates(run_dir):
+    return {g["name"]: g for g in json.loads((run_dir / "gates.json").read_text())["gates"]}
+
+
+def _weights(path):
+    return load_file(path / "model.safetensors")
+
+
+def _same(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sft_then_grpo_trains_logs_and_gates_every_stage(tmp_path):
+    result = cli(*_args(tmp_path, "g", *GRPO))
+    run_dir = tmp_path / "g"
+    assert result.returncode in (0, 3), result.stderr[-3000:]
+    rows = [json.loads(x) for x in (run_dir / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    steps, held = [r for r in rows if "reward" in r], [r for r in rows if r.get("split") == "heldout"]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and [r["step"] for r in held] == [0, 2, 4]
+    assert sum(r["num_trained_completions"] for r in steps) > 0, steps  # groups with signal were trained on
+    for key in ("reward_correct", "reward_steps_valid", "reward_format", "zero_variance_fraction", "truncation_ratio",
+                "clip_fraction", "kl", "entropy"):  # fmt: skip
+        assert all(key in r for r in steps)
+    assert not _same(_weights(run_dir / "final_model"), _weights(run_dir / "grpo" / "final_model"))
+    stages = json.loads((run_dir / "stages.json").read_text())
+    assert [s["stage"] for s in stages] == ["sft", "grpo"] and stages[-1]["model"] == "grpo/final_model"
+    gates = _gates(run_dir)
+    for name in ("grpo_completed", "grpo_no_nan_or_inf", "grpo_heldout_not_below_start",
+                 "grpo_truncation_below_limit", "grpo_reward_agrees_with_heldout", "evidence_complete"):  # fmt: skip
+        assert name in gates
+    assert gates["grpo_completed"]["passed"] and gates["evidence_complete"]["passed"], gates["evidence_complete"]
+    assert gates["grpo_heldout_not_below_start"]["source"] == "eval/sft, eval/final"
+    assert (run_dir / "eval" / "sft" / "scores.json").is_file() and (
+        run_dir / "eval" / "final" / "scores.json"
+    ).is_file()
+
+
+def test_grpo_resumed_after_kill_9_matches_the_uninterrupted_run(tmp_path):
+    assert cli(*_args(tmp_path, "ref", *GRPO, "eval.eval_file=null")).returncode == 0
+    killed = cli(*_args(tmp_path, "k", *GRPO, "eval.eval_file=null"), env={"TRACETUNE_KILL_AT_POINT": "grpo-3/updated"})
+    assert killed.returncode == -9
+    assert cli("resume", str(tmp_path / "k")).returncode == 0
+    assert _same(_weights(tmp_path / "ref" / "grpo" / "final_model"), _weights(tmp_path / "k" / "grpo" / "final_model"))
+
+    def without_times(run):
+        rows = [json.loads(x) for x in (tmp_path / run / "grpo" / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
+
+    assert without_times("ref") == without_times("k")
+
+
+def test_rft_keeps_verified_samples_and_resumes_after_kill_9(tmp_path):
+    assert cli(*_args(tmp_path, "ref", *RFT)).returncode in (0, 3)
+    run_dir = tmp_path / "ref"
+    rounds = [json.loads(x) for x in (run_dir / "rft" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2] and all("heldout" in r for r in rounds)
+    kept = [json.loads(x) for x in (run_dir / "rft" / "round-1" / "kept.jsonl").read_text().splitlines()]
+    sampled = [json.loads(x) for x in (run_dir / "rft" / "round-1" / "sampled.jsonl").read_text().splitlines()]
+    assert kept and len(sampled) == 36 and rounds[0]["num_kept"] == len(kept)
+    eligible = {(s["id"], s["sample"]) for s in sampled if s["kept_eligible"]}
+    assert all((t["meta"]["of"], t["meta"]["sample"]) in eligible for t in kept)  # only verified samples are kept
+    assert all(s["verified"] for s in sampled if s["kept_eligible"])
+    assert "rft_heldout_not_below_start" in _gates(run_dir)
+
+    killed = cli(*_args(tmp_path, "k", *RFT), env={"TRACETUNE_KILL_AT_POINT": "rft-round-2/sampled"})
+    assert killed.returncode == -9
+    assert cli("resume", str(tmp_path / "k")).returncode in (0, 3)
+    assert _same(_weights(run_dir / "rft" / "final_model"), _weights(tmp_path / "k" / "rft" / "final_model"))
+    for name in ("kept.jsonl", "sampled.jsonl"):
+        assert (run_dir / "rft" / "round-2" / name).read_text() == (
+            tmp_path / "k" / "rft" / "round-2" / name
+        ).read_text()

@@ -1,0 +1,54 @@
+"""RFT keeps only verified samples, distinct, capped per prompt; kept traces load back as native traces."""
+
+import json
+
+from tracetune.data.traces import EvalItem, load_traces
+from tracetune.eval.evaluate import score_item
+from tracetune.eval.generate import Generation
+from tracetune.rl.rft import as_trace, keep_verified, round_prompts
+from tracetune.rl.rollout import Rollout
+
+ITEM = EvalItem("q1", "Jun buys 2 notebooks at $5 each. How many dollars?", "10")
+
+
+def _rollout(index: int, text: str, finish: str = "eos") -> Rollout:
+    return Rollout(ITEM, index, (), Generation(text, 10, finish), score_item(ITEM, text))
+
+
+def test_only_verified_distinct_samples_are_kept_up_to_the_cap():
+    rollouts = [
+        _rollout(0, "Reasoning:\n1. Cost: 2 * 5 = 12\nAnswer: 10"),  # right answer, false step: lucky
+        _rollout(1, "Reasoning:\n1. Cost: 2 * 6 = 12\nAnswer: 12"),  # wrong answer
+        _rollout(2, "Reasoning:\n1. Cost: 2 * 5 = 10\nAnswer: 10", finish="length"),  # cut off
+        _rollout(3, "The answer is 10"),  # no Answer: line
+        _rollout(4, "Reasoning:\n1. Cost: 2 * 5 = 10\nAnswer: 10"),  # verified
+        _rollout(5, "Reasoning:\n1.  Cost: 2 * 5 = 10\nAnswer:  10"),  # the same text but for white space
+        _rollout(6, "Reasoning:\n1. Two notebooks: 2 * 5 = 10\nAnswer: 10"),  # verified, distinct
+        _rollout(7, "Reasoning:\n1. Spent: 5 * 2 = 10\nAnswer: 10"),  # verified, past the cap
+    ]
+    kept = keep_verified(rollouts, max_kept=2)
+    assert [r.index for r in kept] == [4, 6]
+    assert keep_verified(rollouts[:4], max_kept=2) == []
+
+
+def test_kept_traces_are_native_traces_marked_with_their_origin(tmp_path):
+    records = [
+        as_trace(ITEM, "Reasoning:\n1. Cost: 2 * 5 = 10\nAnswer: 10", 1, 4, False),
+        as_trace(ITEM, "Reasoning:\n1. Cost: 2 * 5 = 10\nAnswer: 10", 2, None, True),
+    ]
+    path = tmp_path / "kept.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    report = load_traces(path, "native")
+    assert not report.errors
+    first, second = report.records
+    assert first.prompt == ITEM.prompt and first.final_answer == "10"
+    assert [s.content for s in first.steps] == ["Cost: 2 * 5 = 10"]
+    assert first.meta == {"source": "rft", "round": 1, "sample": 4, "rationalized": False, "of": "q1"}
+    assert second.meta["rationalized"] and second.id != first.id
+
+
+def test_round_prompts_are_a_seeded_draw_per_round():
+    traces = list(range(50))
+    assert round_prompts(traces, 1, None, 0) == traces
+    one, again, two = round_prompts(traces, 1, 10, 0), round_prompts(traces, 1, 10, 0), round_prompts(traces, 2, 10, 0)
+    assert one == again and one != two and len(set(one)) == 10
