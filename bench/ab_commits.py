@@ -26,7 +26,14 @@ from tracetune import allocator
 
 REPO = Path(__file__).resolve().parents[1]
 # The numbers each worker reports that say how fast it was (higher is better unless named *_s).
-TRAINING_KEYS = ("seconds_per_step", "real_tokens_per_s", "samples_per_s", "peak_rss_mb", "final_train_loss", "val_loss")
+TRAINING_KEYS = (
+    "seconds_per_step",
+    "real_tokens_per_s",
+    "samples_per_s",
+    "peak_rss_mb",
+    "final_train_loss",
+    "val_loss",
+)
 GENERATION_KEYS = ("items_per_s", "new_tokens_per_s")
 
 
@@ -68,8 +75,9 @@ def main() -> None:
     args = parser.parse_args()
     revs = {"base": args.base, "head": args.head}
     commits = {
-        name: subprocess.run(["git", "-C", str(REPO), "rev-parse", rev], capture_output=True, text=True, check=True)
-        .stdout.strip()
+        name: subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", rev], capture_output=True, text=True, check=True
+        ).stdout.strip()
         for name, rev in revs.items()
     }
     with tempfile.TemporaryDirectory(prefix="tracetune-ab-") as tmp:
