@@ -28,12 +28,12 @@ from tracetune.train.step import build_state, train_step
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "RTX 5090": 209.5}
 
 
-def build(arch: str, device: torch.device):
+def build(arch: str, device: torch.device, vocab_size: int = 256000):
     from transformers import AutoModelForCausalLM, GemmaConfig
 
-    if arch == "gemma-2b":  # google/gemma-2b's config.json
+    if arch == "gemma-2b":  # google/gemma-2b's config.json (vocab_size: its tokenizer's, unless told)
         config = GemmaConfig(
-            vocab_size=256000,
+            vocab_size=vocab_size,
             hidden_size=2048,
             intermediate_size=16384,
             num_hidden_layers=18,

@@ -36,3 +36,17 @@ def test_gpu_bench_runs_the_real_step_on_the_cpu():
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads(result.stdout[result.stdout.index("{") :])
     assert record["arch"] == "tiny" and record["tokens_per_s"] > 0
+
+
+def _run_bench(script: str, *args: str) -> dict:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout[result.stdout.index("{") :])
+
+
+def test_gpu_grpo_bench_runs_the_stage_pieces_on_the_cpu():
+    args = ["--device", "cpu", "--arch", "tiny", "--prompts", "2", "--group", "2", "--tokens", "6", "--steps", "2"]
+    record = _run_bench("gpu_grpo.py", *args, "--micro-batch", "2")
+    assert record["arch"] == "tiny" and record["steps_timed"] == 1 and record["completions_generated_and_trained_per_s"] > 0

@@ -122,3 +122,41 @@ def test_bf16_weights_checkpoint_reloads_bit_exactly(tmp_path):
     assert main(args) == 0
     gate = {g.name: g for g in compute_gates(tmp_path / "b")}["checkpoint_reloads"]
     assert gate.passed and gate.value == 0.0
+
+
+def _grpo_run(tmp_path, rewards: list[float], heldout: list[float]):
+    """A run directory holding only what the GRPO reward gate reads: config.yaml and grpo/metrics.jsonl."""
+    from tracetune.config import dump_config
+
+    run = tmp_path / "grpo_run"
+    (run / "grpo").mkdir(parents=True)
+    (run / "config.yaml").write_text(dump_config(load_config(None, ["stages=[sft,grpo]"])))
+    rows = [{"step": k + 1, "reward": {"mean": r, "std": 0.1}} for k, r in enumerate(rewards)]
+    step = max(1, len(rewards) // max(1, len(heldout) - 1))
+    rows += [{"split": "heldout", "step": k * step, "verified_accuracy": v} for k, v in enumerate(heldout)]
+    (run / "grpo" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+@pytest.mark.parametrize(
+    ("rewards", "heldout", "passed"),
+    [
+        ([0.2, 0.3, 0.5, 0.8], [0.30, 0.20], False),  # reward up, held-out down: the reward was gamed
+        ([0.2, 0.3, 0.5, 0.8], [0.30, 0.35], True),  # both up
+        ([0.8, 0.5, 0.3, 0.2], [0.30, 0.20], True),  # both down: bad, but not this gate's failure
+        ([0.5, 0.5, 0.5, 0.5], [0.30, 0.30], True),
+    ],
+)
+def test_a_rising_reward_with_falling_heldout_accuracy_fails(tmp_path, rewards, heldout, passed):
+    gate = _gate(_grpo_run(tmp_path, rewards, heldout), "grpo_reward_agrees_with_heldout")
+    assert gate.passed is passed
+    assert ("reward rose by" in gate.detail) is (not passed)
+
+
+def test_rl_stages_add_their_gates_and_sft_gates_only_with_sft():
+    both = [name for name, _ in gate_table(load_config(None, ["stages=[sft,rft]"]))]
+    assert {"training_completed", "rft_completed", "rft_heldout_not_below_start", "rft_truncation_below_limit"} <= set(
+        both
+    )
+    alone = [name for name, _ in gate_table(load_config(None, ["stages=[grpo]"]))]
+    assert "training_completed" not in alone and "grpo_reward_agrees_with_heldout" in alone

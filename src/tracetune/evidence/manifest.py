@@ -63,14 +63,19 @@ COMPARISON_KEYS = ("strongest_baseline", "base_accuracy", "final_accuracy", "dif
 
 
 def recheck_scores(run_dir: Path) -> list[str]:
-    """Score every prediction again from its completion and expected answer, then scores.json and
-    comparison.json from those rows; each disagreement with the files is a problem."""
+    """Score every prediction again from its completion and expected answer (the evaluations and the held-out
+    points of rft and grpo stages), then scores.json and comparison.json from those rows; each disagreement
+    with the files is a problem."""
     from tracetune.data.traces import EvalItem
     from tracetune.eval.evaluate import compare_with_baselines, compute_scores, score_item
     from tracetune.runfiles import read_json, read_predictions
 
     problems = []
-    for path in sorted((run_dir / "eval").glob("*/predictions.jsonl")):
+    held_out = [
+        *run_dir.glob("grpo/heldout/*/predictions.jsonl"),
+        *run_dir.glob("rft/round-*/heldout/predictions.jsonl"),
+    ]
+    for path in sorted((run_dir / "eval").glob("*/predictions.jsonl")) + sorted(held_out):
         name = path.parent.relative_to(run_dir).as_posix()
         rows = read_predictions(path)
         for row in rows:

@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tracetune.runfiles import read_json, read_metrics, read_predictions  # noqa: E402
+from tracetune.runfiles import read_json, read_jsonl, read_metrics, read_predictions  # noqa: E402
 
 
 def _pct(x: float) -> str:
@@ -57,6 +57,10 @@ def load_run(run_dir: Path) -> dict:
         },
         "comparison": read_json(run_dir / "eval" / "comparison.json"),
         "gates": read_json(run_dir / "gates.json"),
+        "stages": {
+            "rft": read_jsonl(run_dir / "rft" / "rounds.jsonl"),
+            "grpo": read_jsonl(run_dir / "grpo" / "metrics.jsonl"),
+        },
     }
 
 
@@ -139,12 +143,89 @@ def verdict(data: dict) -> str:
                 f"{_pct(verified['base_accuracy'])} to {_pct(verified['final_accuracy'])}"
             )
         text += "."
+    text += "".join(f" {sentence}" for sentence in _stage_sentences(gates))
     if gates:
         failed = [g["name"] for g in gates["gates"] if not g["passed"]]
         counted = [g for g in gates["gates"] if g["status"] != "skip"]
         text += f" {len(counted) - len(failed)} of {len(counted)} gates passed"
         text += f"; failed: {', '.join(failed)}." if failed else "."
     return text
+
+
+def _stage_sentences(gates: dict | None) -> list[str]:
+    """What each rft/grpo stage did to held-out verified accuracy, and a reward that rose while it fell."""
+    out = []
+    for gate in (gates or {}).get("gates", []):
+        if gate["name"].endswith("_heldout_not_below_start") and gate["status"] != "skip" and gate["value"]:
+            v, stage = gate["value"], gate["name"].split("_")[0]
+            low, high = v["difference_ci95"]
+            out.append(
+                f"The {stage} stage took held-out verified accuracy from {_pct(v['base_accuracy'])} to "
+                f"{_pct(v['final_accuracy'])} ({_points(v['difference'])} points, 95% CI {_points(low)} to "
+                f"{_points(high)})."
+            )
+        if gate["name"] == "grpo_reward_agrees_with_heldout" and not gate["passed"]:
+            out.append(f"GRPO learned the reward, not the task: {gate['detail']}.")
+    return out
+
+
+def _stages_section(data: dict) -> list[str]:
+    """Each rft round and the grpo stage's steps and held-out points, from rft/rounds.jsonl and grpo/metrics.jsonl."""
+    lines: list[str] = []
+    rounds = data["stages"]["rft"]
+    if rounds:
+        lines += ["", "## Rejection-sampling fine-tuning (rft)", ""]
+        header = [
+            "round",
+            "sampled",
+            "kept",
+            "yield",
+            "sample accuracy",
+            "prompts solved",
+            "held-out acc",
+            "verified",
+            "minutes",
+        ]
+        lines += _table(
+            header,
+            [
+                [
+                    r["round"],
+                    r["num_sampled"],
+                    r["num_kept"],
+                    _pct(r["yield"]),
+                    _pct(r["sample_accuracy"]),
+                    _pct(r["prompt_pass_rate"]),
+                    _pct(r["heldout"]["accuracy"]) if "heldout" in r else "-",
+                    _pct(r["heldout"]["verified_accuracy"]) if "heldout" in r else "-",
+                    f"{r['elapsed_s'] / 60:.1f}",
+                ]  # fmt: skip
+                for r in rounds
+            ],
+        )
+        lines += ["", "Kept traces of round N: `rft/round-N/kept.jsonl`; every sample and its score: `sampled.jsonl`."]
+    rows = data["stages"]["grpo"]
+    steps, held = [r for r in rows if "reward" in r], [r for r in rows if r.get("split") == "heldout"]
+    if steps:
+        lines += ["", "## GRPO", ""]
+        k = max(1, len(steps) // 4)
+
+        def mean(key: str, part: list[dict]) -> str:
+            values = [r[key]["mean"] if isinstance(r[key], dict) else r[key] for r in part]
+            return f"{sum(values) / len(values):.3f}"
+
+        keys = ["reward", "reward_correct", "reward_steps_valid", "reward_format", "zero_variance_fraction",
+                "truncation_ratio", "clip_fraction", "kl", "entropy"]  # fmt: skip
+        lines += _table(
+            ["per step", f"first {k} steps", f"last {k} steps"],
+            [[key, mean(key, steps[:k]), mean(key, steps[-k:])] for key in keys],
+        )
+        lines += ["", "### Held-out accuracy during GRPO (greedy, the evaluation's code)", ""]
+        lines += _table(
+            ["step", "accuracy", "verified", "truncated"],
+            [[r["step"], _pct(r["accuracy"]), _pct(r["verified_accuracy"]), _pct(r["truncation_rate"])] for r in held],
+        )
+    return lines
 
 
 def _configuration_section(data: dict) -> list[str]:
@@ -274,7 +355,8 @@ def write_summary(run_dir: Path, data: dict) -> str:
         f"Status: **{run.get('status', 'unknown')}**; started {run.get('started_at')}, ended {run.get('ended_at')}.",
         "",
     ]
-    lines += _configuration_section(data) + _training_section(data) + _evaluation_section(data) + _gates_section(data)
+    lines += _configuration_section(data) + _training_section(data) + _stages_section(data)
+    lines += _evaluation_section(data) + _gates_section(data)
     lines += ["", "## Artifacts", "", f"Besides {', '.join(REPORT_OUTPUTS)}, written after this list:", ""]
     lines += _table(["file", "size"], _artifacts(run_dir))
     text = "\n".join(lines) + "\n"
@@ -383,6 +465,18 @@ def plot_series(data: dict, key: str, title: str) -> bytes:
     return _png(fig)
 
 
+def plot_grpo(data: dict) -> bytes:
+    rows = data["stages"]["grpo"]
+    steps, held = [r for r in rows if "reward" in r], [r for r in rows if r.get("split") == "heldout"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot([r["step"] for r in steps], [r["reward"]["mean"] for r in steps], label="mean reward (train samples)")
+    ax.plot([r["step"] for r in held], [r["verified_accuracy"] for r in held], "o-", label="held-out verified accuracy")
+    ax.set(xlabel="GRPO step", title="Reward against held-out verified accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _png(fig)
+
+
 def plot_accuracy(data: dict) -> bytes:
     """Accuracy per category for every evaluated model, with 95% intervals."""
     final = data["final"]
@@ -419,6 +513,8 @@ def write_report(run_dir: Path) -> None:
             ("Learning rate", plot_series(data, "lr", "Learning rate")),
         ]
         plots.append(("Throughput", plot_series(data, "tokens_per_s", "Training tokens/s")))
+    if any(r.get("split") == "heldout" for r in data["stages"]["grpo"]):
+        plots.append(("GRPO reward and held-out verified accuracy", plot_grpo(data)))
     if data["final"]:
         plots.append(("Accuracy per category", plot_accuracy(data)))
     images = "\n".join(

@@ -1,0 +1,211 @@
+"""Does training past imitation beat more imitation? RFT, GRPO and plain SFT continued for the same minutes,
+each from the same SFT model, scored on the held-out eval set by the evaluation's own code, in one invocation.
+
+    python bench/rl_quality.py --start runs/<quickstart run>/final_model [--arms rft grpo control]
+
+Each arm is a real `tracetune run` of configs/reasoning_rl.yaml from `--start` (stages=[rft] or [grpo]), its
+zero-shot baseline being the start model itself in the run's chat format, so every run's comparison.json is
+the paired difference against the start. The control is `stages=[sft]` on all 1,000 bundled traces for the
+minutes the longest RL arm's stage took (steps = those minutes / the start run's seconds per SFT step),
+checkpointed along the way; its checkpoints are evaluated afterwards for its curve. Writes
+bench/results/<out>.json, .md and .png: held-out accuracy and verified accuracy against minutes for every arm,
+and each arm's final answers paired against the start and against the control.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "reasoning_rl.yaml"
+COMMON = ["eval.baselines=[zero_shot]", "output.root={root}"]
+
+
+def tracetune(*args: str) -> subprocess.CompletedProcess:
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "tracetune", *args], cwd=REPO, capture_output=True, text=True)
+    print(
+        f"  tracetune {args[0]} {args[-1]}: exit {result.returncode} in {time.perf_counter() - started:.0f} s",
+        flush=True,
+    )
+    if result.returncode not in (0, 3):  # 3: gates failed, still a finished run worth measuring
+        raise SystemExit(result.stderr[-4000:])
+    return result
+
+
+def run_arm(name: str, start: Path, root: Path, overrides: list[str]) -> Path:
+    args = [f"model.source={start}", *(c.format(root=root) for c in COMMON), f"output.run_name={name}", *overrides]
+    tracetune("run", str(CONFIG), *args)
+    return root / name
+
+
+def _scores(path: Path) -> dict:
+    scores = json.loads((path / "scores.json").read_text())
+    return {"accuracy": scores["accuracy"], "verified_accuracy": scores["verified_accuracy"]}
+
+
+def rft_curve(run_dir: Path) -> list[dict]:
+    rounds = [json.loads(x) for x in (run_dir / "rft" / "rounds.jsonl").read_text().splitlines()]
+    return [
+        {"minutes": r["elapsed_s"] / 60, **{k: r["heldout"][k] for k in ("accuracy", "verified_accuracy")}}
+        for r in rounds
+    ]
+
+
+def grpo_curve(run_dir: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run_dir / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    elapsed = {r["step"]: r["elapsed_s"] for r in rows if "reward" in r}
+    held = [r for r in rows if r.get("split") == "heldout" and r["step"] > 0]
+    return [
+        {"minutes": elapsed[r["step"]] / 60, "accuracy": r["accuracy"], "verified_accuracy": r["verified_accuracy"]}
+        for r in held
+    ]
+
+
+def control_curve(run_dir: Path, root: Path) -> list[dict]:
+    """Every kept checkpoint of the control, evaluated as `tracetune eval` would a final model (a checkpoint's
+    model/ holds no tokenizer: a directory of links to its files and the run's tokenizer stands in)."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    elapsed = {r["step"]: r["elapsed_s"] for r in rows if "elapsed_s" in r}
+    points = []
+    for checkpoint in sorted(p for p in (run_dir / "checkpoints").glob("step-*") if (p / "COMMITTED").is_file()):
+        step = int(checkpoint.name.split("-")[1])
+        model = root / f"control-model-{step}"
+        model.mkdir(exist_ok=True)
+        for source in [*(checkpoint / "model").iterdir(), *(run_dir / "final_model").glob("tokenizer*")]:
+            if not (model / source.name).exists():
+                (model / source.name).symlink_to(source)
+        out = root / f"control-eval-{step}"
+        tracetune(
+            "eval", "--model", str(model), "--eval-set", "data/eval.jsonl", "--config", str(CONFIG), "--out", str(out)
+        )
+        points.append({"minutes": elapsed[step] / 60, **_scores(out)})
+    return points
+
+
+def paired(a: Path, b: Path, key: str) -> dict:
+    from tracetune.eval.evaluate import compare_predictions
+
+    result = compare_predictions(a, b, key=key)
+    return {
+        k: result[k] for k in ("base_accuracy", "final_accuracy", "difference", "difference_ci95", "num_paired_items")
+    }
+
+
+def seconds_per_sft_step(start: Path) -> float:
+    training = json.loads((start.parent / "training.json").read_text())
+    return training["elapsed_s"] / training["num_steps"]
+
+
+def stage_minutes(run_dir: Path, stage: str) -> float:
+    return json.loads((run_dir / stage / "training.json").read_text())["elapsed_s"] / 60
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--start", type=Path, required=True, help="an SFT run's final_model (the quickstart's)")
+    parser.add_argument("--arms", nargs="+", default=["rft", "grpo", "control"])
+    parser.add_argument("--root", type=Path, default=REPO / "runs" / "rl_quality")
+    parser.add_argument("--out", default="rl_quality")
+    parser.add_argument("--control-minutes", type=float, default=None, help="default: the longest RL stage's")
+    args = parser.parse_args()
+    start = args.start.resolve()
+    root = args.root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    curves, runs = {}, {}
+    for arm in [a for a in args.arms if a != "control"]:
+        runs[arm] = (
+            root / arm if (root / arm / "gates.json").is_file() else run_arm(arm, start, root, [f"stages=[{arm}]"])
+        )
+        curves[arm] = (rft_curve if arm == "rft" else grpo_curve)(runs[arm])
+    start_point = {"minutes": 0.0, **_scores(next(iter(runs.values())) / "eval" / "base")} if runs else None
+    if "control" in args.arms:
+        minutes = args.control_minutes or max(stage_minutes(runs[a], a) for a in runs)
+        steps = max(1, round(minutes * 60 / seconds_per_sft_step(start)))
+        overrides = ["stages=[sft]", "data.max_train_records=null", "train.num_epochs=10", f"train.max_steps={steps}",
+                     f"train.save_every_steps={max(1, steps // 4)}", "train.keep_last_checkpoints=8",
+                     "train.warmup_steps=0", "train.scheduler=constant", "train.lr=2.0e-5"]  # fmt: skip
+        runs["control"] = (
+            root / "control"
+            if (root / "control" / "gates.json").is_file()
+            else run_arm("control", start, root, overrides)
+        )
+        curves["control"] = control_curve(runs["control"], root)
+        start_point = start_point or {"minutes": 0.0, **_scores(runs["control"] / "eval" / "base")}
+    result = {"start": str(start), "start_scores": start_point, "curves": curves, "paired": {}}
+    for arm, run_dir in runs.items():
+        final = run_dir / "eval" / "final"
+        result["paired"][arm] = {
+            "vs_start": {k: paired(run_dir / "eval" / "base", final, k) for k in ("correct", "verified")},
+            "minutes": stage_minutes(run_dir, arm)
+            if arm != "control"
+            else json.loads((run_dir / "training.json").read_text())["elapsed_s"] / 60,
+        }
+        if "control" in runs and arm != "control":
+            control = runs["control"] / "eval" / "final"
+            result["paired"][arm]["vs_control"] = {k: paired(control, final, k) for k in ("correct", "verified")}
+    out = REPO / "bench" / "results" / args.out
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    out.with_suffix(".md").write_text(table(result), encoding="utf-8")
+    plot(result, out.with_suffix(".png"))
+    print(table(result))
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def _diff(p: dict) -> str:
+    low, high = p["difference_ci95"]
+    return f"{100 * p['difference']:+.0f} [{100 * low:+.0f}, {100 * high:+.0f}]"
+
+
+def table(result: dict) -> str:
+    s = result["start_scores"]
+    lines = [
+        f"Start: {result['start']} (accuracy {_pct(s['accuracy'])}, verified {_pct(s['verified_accuracy'])})",
+        "",
+        "| arm | minutes | accuracy | verified | verified vs start (points, 95% CI) | verified vs control |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm, p in result["paired"].items():
+        v = p["vs_start"]["verified"]
+        control = _diff(p["vs_control"]["verified"]) if "vs_control" in p else ""
+        accuracy = _pct(p["vs_start"]["correct"]["final_accuracy"])
+        lines.append(
+            f"| {arm} | {p['minutes']:.1f} | {accuracy} | {_pct(v['final_accuracy'])} | {_diff(v)} | {control} |"
+        )
+    lines += ["", "Curves (minutes: accuracy / verified):"]
+    for arm, points in result["curves"].items():
+        lines.append(
+            f"- {arm}: "
+            + ", ".join(f"{p['minutes']:.1f}: {_pct(p['accuracy'])} / {_pct(p['verified_accuracy'])}" for p in points)
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    start = result["start_scores"]
+    for arm, points in result["curves"].items():
+        xs = [0.0] + [p["minutes"] for p in points]
+        ax.plot(xs, [start["verified_accuracy"]] + [p["verified_accuracy"] for p in points], marker="o", label=arm)
+    ax.set_xlabel("minutes on 2 CPU cores")
+    ax.set_ylabel("held-out verified accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
