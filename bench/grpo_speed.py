@@ -19,11 +19,10 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
+
+from harness import interleave, run_worker, spawn
 
 from tracetune import allocator
 
@@ -159,16 +158,8 @@ WORKERS = {"tracetune": worker_tracetune, "trl": worker_trl}
 
 
 def _spawn(system: str, args) -> dict:
-    command = [sys.executable, __file__, "--worker", system, "--steps", str(args.steps), "--prompts", str(args.prompts)]
-    command += ["--group", str(args.group), "--tokens", str(args.tokens)]
-    env = {**os.environ, "TQDM_DISABLE": "1"}
-    library = allocator.find_tcmalloc()
-    if library and system == "tracetune":
-        env = allocator.preload_env(env, library)
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        raise SystemExit(f"{system} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    argv = ["--steps", str(args.steps), "--prompts", str(args.prompts), "--group", str(args.group)]
+    return spawn(__file__, system, [*argv, "--tokens", str(args.tokens)], tcmalloc=system == "tracetune")
 
 
 def main() -> None:
@@ -183,14 +174,9 @@ def main() -> None:
     parser.add_argument("--out", default="grpo_speed")
     args = parser.parse_args()
     if args.worker:
-        with tempfile.TemporaryDirectory() as tmp:
-            print(json.dumps(WORKERS[args.worker](args, Path(tmp))))
+        run_worker(WORKERS[args.worker], args)
         return
-    runs = {s: [] for s in SYSTEMS}
-    for repeat in range(args.repeats):
-        for system in SYSTEMS:
-            runs[system].append(_spawn(system, args))
-            print(f"repeat {repeat + 1} {system}: {runs[system][-1]['seconds_per_step']}", flush=True)
+    runs = interleave(SYSTEMS, args.repeats, lambda system: _spawn(system, args))
     summary = {}
     for system, results in runs.items():
         steps = [s for r in results for s in r["seconds_per_step"][args.warmup :]]

@@ -36,11 +36,10 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
+
+from harness import interleave, run_worker, spawn
 
 from tracetune import allocator
 
@@ -384,38 +383,14 @@ WORKERS = {"tracetune": worker_tracetune, "trl": worker_trl, "old": worker_old, 
 
 
 def _spawn(system: str, args) -> dict:
-    command = [
-        sys.executable,
-        __file__,
-        "--worker",
-        system,
-        "--steps",
-        str(args.steps),
-        "--warmup",
-        str(args.warmup),
-        "--source",
-        args.source,
-        "--eval-items",
-        str(args.eval_items),
-        "--generation-repeats",
-        str(args.generation_repeats),
-        "--precision",
-        args.precision,
-    ]
-    if args.compile:
-        command.append("--compile")
-    if args.eval_model:
-        command += ["--eval-model", args.eval_model]
-    env = {**os.environ, "TQDM_DISABLE": "1"}
+    argv = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--source", args.source]
+    argv += ["--eval-items", str(args.eval_items), "--generation-repeats", str(args.generation_repeats)]
+    argv += ["--precision", args.precision] + (["--compile"] if args.compile else [])
+    argv += ["--eval-model", args.eval_model] if args.eval_model else []
     # tracetune runs where `tracetune run` would: under tcmalloc when it is installed (allocator.py). TRL and the
     # old pipeline run as their users run them, on the system allocator, unless --others-on-tcmalloc.
-    library = allocator.find_tcmalloc()
-    if library and (system in ("tracetune", "generate") or args.others_on_tcmalloc) and not args.system_allocator:
-        env = allocator.preload_env(env, library)
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        raise SystemExit(f"{system} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    tcmalloc = (system in ("tracetune", "generate") or args.others_on_tcmalloc) and not args.system_allocator
+    return spawn(__file__, system, argv, tcmalloc)
 
 
 def _table(result: dict) -> str:
@@ -495,14 +470,9 @@ def main() -> None:
     parser.add_argument("--out", default="bench", help="writes bench/results/<out>.{json,md}")
     args = parser.parse_args()
     if args.worker:
-        with tempfile.TemporaryDirectory() as tmp:
-            print(json.dumps(WORKERS[args.worker](args, Path(tmp))))
+        run_worker(WORKERS[args.worker], args)
         return
-    runs = {s: [] for s in SYSTEMS}
-    for repeat in range(args.repeats):
-        for system in SYSTEMS:  # interleaved A B C A B C ...
-            runs[system].append(_spawn(system, args))
-            print(f"repeat {repeat} {system}: {runs[system][-1]['real_tokens_per_s']:.1f} real tokens/s", flush=True)
+    runs = interleave(SYSTEMS, args.repeats, lambda system: _spawn(system, args))
     median = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in runs.items()}
     result = {
         "machine": {"processor": platform.processor(), "cores": os.cpu_count(), "python": platform.python_version()},

@@ -141,10 +141,13 @@ def cmd_report(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from tracetune.evidence.compare import compare_runs, to_markdown
+    from tracetune.evidence.compare import compare_runs, to_markdown, write_compare_html
 
     result = compare_runs([Path(r) for r in args.runs])
     print(json.dumps(result, indent=2) if args.json else to_markdown(result))
+    if args.html:
+        write_compare_html([Path(r) for r in args.runs], result, Path(args.html))
+        print(f"page: {args.html}")
     return 0
 
 
@@ -219,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("compare", help="compare two or more run directories")
     p.add_argument("runs", nargs="+")
     p.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    p.add_argument("--html", metavar="FILE", help="also write a self-contained page (verdicts, accuracy, tables)")
     p.set_defaults(func=cmd_compare)
     return parser
 

@@ -283,7 +283,7 @@ def evaluate_model(
 def evaluate_baselines(cfg: Config, inputs: Inputs, eval_dir: Path) -> None:
     """The base model, loaded once, under every configured baseline: zero-shot into eval/base, few-shot into
     eval/few_shot."""
-    from tracetune.eval.evaluate import BASELINE_DIRS
+    from tracetune.runfiles import BASELINE_DIRS
 
     loaded = _load_for_eval(cfg, cfg.model.source)
     for name in cfg.eval.baselines:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+BASELINE_DIRS = {"zero_shot": "base", "few_shot": "few_shot"}  # baseline name -> directory under eval/
+
 
 def write_json(path: Path, record) -> None:
     path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

@@ -26,7 +26,7 @@ from tracetune.eval.score import answers_match, extract_answer, normalize_text
 from tracetune.eval.stats import bootstrap_interval, mcnemar_exact, paired_bootstrap, pass_at_k, wilson_interval
 from tracetune.eval.steps import check_steps
 from tracetune.faults import STOP, crash_point
-from tracetune.runfiles import read_json, read_predictions, trim_torn_line, write_json
+from tracetune.runfiles import BASELINE_DIRS, read_json, read_predictions, trim_torn_line, write_json
 
 log = logging.getLogger("tracetune")
 
@@ -322,9 +322,6 @@ def compare_predictions(base_dir: Path, final_dir: Path, seed: int = 0, key: str
         "improved_ids": improved,
         "regressed_ids": regressed,
     }
-
-
-BASELINE_DIRS = {"zero_shot": "base", "few_shot": "few_shot"}  # baseline name -> directory under eval/
 
 
 def compare_with_baselines(eval_dir: Path, seed: int = 0) -> dict:

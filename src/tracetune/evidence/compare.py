@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from tracetune.config import flatten
-from tracetune.evidence.report import _pct, load_run, training_totals
+from tracetune.evidence.report import _pct, load_run, training_totals, verdict
 
 
 def _differences(dicts: list[dict]) -> dict[str, list]:
@@ -69,3 +69,38 @@ def to_markdown(result: dict) -> str:
             header + "".join(f"| {k} | " + " | ".join(_cell(v) for v in values) + " |\n" for k, values in rows.items())
         )
     return "\n".join(out)
+
+
+def best_run_sentence(run_dirs: list[Path], runs: list[dict]) -> str:
+    """Which run's fine-tuned model scored the highest verified accuracy (then accuracy), from its scores."""
+    scored = [(d.name, r["final"]) for d, r in zip(run_dirs, runs, strict=True) if r["final"]]
+    if not scored:
+        return f"{len(run_dirs)} runs compared; none has a final evaluation."
+    name, best = max(scored, key=lambda x: (x[1].get("verified_accuracy", 0.0), x[1]["accuracy"]))
+    low, high = best.get("verified_ci95", [0.0, 0.0])
+    return (
+        f"{len(run_dirs)} runs compared; the highest verified accuracy is {name}'s: "
+        f"{_pct(best.get('verified_accuracy', 0.0))} (95% CI {_pct(low)} to {_pct(high)}), "
+        f"accuracy {_pct(best['accuracy'])}."
+    )
+
+
+def write_compare_html(run_dirs: list[Path], result: dict, path: Path) -> None:
+    """A page for several runs: which did best, each run's verdict, final accuracies with intervals, and the
+    comparison's tables as HTML tables."""
+    import html
+
+    from tracetune.evidence import page
+    from tracetune.evidence.report import plot_runs
+
+    runs = [load_run(d) for d in run_dirs]
+    verdicts = "".join(
+        f"<li><strong>{html.escape(d.name)}</strong>: {html.escape(verdict(r))}</li>"
+        for d, r in zip(run_dirs, runs, strict=True)
+    )
+    plots = [("Final accuracy per run", plot_runs([d.name for d in run_dirs], runs))]
+    body = "\n".join(
+        [f"<h2>Runs</h2><ul>{verdicts}</ul>", page.plots_html(plots), page.markdown_html(to_markdown(result))]
+    )
+    title = "tracetune compare: " + ", ".join(d.name for d in run_dirs)
+    path.write_text(page.page(title, best_run_sentence(run_dirs, runs), "neutral", body, len(plots)), encoding="utf-8")

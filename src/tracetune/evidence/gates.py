@@ -16,9 +16,8 @@ import torch
 
 from tracetune.config import Config, load_config
 from tracetune.data.traces import load_eval_items
-from tracetune.eval.evaluate import BASELINE_DIRS
 from tracetune.models.checkpoints import latest_good_checkpoint, load_sharded_model
-from tracetune.runfiles import read_metrics, read_predictions, write_json
+from tracetune.runfiles import BASELINE_DIRS, read_metrics, read_predictions, write_json
 
 
 @dataclass

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 from collections import defaultdict
 from pathlib import Path
@@ -500,8 +498,36 @@ def plot_accuracy(data: dict) -> bytes:
     return _png(fig)
 
 
+def verdict_class(data: dict) -> str:
+    """good: the gates passed and fine-tuning beat the strongest baseline; bad: a gate failed or it did not;
+    neutral: nothing was compared."""
+    gates, comparison = data["gates"], data["comparison"]
+    if (gates and not gates["passed"]) or (comparison and comparison["difference"] <= 0):
+        return "bad"
+    return "good" if comparison else "neutral"
+
+
+def plot_runs(names: list[str], runs: list[dict]) -> bytes:
+    """Each run's final accuracy and verified accuracy with their 95% intervals."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for k, (key, ci, label) in enumerate(
+        (("accuracy", "ci95", "accuracy"), ("verified_accuracy", "verified_ci95", "verified"))
+    ):
+        finals = [r["final"] or {} for r in runs]
+        values = [f.get(key, 0.0) for f in finals]
+        errors = [[v - f.get(ci, [v, v])[0] for v, f in zip(values, finals, strict=True)],
+                  [f.get(ci, [v, v])[1] - v for v, f in zip(values, finals, strict=True)]]  # fmt: skip
+        ax.bar([x - 0.2 + 0.4 * k for x in range(len(names))], values, width=0.4, yerr=errors, capsize=3, label=label)
+    ax.set_xticks(list(range(len(names))), names, rotation=15)
+    ax.set(ylabel="final model (95% CI)", ylim=(0, 1), title="Final accuracy per run")
+    ax.legend()
+    return _png(fig)
+
+
 def write_report(run_dir: Path) -> None:
     """Regenerate summary.md, loss.png and report.html from the run directory's files."""
+    from tracetune.evidence import page
+
     data = load_run(run_dir)
     summary = write_summary(run_dir, data)
     plots = []
@@ -517,39 +543,13 @@ def write_report(run_dir: Path) -> None:
         plots.append(("GRPO reward and held-out verified accuracy", plot_grpo(data)))
     if data["final"]:
         plots.append(("Accuracy per category", plot_accuracy(data)))
-    images = "\n".join(
-        f'<figure><img class="plot" alt="{html.escape(t)}" src="data:image/png;base64,{base64.b64encode(p).decode()}">'
-        f"<figcaption>{html.escape(t)}</figcaption></figure>"
-        for t, p in plots
+    body = "\n".join(
+        [
+            page.gates_html(data["gates"]),
+            page.examples_html(data),
+            page.plots_html(plots),
+            page.markdown_html(page.without_sections(summary, ("Quality gates",))),
+        ]
     )
-    page = _HTML.format(
-        title=html.escape(run_dir.name),
-        verdict=html.escape(verdict(data)),
-        images=images,
-        summary=html.escape(summary),
-        num_plots=len(plots),
-    )
-    (run_dir / "report.html").write_text(page, encoding="utf-8")
-
-
-# Self-contained: images are inline data URIs; the small script records how many plots decoded, which the
-# browser test reads back.
-_HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>tracetune run {title}</title>
-<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}}
-img.plot{{max-width:100%;border:1px solid #ddd}} pre{{white-space:pre-wrap;background:#f7f7f7;padding:1em}}</style>
-</head><body data-plots-expected="{num_plots}" data-plots-rendered="pending">
-<h1>tracetune run {title}</h1>
-<p class="verdict"><strong>{verdict}</strong></p>
-{images}
-<h2>Summary</h2>
-<pre>{summary}</pre>
-<script>
-window.addEventListener("load", function () {{
-  var imgs = Array.prototype.slice.call(document.querySelectorAll("img.plot"));
-  var ok = imgs.filter(function (i) {{ return i.complete && i.naturalWidth > 0; }}).length;
-  document.body.setAttribute("data-plots-rendered", String(ok));
-}});
-</script>
-</body></html>
-"""
+    html_text = page.page(f"tracetune run {run_dir.name}", verdict(data), verdict_class(data), body, len(plots))
+    (run_dir / "report.html").write_text(html_text, encoding="utf-8")
