@@ -133,9 +133,11 @@ def cmd_verify(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from tracetune.evidence.card import write_card
     from tracetune.evidence.report import write_report
 
     write_report(Path(args.run_dir))
+    write_card(Path(args.run_dir))
     print(Path(args.run_dir) / "summary.md")
     return 0
 

@@ -457,7 +457,8 @@ def _open_run(cfg: Config, run_dir: Path, argv: list[str], resume: bool, device,
 
 
 def _close_run(run_dir: Path, record: dict) -> dict:
-    """Rank 0: gates, run.json's final status, report, and the manifest (written last)."""
+    """Rank 0: gates, run.json's final status, report, model card, and the manifest (written last)."""
+    from tracetune.evidence.card import write_card
     from tracetune.evidence.gates import compute_gates, write_gates
     from tracetune.evidence.manifest import write_manifest
     from tracetune.evidence.report import write_report
@@ -466,6 +467,7 @@ def _close_run(run_dir: Path, record: dict) -> dict:
     record.update(status="completed" if gates["passed"] else "gates_failed", ended_at=_now())
     write_json(run_dir / "run.json", record)
     write_report(run_dir)
+    write_card(run_dir)
     write_manifest(run_dir)
     return gates
 

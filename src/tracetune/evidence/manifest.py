@@ -37,6 +37,7 @@ def verify_run(run_dir: Path) -> tuple[list[str], list[dict]]:
     """(problems, recomputed gates). Problems: hash mismatches, gates that now fail or differ from gates.json."""
     from dataclasses import asdict
 
+    from tracetune.evidence.card import check_card
     from tracetune.evidence.gates import compute_gates
 
     problems = check_manifest(run_dir)
@@ -46,6 +47,7 @@ def verify_run(run_dir: Path) -> tuple[list[str], list[dict]]:
     else:
         problems.append("gates.json missing")
     problems += recheck_scores(run_dir)
+    problems += check_card(run_dir)
     gates = [asdict(g) for g in compute_gates(run_dir)]
     for gate in gates:
         if not gate["passed"]:

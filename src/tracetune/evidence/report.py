@@ -98,7 +98,7 @@ def loss_by_epoch(data: dict) -> list[list]:
 
 
 # Written after the summary, so they are not listed in it (and regenerating it gives the same text).
-REPORT_OUTPUTS = ("summary.md", "report.html", "loss.png", "MANIFEST.sha256")
+REPORT_OUTPUTS = ("summary.md", "report.html", "loss.png", "README.md", "MANIFEST.sha256")  # README.md: the model card
 
 
 def _artifacts(run_dir: Path) -> list[list]:

@@ -46,13 +46,29 @@ class Packaged:
     chat_template: str
     description: str
     chat_trained: bool  # instruction-tuned: follows chat turns before any fine-tuning
+    hub_id: str  # the model the GGUF was made from, as a model card's base_model names it
+    license: str  # that model's license, as the Hub's metadata names it
 
 
 PACKAGED = {
     "gemma3-270m": Packaged(
-        "gemma3-270m", _gemma_gguf, GEMMA_CHAT_TEMPLATE, "Gemma 3 270M (Q4_K_M GGUF, dequantized)", False
+        "gemma3-270m",
+        _gemma_gguf,
+        GEMMA_CHAT_TEMPLATE,
+        "Gemma 3 270M (Q4_K_M GGUF, dequantized)",
+        False,
+        "google/gemma-3-270m",
+        "gemma",
     ),
-    "smollm2-135m": Packaged("smollm2-135m", _smollm2_gguf, CHATML_TEMPLATE, "SmolLM2 135M Instruct (Q4_1 GGUF)", True),
+    "smollm2-135m": Packaged(
+        "smollm2-135m",
+        _smollm2_gguf,
+        CHATML_TEMPLATE,
+        "SmolLM2 135M Instruct (Q4_1 GGUF)",
+        True,
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "apache-2.0",
+    ),
 }
 TINY_ARCHS = ("gemma3", "llama")
 
