@@ -26,6 +26,23 @@ def _existing_file(path: Path) -> Path:
 
 ExistingFile = Annotated[Path, AfterValidator(_existing_file)]
 
+
+def _data_source(value: str | Path) -> str | Path:
+    """A Hub dataset name (hf:NAME[:CONFIG]:SPLIT, checked when read) as given; else an existing file."""
+    text = str(value)
+    if text.startswith("hf:"):
+        parts = text[3:].split(":")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise ValueError(
+                "a Hub dataset is hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT; fix: e.g. hf:openai/gsm8k:main:train"
+            )
+        return text
+    return _existing_file(Path(text).expanduser())
+
+
+# A local JSONL, Parquet or CSV file, or a Hugging Face dataset by name (data/sources.py).
+DataSource = Annotated[str | Path, AfterValidator(_data_source)]
+
 _SOURCE_PATTERN = re.compile(r"^(packaged|tiny):[\w.-]+$|^[\w.-]+/[\w.-]+$")
 
 
@@ -65,8 +82,12 @@ class LoraConfig(Section):
 
 
 class DataConfig(Section):
-    train_file: ExistingFile | None = Field(
-        Path("data/train.jsonl"), description="Training traces (JSONL); needed by train and run, not by eval."
+    train_file: DataSource | None = Field(
+        Path("data/train.jsonl"),
+        description=(
+            "Training traces: a JSONL, Parquet or CSV file, or a Hub dataset hf:NAME[:CONFIG]:SPLIT "
+            "(e.g. hf:openai/gsm8k:main:train); needed by train and run, not by eval."
+        ),
     )
     format: Literal["auto", "native", "gsm8k", "chat", "alpaca"] = Field(
         "auto", description="Record format of train_file; auto detects it from the first record."
@@ -131,8 +152,9 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    eval_file: ExistingFile | None = Field(
-        Path("data/eval.jsonl"), description="Held-out eval items (JSONL); null skips evaluation."
+    eval_file: DataSource | None = Field(
+        Path("data/eval.jsonl"),
+        description="Held-out eval items: a file or hf:NAME[:CONFIG]:SPLIT, as data.train_file; null skips evaluation.",
     )
     max_items: int | None = Field(None, ge=1, description="Evaluate only the first N items.")
     batch_size: int = Field(16, ge=1, description="Prompts generated together.")

@@ -127,6 +127,7 @@ def check_resumable(run_dir: Path, cfg: Config, world_size: int = 1) -> None:
     import json
 
     from tracetune.config import load_config
+    from tracetune.data.sources import describe as describe_source
     from tracetune.hashing import sha256_file
 
     if not (run_dir / "config.yaml").is_file():
@@ -153,6 +154,12 @@ def check_resumable(run_dir: Path, cfg: Config, world_size: int = 1) -> None:
         current = sha256_file(Path(path)) if Path(path).is_file() else "missing"
         if current != digest:
             changes.append(f"data {path}: sha256 {digest[:12]}... -> {current[:12]}")
+    for source, recorded in run.get("datasets", {}).items():
+        current = describe_source(source)
+        if current != recorded:
+            changes.append(
+                f"dataset {source}: fingerprint {recorded.get('fingerprint')} -> {current.get('fingerprint')}"
+            )
     before = saved_cfg.train.batch_size * saved_cfg.train.grad_accum_steps * saved_world
     after = cfg.train.batch_size * cfg.train.grad_accum_steps * world_size
     if saved_world != world_size and before != after:
@@ -423,6 +430,8 @@ def _train_stages(cfg: Config, inputs: Inputs, run_dir: Path, resume: bool) -> P
 def _open_run(cfg: Config, run_dir: Path, argv: list[str], resume: bool, device, topology: dict) -> dict:
     """Rank 0: create (or reopen, on resume) the run directory and its records; returns run.json's record."""
     import tracetune
+    from tracetune.data.sources import describe as describe_source
+    from tracetune.data.sources import is_hub
     from tracetune.evidence.env import write_env, write_gpu_snapshot
     from tracetune.hashing import sha256_file
     from tracetune.runfiles import read_json
@@ -436,7 +445,7 @@ def _open_run(cfg: Config, run_dir: Path, argv: list[str], resume: bool, device,
         (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")  # accumulation may differ
     else:
         new_run_dir(cfg)
-        data_files = [cfg.data.train_file] + ([cfg.eval.eval_file] if cfg.eval.eval_file else [])
+        data = [cfg.data.train_file] + ([cfg.eval.eval_file] if cfg.eval.eval_file else [])
         record = {
             "run_id": run_dir.name,
             "argv": argv,
@@ -446,8 +455,10 @@ def _open_run(cfg: Config, run_dir: Path, argv: list[str], resume: bool, device,
             "seed": cfg.seed,
             "tracetune_version": tracetune.__version__,
             "git": _git_state(),
-            "data_sha256": {str(p): sha256_file(p) for p in data_files},
+            "data_sha256": {str(p): sha256_file(p) for p in data if not is_hub(p)},
         }
+        if any(is_hub(p) for p in data):  # a Hub dataset has no file to hash: its name, fingerprint, rows
+            record["datasets"] = {str(p): describe_source(p) for p in data if is_hub(p)}
     record.update(topology)
     write_json(run_dir / "run.json", record)
     if not (run_dir / "env.json").is_file():

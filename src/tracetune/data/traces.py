@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tracetune.data import sources
 from tracetune.data.render import parse_completion
 from tracetune.errors import DataError, Issue
 
@@ -293,14 +294,14 @@ def _to_trace(rec: dict, path: str, line: int, issues: list[Issue]) -> Trace | N
 
 
 def load_traces(path: str | Path, fmt: str = "auto", default_format: str = "native") -> LoadReport:
-    """Read, adapt and validate a file of training traces; the report lists every issue."""
-    path = Path(path)
+    """Read, adapt and validate training traces from a file (JSONL, Parquet, CSV) or a Hub dataset
+    (`hf:NAME[:CONFIG]:SPLIT`, data/sources.py); the report lists every issue."""
     name = str(path)
     report = LoadReport(name, fmt, fmt == "auto")
-    if not path.is_file():
+    if not sources.exists(path):
         report.issues.append(Issue(name, 0, "<file>", "not found", "check the path"))
         return report
-    rows = read_jsonl(path, report.issues)
+    rows = sources.read_records(path, report.issues, read_jsonl)
     if not rows:  # empty, or no line parsed: the issues say which
         if not report.issues:
             report.issues.append(Issue(name, 0, "<file>", "file has no records", "add one JSON object per line"))
