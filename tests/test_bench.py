@@ -49,4 +49,8 @@ def _run_bench(script: str, *args: str) -> dict:
 def test_gpu_grpo_bench_runs_the_stage_pieces_on_the_cpu():
     args = ["--device", "cpu", "--arch", "tiny", "--prompts", "2", "--group", "2", "--tokens", "6", "--steps", "2"]
     record = _run_bench("gpu_grpo.py", *args, "--micro-batch", "2")
-    assert record["arch"] == "tiny" and record["steps_timed"] == 1 and record["completions_generated_and_trained_per_s"] > 0
+    assert (
+        record["arch"] == "tiny"
+        and record["steps_timed"] == 1
+        and record["completions_generated_and_trained_per_s"] > 0
+    )

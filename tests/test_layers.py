@@ -7,7 +7,19 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "tracetune"
-GROUND = {"config", "errors", "dist", "runfiles", "hashing", "logs", "faults", "allocator", "chat", "__init__"}
+GROUND = {
+    "config",
+    "errors",
+    "dist",
+    "runfiles",
+    "hashing",
+    "logs",
+    "faults",
+    "allocator",
+    "chat",
+    "tracking",
+    "__init__",
+}
 ALLOWED = {  # layer -> the layers it may import (besides itself and the ground floor)
     "face": {"rl", "evidence", "train", "eval", "models", "data"},
     "rl": {"train", "eval", "models", "data"},

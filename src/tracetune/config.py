@@ -308,6 +308,14 @@ class OutputConfig(Section):
     run_name: str | None = Field(
         None, pattern=r"^[\w.-]+$", description="Run directory name; null uses a UTC timestamp."
     )
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(
+        [],
+        description=(
+            "Experiment trackers that mirror every metrics line, the config and the final scores (tracking.py): "
+            "tensorboard (RUN/tensorboard), mlflow (MLFLOW_TRACKING_URI, else RUN/mlruns), wandb, trackio. "
+            "pip install 'tracetune[trackers]'; one that fails warns and the run goes on."
+        ),
+    )
 
     @model_validator(mode="after")
     def _absolute(self) -> OutputConfig:

@@ -467,14 +467,32 @@ def _open_run(cfg: Config, run_dir: Path, argv: list[str], resume: bool, device,
     return record
 
 
+def _final_numbers(run_dir: Path, gates: dict) -> dict[str, float]:
+    """What the trackers get at the end: the final and strongest-baseline accuracies, the gates."""
+    from tracetune.runfiles import read_json
+
+    final, comparison = (
+        read_json(run_dir / "eval" / "final" / "scores.json"),
+        read_json(run_dir / "eval" / "comparison.json"),
+    )
+    numbers = {"gates_passed": float(gates["passed"])}
+    if final:
+        numbers |= {"accuracy": final["accuracy"], "verified_accuracy": final["verified_accuracy"]}
+    if comparison:
+        numbers |= {"baseline_accuracy": comparison["base_accuracy"], "difference": comparison["difference"]}
+    return numbers
+
+
 def _close_run(run_dir: Path, record: dict) -> dict:
     """Rank 0: gates, run.json's final status, report, model card, and the manifest (written last)."""
+    from tracetune import tracking
     from tracetune.evidence.card import write_card
     from tracetune.evidence.gates import compute_gates, write_gates
     from tracetune.evidence.manifest import write_manifest
     from tracetune.evidence.report import write_report
 
     gates = write_gates(run_dir, compute_gates(run_dir))
+    tracking.finish(_final_numbers(run_dir, gates))
     record.update(status="completed" if gates["passed"] else "gates_failed", ended_at=_now())
     write_json(run_dir / "run.json", record)
     write_report(run_dir)
@@ -487,7 +505,7 @@ def run_stage(cfg: Config, argv: list[str], resume: bool = False) -> tuple[Path,
     """`tracetune run`: baselines, train, final eval, comparison, gates, report, manifest. Returns (run_dir,
     gates record). With `resume`, continue the run directory the config names: finished items and steps are kept.
     """
-    from tracetune import dist
+    from tracetune import dist, tracking
     from tracetune.eval.evaluate import compare_with_baselines
     from tracetune.evidence.env import write_gpu_snapshot
     from tracetune.faults import STOP, Interrupted
@@ -500,6 +518,8 @@ def run_stage(cfg: Config, argv: list[str], resume: bool = False) -> tuple[Path,
     evaluate = inputs.eval_items is not None
     with _main_lock(run_dir), STOP:
         record = dist.on_main(lambda: _open_run(cfg, run_dir, argv, resume, device, topology))
+        if d.is_main:
+            tracking.start(cfg.output.report_to, run_dir, cfg.model_dump(mode="json"))
         try:
             if evaluate and cfg.eval.run_base:
                 with log_to_file(run_dir / "logs" / "eval.log"):
@@ -515,6 +535,7 @@ def run_stage(cfg: Config, argv: list[str], resume: bool = False) -> tuple[Path,
                 write_gpu_snapshot(run_dir, device.type, "end")
         except BaseException as exc:
             if d.is_main:
+                tracking.finish({})
                 status = "interrupted" if isinstance(exc, Interrupted | KeyboardInterrupt) else "failed"
                 record.update(status=status, ended_at=_now(), error=f"{type(exc).__name__}: {exc}")
                 write_json(run_dir / "run.json", record)

@@ -24,7 +24,7 @@ import re
 import time
 from pathlib import Path
 
-from tracetune import dist
+from tracetune import dist, tracking
 from tracetune.config import Config
 from tracetune.data.render import parse_completion, tokenize_traces
 from tracetune.data.traces import EvalItem, Trace, load_traces
@@ -222,6 +222,7 @@ def fit_rft(cfg: Config, stage_dir: Path, start_model: Path | str, tokenizer, tr
         record["elapsed_s"] = round(time.perf_counter() - started, 3)
         if dist.current().is_main:
             append_jsonl(stage_dir / "rounds.jsonl", record)
+            tracking.mirror(stage_dir / "rounds.jsonl", record)
     final_dir = save_final_model(model, tokenizer, stage_dir, "full")
     if dist.current().is_main:
         rounds = read_jsonl(stage_dir / "rounds.jsonl")

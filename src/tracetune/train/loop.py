@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tracetune import allocator, dist
+from tracetune import allocator, dist, tracking
 from tracetune.config import Config, dump_config
 from tracetune.data.batching import collate, plan_batches
 from tracetune.data.render import Example
@@ -91,9 +91,12 @@ def _probe_ids(examples: list[Example]) -> list[list[int]]:
 
 
 def append_on_main(path: Path, record: dict) -> None:
-    """Rank 0 appends a line to a run file (metrics.jsonl, example_ids.jsonl)."""
+    """Rank 0 appends a line to a run file (metrics.jsonl, example_ids.jsonl); metrics lines also go to the
+    configured trackers."""
     if dist.current().is_main:
         append_jsonl(path, record)
+        if path.name == "metrics.jsonl":
+            tracking.mirror(path, record)
 
 
 @dataclass
