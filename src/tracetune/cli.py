@@ -142,6 +142,24 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from tracetune.errors import GateFailure
+    from tracetune.evidence.manifest import write_manifest
+    from tracetune.pipeline import export_stage
+
+    run_dir = Path(args.run_dir)
+    if not args.gguf:
+        raise TracetuneError("tracetune export: say what to export; fix: add --gguf [--type f16|bf16|q8_0]")
+    check = export_stage(run_dir, args.type)
+    write_manifest(run_dir)  # the export's files join the run's evidence
+    print(json.dumps(check, indent=2))
+    if check.get("passed") is False:
+        raise GateFailure(
+            f"the GGUF file answers unlike the trained model: {check['gate']} fails (export/gguf_check.json)"
+        )
+    return 0
+
+
 def cmd_compare(args) -> int:
     from tracetune.evidence.compare import compare_runs, to_markdown, write_compare_html
 
@@ -220,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("report", help="regenerate summary.md and report.html from a run directory's files")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
+
+    p = verbs.add_parser("export", help="write the final model as GGUF (with an Ollama Modelfile) and check it")
+    p.add_argument("run_dir")
+    p.add_argument("--gguf", action="store_true", help="export GGUF (llama.cpp, Ollama)")
+    p.add_argument("--type", choices=["f16", "bf16", "q8_0"], default="bf16", help="tensor type (1-D tensors stay f32)")
+    p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser("compare", help="compare two or more run directories")
     p.add_argument("runs", nargs="+")

@@ -303,6 +303,16 @@ class GRPOConfig(Section):
     save_every_steps: int | None = Field(10, ge=1, description="Checkpoint every N steps (and at the end).")
 
 
+class ExportConfig(Section):
+    gguf: Literal["f16", "bf16", "q8_0"] | None = Field(
+        None,
+        description=(
+            "At the end of `tracetune run`, also write export/model-<type>.gguf and an Ollama Modelfile, then "
+            "evaluate the file and gate on its answers matching the trained model's (export/gguf_check.json)."
+        ),
+    )
+
+
 class OutputConfig(Section):
     root: Path = Field(Path("runs"), description="Directory that holds run directories.")
     run_name: str | None = Field(
@@ -331,6 +341,7 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Generation and scoring.")
     gates: GatesConfig = Field(default_factory=GatesConfig, description="Quality-gate thresholds.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where runs are written.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="GGUF export of the final model.")
     stages: list[Literal["sft", "rft", "grpo"]] = Field(
         ["sft"],
         min_length=1,

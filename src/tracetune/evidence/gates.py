@@ -272,6 +272,16 @@ def gate_beats_baseline(name: str, run_dir: Path, cfg: Config) -> Gate:
     return Gate(name, passed, value, threshold, "eval/comparison.json", detail=detail)
 
 
+def gate_gguf_export(name: str, run_dir: Path, cfg: Config) -> Gate:
+    check = json.loads((run_dir / "export" / "gguf_check.json").read_text(encoding="utf-8"))
+    if "passed" not in check:
+        return Gate(name, True, check["file"], check.get("gate"), "export/gguf_check.json", status="skip",
+                    detail="no eval set: the file was written but not evaluated")  # fmt: skip
+    value = {k: check[k] for k in ("identical_answer_share", "accuracy_difference", "accuracy_difference_ci95")}
+    detail = f"{check['file']} ({check['type']}) against the trained model on {check['num_items']} items"
+    return Gate(name, check["passed"], value, check["gate"], "export/gguf_check.json", detail=detail)
+
+
 def expected_files(cfg: Config) -> list[str]:
     """Files every complete run directory holds when the gates are computed."""
     files = ["config.yaml", "run.json", "env.json", "env_snapshot.txt", "gpu_snapshot.txt"]
@@ -283,6 +293,8 @@ def expected_files(cfg: Config) -> list[str]:
         files += ["adapter/adapter_config.json"]
     if cfg.stages != ["sft"]:
         files += ["stages.json"]
+    if cfg.export.gguf:
+        files += [f"export/model-{cfg.export.gguf}.gguf", "export/Modelfile", "export/gguf_check.json"]
     for stage in cfg.stages[1:] if cfg.stages[0] == "sft" else cfg.stages:
         files += [f"logs/{stage}.log", f"{stage}/training.json"]
         files += [f"{stage}/rounds.jsonl"] if stage == "rft" else [f"{stage}/metrics.jsonl"]
@@ -328,6 +340,8 @@ def gate_table(cfg: Config) -> list[tuple[str, Callable[[str, Path, Config], Gat
             if stage == "grpo":
                 table.append(("grpo_reward_agrees_with_heldout", gate_reward_agrees_with_heldout))
     table += [("final_model_loads", gate_final_model_loads), ("gpu_used", gate_gpu_used)]
+    if cfg.export.gguf:
+        table.append(("gguf_export_matches", gate_gguf_export))
     if cfg.eval.eval_file is not None:
         table.append(("eval_final_complete", partial(gate_eval_complete, which="final")))
         if cfg.eval.run_base:

@@ -1,0 +1,123 @@
+"""GGUF out: a fine-tuned model's weights written with the `gguf` package, for llama.cpp and Ollama.
+
+A GGUF holds, besides the tensors, the architecture's hyper-parameters and the whole tokenizer (tokens,
+scores, types, special ids). Fine-tuning changes neither, so they are copied from the GGUF the model came
+from (the packaged models' files: Gemma 3 and SmolLM2, a Llama) and only the tensors are new: each Hugging
+Face tensor goes under the GGUF name transformers' own GGUF loader maps it from (`get_gguf_hf_weights_map`),
+with the inverse of that loader's transforms (Gemma's norms are stored as 1 + w; Llama's q and k rows are in
+llama.cpp's rotary order), in f16, bf16 or q8_0 (1-D tensors stay f32, as llama.cpp keeps them). The chat
+template the model was trained with is added. The file is checked by loading it back (evidence/export).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from tracetune.errors import TracetuneError
+
+TYPES = ("f16", "bf16", "q8_0")
+# Fields that describe the file rather than the model: written anew.
+_OWN_FIELDS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version")
+
+
+class ExportError(TracetuneError):
+    exit_code = 2
+
+
+def source_gguf(model_source: str) -> Path:
+    """The GGUF a run's base model came from, whose metadata and tokenizer an export copies."""
+    from tracetune.models.sources import PACKAGED
+
+    kind, _, name = model_source.partition(":")
+    if kind == "packaged" and name in PACKAGED:
+        return Path(PACKAGED[name].locate_gguf())
+    raise ExportError(
+        f"GGUF export copies the architecture and tokenizer metadata of the GGUF the base model came from; "
+        f"{model_source!r} has none here; fix: fine-tune a packaged model (packaged:gemma3-270m, "
+        "packaged:smollm2-135m), or convert this model with llama.cpp's convert_hf_to_gguf.py"
+    )
+
+
+def _to_gguf_layout(arch: str, gguf_name: str, weights: np.ndarray, config) -> np.ndarray:
+    """The inverse of transformers' GGUF tensor processors for the architectures exported here."""
+    if arch in ("gemma", "gemma2", "gemma3") and "norm.weight" in gguf_name:
+        return weights + 1
+    if arch == "llama" and (".attn_q." in gguf_name or ".attn_k." in gguf_name):
+        heads = config.num_attention_heads if ".attn_q." in gguf_name else config.num_key_value_heads
+        dim = weights.shape[0] // heads // 2
+        return weights.reshape(heads, 2, dim, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+    return weights
+
+
+def _copy_metadata(reader, writer, chat_template: str | None) -> None:
+    from gguf import GGUFValueType
+
+    for key, field in reader.fields.items():
+        if key.startswith(_OWN_FIELDS) or key == "tokenizer.chat_template":
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+    if chat_template:
+        writer.add_chat_template(chat_template)
+
+
+def export_gguf(model_dir: Path, template: Path, out: Path, kind: str) -> dict:
+    """Write `out` from the Hugging Face model in `model_dir` with `template`'s metadata; returns what was
+    written (tensor count, type, bytes)."""
+    import torch
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType, quants
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
+
+    qtype = {"f16": GGMLQuantizationType.F16, "bf16": GGMLQuantizationType.BF16, "q8_0": GGMLQuantizationType.Q8_0}
+    ftype = {"f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
+    reader = GGUFReader(str(template))
+    arch = reader.fields["general.architecture"].contents()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    state = model.state_dict()
+    names = {hf: gguf for gguf, hf in get_gguf_hf_weights_map(model, TensorProcessor()).items()}
+    wanted = [t.name for t in reader.tensors]
+    missing = [n for n in wanted if n not in names.values()]
+    if missing:
+        raise ExportError(f"{model_dir}: no Hugging Face tensor for GGUF tensors {missing[:5]} of {template.name}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(out.name + ".staging")
+    writer = GGUFWriter(str(staging), arch)
+    _copy_metadata(reader, writer, AutoTokenizer.from_pretrained(model_dir).chat_template)
+    writer.add_file_type(int(ftype[kind]))
+    writer.add_quantization_version(2)
+    by_gguf = {gguf: hf for hf, gguf in names.items()}
+    for name in wanted:
+        weights = _to_gguf_layout(arch, name, state[by_gguf[name]].detach().numpy(), model.config)
+        if weights.ndim == 1:
+            writer.add_tensor(name, weights.astype(np.float32))
+        else:
+            data = quants.quantize(weights.astype(np.float32), qtype[kind])
+            writer.add_tensor(name, data, raw_dtype=qtype[kind])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    staging.rename(out)
+    return {
+        "file": out.name,
+        "type": kind,
+        "num_tensors": len(wanted),
+        "bytes": out.stat().st_size,
+        "architecture": arch,
+    }
+
+
+def ollama_modelfile(gguf_name: str, chat_template: str | None) -> str:
+    """An Ollama Modelfile for the exported file: its turn template and stop tokens (Gemma or ChatML)."""
+    if chat_template and "<start_of_turn>" in chat_template:
+        template = "<start_of_turn>user\n{{ .Prompt }}<end_of_turn>\n<start_of_turn>model\n"
+        stops = ["<end_of_turn>"]
+    else:
+        template = "<|im_start|>user\n{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n"
+        stops = ["<|im_end|>"]
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""', *(f'PARAMETER stop "{s}"' for s in stops)]
+    return "\n".join([*lines, "PARAMETER temperature 0", ""])
