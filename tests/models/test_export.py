@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from tracetune.evidence.gguf_check import gguf_check
 from tracetune.models.export import ExportError, _to_gguf_layout, ollama_modelfile, source_gguf
-from tracetune.pipeline import gguf_check
 
 
 class _Config:
