@@ -91,7 +91,7 @@ def write_compare_html(run_dirs: list[Path], result: dict, path: Path) -> None:
     import html
 
     from tracetune.evidence import page
-    from tracetune.evidence.report import plot_runs
+    from tracetune.evidence.plots import plot_runs
 
     runs = [load_run(d) for d in run_dirs]
     verdicts = "".join(

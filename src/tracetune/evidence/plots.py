@@ -1,0 +1,88 @@
+"""The report's plots as PNG bytes, from the data `report.load_run` reads (files only)."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def plot_loss(data: dict) -> bytes:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in data["train"]], [r["loss"] for r in data["train"]], label="train")
+    if data["val"]:
+        ax.plot([r["step"] for r in data["val"]], [r["loss"] for r in data["val"]], "o-", label="validation")
+    ax.set(xlabel="optimizer step", ylabel="loss (per loss token)", title="Loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _png(fig)
+
+
+def plot_series(data: dict, key: str, title: str) -> bytes:
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.plot([r["step"] for r in data["train"]], [r.get(key) for r in data["train"]])
+    ax.set(xlabel="optimizer step", ylabel=key, title=title)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def plot_grpo(data: dict) -> bytes:
+    rows = data["stages"]["grpo"]
+    steps, held = [r for r in rows if "reward" in r], [r for r in rows if r.get("split") == "heldout"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot([r["step"] for r in steps], [r["reward"]["mean"] for r in steps], label="mean reward (train samples)")
+    ax.plot([r["step"] for r in held], [r["verified_accuracy"] for r in held], "o-", label="held-out verified accuracy")
+    ax.set(xlabel="GRPO step", title="Reward against held-out verified accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _png(fig)
+
+
+def plot_accuracy(data: dict) -> bytes:
+    """Accuracy per category for every evaluated model, with 95% intervals."""
+    final = data["final"]
+    columns = [(n, data[k]) for n, k in (("zero-shot base", "base"), ("few-shot base", "few_shot")) if data[k]]
+    columns.append(("fine-tuned", final))
+    names = sorted(final["by_category"]) or ["all"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(columns)
+    for k, (label, scores) in enumerate(columns):
+        groups = [scores["by_category"].get(n, scores) if n != "all" else scores for n in names]
+        values = [g["accuracy"] for g in groups]
+        errors = [
+            [v - g["ci95"][0] for v, g in zip(values, groups, strict=True)],
+            [g["ci95"][1] - v for v, g in zip(values, groups, strict=True)],
+        ]
+        xs = [x - 0.4 + width * (k + 0.5) for x in range(len(names))]
+        ax.bar(xs, values, width=width, yerr=errors, capsize=2, label=label)
+    ax.set_xticks(list(range(len(names))), names, rotation=20)
+    ax.set(ylabel="accuracy (95% CI)", ylim=(0, 1), title="Accuracy per category")
+    ax.legend()
+    return _png(fig)
+
+
+def plot_runs(names: list[str], runs: list[dict]) -> bytes:
+    """Each run's final accuracy and verified accuracy with their 95% intervals."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for k, (key, ci, label) in enumerate(
+        (("accuracy", "ci95", "accuracy"), ("verified_accuracy", "verified_ci95", "verified"))
+    ):
+        finals = [r["final"] or {} for r in runs]
+        values = [f.get(key, 0.0) for f in finals]
+        errors = [[v - f.get(ci, [v, v])[0] for v, f in zip(values, finals, strict=True)],
+                  [f.get(ci, [v, v])[1] - v for v, f in zip(values, finals, strict=True)]]  # fmt: skip
+        ax.bar([x - 0.2 + 0.4 * k for x in range(len(names))], values, width=0.4, yerr=errors, capsize=3, label=label)
+    ax.set_xticks(list(range(len(names))), names, rotation=15)
+    ax.set(ylabel="final model (95% CI)", ylim=(0, 1), title="Final accuracy per run")
+    ax.legend()
+    return _png(fig)
