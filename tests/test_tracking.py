@@ -49,7 +49,11 @@ def test_tensorboard_events_equal_metrics_jsonl(tracked_run):
 
 @pytest.mark.skipif(not needs["mlflow"], reason="mlflow is not installed")
 def test_mlflow_store_equals_metrics_jsonl(tracked_run):
+    import os
+
     from mlflow.tracking import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # reading MLflow 3's file store back, as the run wrote it
 
     client = MlflowClient(tracking_uri=(tracked_run / "mlruns").resolve().as_uri())
     (run,) = client.search_runs([client.get_experiment_by_name("tracetune").experiment_id])

@@ -59,7 +59,11 @@ class MLflow:
 
         from tracetune.config import flatten
 
-        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or (run_dir / "mlruns").resolve().as_uri())
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:  # the local file store: MLflow 3 keeps it in maintenance mode behind this opt-in
+            uri = (run_dir / "mlruns").resolve().as_uri()
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        mlflow.set_tracking_uri(uri)
         mlflow.set_experiment("tracetune")
         self.mlflow = mlflow
         self.run = mlflow.start_run(run_name=name)
