@@ -25,7 +25,7 @@ from tracetune.data.traces import (
 )
 from tracetune.errors import ConfigError, DataError
 from tracetune.rundir import close_run, new_run_dir, now, open_run, run_dir_of, run_lock
-from tracetune.runfiles import write_json
+from tracetune.runfiles import stage_eval_dir, write_json
 
 log = logging.getLogger("tracetune")
 
@@ -254,11 +254,6 @@ def _train_or_resume(cfg: Config, inputs: Inputs, run_dir: Path, resume: bool):
     return result.final_model_dir
 
 
-def stage_eval_dir(cfg: Config, stage: str) -> str:
-    """Where a stage's model is evaluated: the last stage's is the run's final model (eval/final)."""
-    return "final" if stage == cfg.stages[-1] else stage
-
-
 def _rl_stage(cfg: Config, inputs: Inputs, run_dir: Path, stage: str, start: str, resume: bool) -> Path:
     """An RFT or GRPO stage in run_dir/<stage>/, from the model in `start`; a finished one (its
     training.json) is kept."""
@@ -303,7 +298,10 @@ def _train_stages(cfg: Config, inputs: Inputs, run_dir: Path, resume: bool) -> P
             with log_to_file(run_dir / "logs" / "eval.log"):
                 log.info("evaluating the %s stage's model %s", stage, model_dir)
                 evaluate_model(cfg, str(model_dir), inputs.eval_items, run_dir / "eval" / stage)
-        where = {"model": str(Path(model_dir).relative_to(run_dir)), "eval": f"eval/{stage_eval_dir(cfg, stage)}"}
+        where = {
+            "model": str(Path(model_dir).relative_to(run_dir)),
+            "eval": f"eval/{stage_eval_dir(cfg.stages, stage)}",
+        }
         record.append({"stage": stage, **where})
     if cfg.stages != ["sft"]:
         dist.on_main(lambda: write_json(run_dir / "stages.json", record))

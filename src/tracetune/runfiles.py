@@ -9,6 +9,16 @@ from pathlib import Path
 BASELINE_DIRS = {"zero_shot": "base", "few_shot": "few_shot"}  # baseline name -> directory under eval/
 
 
+def final_model_path(stages: list[str]) -> str:
+    """The run's model, relative to the run directory: the last stage's final_model (SFT's is the run's own)."""
+    return "final_model" if stages[-1] == "sft" else f"{stages[-1]}/final_model"
+
+
+def stage_eval_dir(stages: list[str], stage: str) -> str:
+    """The directory under eval/ that scores a stage's model: the last stage's is the run's final model."""
+    return "final" if stage == stages[-1] else stage
+
+
 def write_json(path: Path, record) -> None:
     path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 

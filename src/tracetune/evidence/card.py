@@ -13,15 +13,17 @@ from pathlib import Path
 
 from tracetune.evidence.report import _pct, load_run, verdict
 from tracetune.models.sources import PACKAGED
-from tracetune.runfiles import read_json
+from tracetune.runfiles import final_model_path
 
 CARD = "README.md"
 
 
 def final_model_dir(run_dir: Path) -> Path:
-    """The run's model: the last stage's (stages.json), else final_model/."""
-    stages = read_json(run_dir / "stages.json")
-    return run_dir / (stages[-1]["model"] if stages else "final_model")
+    """The run's model: the last configured stage's final_model/."""
+    import yaml
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    return run_dir / final_model_path(cfg.get("stages", ["sft"]))
 
 
 def base_model(source: str) -> dict:

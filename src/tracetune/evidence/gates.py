@@ -17,7 +17,14 @@ import torch
 from tracetune.config import Config, load_config
 from tracetune.data.traces import load_eval_items
 from tracetune.models.checkpoints import latest_good_checkpoint, load_sharded_model
-from tracetune.runfiles import BASELINE_DIRS, read_metrics, read_predictions, write_json
+from tracetune.runfiles import (
+    BASELINE_DIRS,
+    final_model_path,
+    read_metrics,
+    read_predictions,
+    stage_eval_dir,
+    write_json,
+)
 
 
 @dataclass
@@ -118,16 +125,11 @@ def gate_checkpoint_reloads(name: str, run_dir: Path, cfg: Config) -> Gate:
     return Gate(name, diff <= atol, diff, atol, source, detail=detail)
 
 
-def final_model_path(cfg: Config) -> str:
-    """The run's model: the last stage's final_model (SFT's is the run directory's own)."""
-    return "final_model" if cfg.stages[-1] == "sft" else f"{cfg.stages[-1]}/final_model"
-
-
 def gate_final_model_loads(name: str, run_dir: Path, cfg: Config) -> Gate:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    final = run_dir / final_model_path(cfg)
-    source = f"{final_model_path(cfg)}/"
+    final = run_dir / final_model_path(cfg.stages)
+    source = f"{final_model_path(cfg.stages)}/"
     try:
         AutoTokenizer.from_pretrained(final)
         model = AutoModelForCausalLM.from_pretrained(final)
@@ -144,10 +146,6 @@ def stage_start_eval(cfg: Config, stage: str) -> str | None:
     if index:
         return cfg.stages[index - 1]
     return "base" if cfg.eval.run_base and "zero_shot" in cfg.eval.baselines else None
-
-
-def stage_end_eval(cfg: Config, stage: str) -> str:
-    return "final" if stage == cfg.stages[-1] else stage
 
 
 def gate_stage_completed(name: str, run_dir: Path, cfg: Config, stage: str) -> Gate:
@@ -169,7 +167,7 @@ def gate_stage_not_below_start(name: str, run_dir: Path, cfg: Config, stage: str
     """Held-out verified accuracy after the stage minus where it started, paired over items: at least 0."""
     from tracetune.eval.evaluate import compare_predictions
 
-    start, end = stage_start_eval(cfg, stage), stage_end_eval(cfg, stage)
+    start, end = stage_start_eval(cfg, stage), stage_eval_dir(cfg.stages, stage)
     if start is None:
         reason = "nothing evaluated where the stage started (first stage, and eval.run_base is false)"
         return Gate(name, True, None, "difference >= 0", "config.yaml", status="skip", detail=reason)
@@ -188,7 +186,7 @@ def gate_stage_not_below_start(name: str, run_dir: Path, cfg: Config, stage: str
 
 
 def gate_stage_truncation(name: str, run_dir: Path, cfg: Config, stage: str) -> Gate:
-    end = stage_end_eval(cfg, stage)
+    end = stage_eval_dir(cfg.stages, stage)
     scores = json.loads((run_dir / "eval" / end / "scores.json").read_text(encoding="utf-8"))
     rate, limit = scores["format"]["truncation_rate"], cfg.gates.max_truncation_rate
     return Gate(
@@ -287,7 +285,7 @@ def expected_files(cfg: Config) -> list[str]:
     files = ["config.yaml", "run.json", "env.json", "env_snapshot.txt", "gpu_snapshot.txt"]
     if "sft" in cfg.stages:
         files += ["logs/train.log", "metrics.jsonl", "training.json"]
-    final = final_model_path(cfg)
+    final = final_model_path(cfg.stages)
     files += [f"{final}/config.json", f"{final}/tokenizer_config.json", f"{final}/generation_config.json"]
     if cfg.train.method == "lora":
         files += ["adapter/adapter_config.json"]
@@ -312,8 +310,8 @@ def expected_files(cfg: Config) -> list[str]:
 
 def gate_evidence_complete(name: str, run_dir: Path, cfg: Config) -> Gate:
     missing = [f for f in expected_files(cfg) if not (run_dir / f).is_file()]
-    if not list((run_dir / final_model_path(cfg)).glob("*.safetensors")):
-        missing.append(f"{final_model_path(cfg)}/*.safetensors")
+    if not list((run_dir / final_model_path(cfg.stages)).glob("*.safetensors")):
+        missing.append(f"{final_model_path(cfg.stages)}/*.safetensors")
     return Gate(name, not missing, missing, [], "run directory", detail=", ".join(missing))
 
 
