@@ -49,6 +49,10 @@ def _scores(path: Path) -> dict:
     return {"accuracy": scores["accuracy"], "verified_accuracy": scores["verified_accuracy"]}
 
 
+# Arms besides rft, grpo and control: a stage and its overrides (a lower GRPO learning rate, say).
+VARIANTS = {"grpo-lr3e-6": ("grpo", ["grpo.lr=3e-6"])}
+
+
 def rft_curve(run_dir: Path) -> list[dict]:
     rounds = [json.loads(x) for x in (run_dir / "rft" / "rounds.jsonl").read_text().splitlines()]
     return [
@@ -125,7 +129,7 @@ def main() -> None:
         curves[arm] = (rft_curve if arm == "rft" else grpo_curve)(runs[arm])
     start_point = {"minutes": 0.0, **_scores(next(iter(runs.values())) / "eval" / "base")} if runs else None
     if "control" in args.arms:
-        minutes = args.control_minutes or max(stage_minutes(runs[a], a) for a in runs)
+        minutes = args.control_minutes or max(stage_minutes(runs[a], VARIANTS.get(a, (a,))[0]) for a in runs)
         steps = max(1, round(minutes * 60 / seconds_per_sft_step(start)))
         overrides = ["stages=[sft]", "data.max_train_records=null", "train.num_epochs=10", f"train.max_steps={steps}",
                      f"train.save_every_steps={max(1, steps // 4)}", "train.keep_last_checkpoints=8",
@@ -142,7 +146,7 @@ def main() -> None:
         final = run_dir / "eval" / "final"
         result["paired"][arm] = {
             "vs_start": {k: paired(run_dir / "eval" / "base", final, k) for k in ("correct", "verified")},
-            "minutes": stage_minutes(run_dir, arm)
+            "minutes": stage_minutes(run_dir, VARIANTS.get(arm, (arm,))[0])
             if arm != "control"
             else json.loads((run_dir / "training.json").read_text())["elapsed_s"] / 60,
         }
