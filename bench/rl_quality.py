@@ -88,7 +88,8 @@ def control_curve(run_dir: Path, root: Path) -> list[dict]:
         tracetune(
             "eval", "--model", str(model), "--eval-set", "data/eval.jsonl", "--config", str(CONFIG), "--out", str(out)
         )
-        points.append({"minutes": elapsed[step] / 60, **_scores(out)})
+        logged = max(s for s in elapsed if s <= step)  # metrics lines come every train.log_every_steps
+        points.append({"minutes": elapsed[logged] / 60, **_scores(out)})
     return points
 
 
