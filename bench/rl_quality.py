@@ -124,10 +124,11 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     curves, runs = {}, {}
     for arm in [a for a in args.arms if a != "control"]:
-        runs[arm] = (
-            root / arm if (root / arm / "gates.json").is_file() else run_arm(arm, start, root, [f"stages=[{arm}]"])
-        )
-        curves[arm] = (rft_curve if arm == "rft" else grpo_curve)(runs[arm])
+        stage, extra = VARIANTS.get(arm, (arm, []))
+        if not (root / arm / "gates.json").is_file():
+            run_arm(arm, start, root, [f"stages=[{stage}]", *extra])
+        runs[arm] = root / arm
+        curves[arm] = (rft_curve if stage == "rft" else grpo_curve)(runs[arm])
     start_point = {"minutes": 0.0, **_scores(next(iter(runs.values())) / "eval" / "base")} if runs else None
     if "control" in args.arms:
         minutes = args.control_minutes or max(stage_minutes(runs[a], VARIANTS.get(a, (a,))[0]) for a in runs)

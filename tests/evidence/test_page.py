@@ -47,10 +47,17 @@ class _Text(HTMLParser):
                 self._th += data
 
 
+def _can_unshare() -> bool:
+    """Whether this process may start a child in a new network namespace (root, and allowed by the sandbox)."""
+    if not shutil.which("unshare"):
+        return False
+    return subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode == 0
+
+
 def _chromium(page: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     flags = ["--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}"]
     flags += ["--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
-    offline = ["unshare", "--net"] if shutil.which("unshare") and os.geteuid() == 0 else []
+    offline = ["unshare", "--net"] if _can_unshare() else []
     command = [*offline, CHROMIUM, *flags, "--virtual-time-budget=5000", *extra, page.as_uri()]
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
