@@ -26,6 +26,7 @@ EXPECTED_FILES = {
     "loss.png",
     "MANIFEST.sha256",
     "final_model/config.json",
+    "final_model/README.md",  # the model card
     "final_model/generation_config.json",
     "final_model/model.safetensors",
     "final_model/tokenizer.json",
