@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import REPO
 from tracetune.evidence.gguf_check import gguf_check
 from tracetune.models.export import ExportError, _to_gguf_layout, ollama_modelfile, source_gguf
 
@@ -75,11 +76,16 @@ def test_exported_file_loads_back_with_the_same_tokenizer_and_close_logits(tmp_p
     export_gguf(model_dir, source_gguf(f"packaged:{name}"), tmp_path / "m.gguf", kind)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
     reference = AutoTokenizer.from_pretrained(model_dir)
-    text = "Jun buys 2 notebooks at $5 each. How many dollars does Jun spend?"
+    text = (REPO / "data" / "train.jsonl").read_text().splitlines()[1]  # about 150 tokens of a trace
     assert tokenizer(text).input_ids == reference(text).input_ids and tokenizer.chat_template
     ids = torch.tensor([reference(text).input_ids])
     with torch.no_grad():
         got = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)(ids).logits
         want = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)(ids).logits
     agree = float((got.argmax(-1) == want.argmax(-1)).float().mean())
-    assert agree >= (0.9 if kind == "q8_0" else 0.95), agree
+    relative = float((got - want).norm() / want.norm())
+    # q8_0 rounds every weight to 8 bits per 32-value block: near-ties in the argmax may flip.
+    assert agree >= (0.85 if kind == "q8_0" else 0.95) and relative < (0.1 if kind == "q8_0" else 0.02), (
+        agree,
+        relative,
+    )
