@@ -52,12 +52,14 @@ def stage_config(cfg: Config) -> Config:
 
 def step_prompts(traces: list[Trace], step: int, per_step: int, seed: int) -> list[Trace]:
     """The prompts of sampling step `step` (from 0): consecutive slices of seeded per-epoch permutations."""
+    orders: dict[int, list[int]] = {}  # an epoch's permutation, made once per call
     out = []
     for position in range(step * per_step, (step + 1) * per_step):
         epoch, index = divmod(position, len(traces))
-        order = list(range(len(traces)))
-        random.Random(f"{seed}:grpo:{epoch}").shuffle(order)
-        out.append(traces[order[index]])
+        if epoch not in orders:
+            orders[epoch] = list(range(len(traces)))
+            random.Random(f"{seed}:grpo:{epoch}").shuffle(orders[epoch])
+        out.append(traces[orders[epoch][index]])
     return out
 
 

@@ -94,8 +94,10 @@ def rationalize(sampler: Sampler, item: EvalItem, cfg: Config, round_number: int
     return as_trace(item, generation.completion, round_number, None, True) if is_verified(rollout) else None
 
 
-def sample_round(sampler: Sampler, cfg: Config, prompts: list[Trace], round_number: int) -> tuple[list[dict], dict]:
-    """(kept trace records, the round's sampling summary); every sample's score goes to sampled.jsonl."""
+def sample_round(
+    sampler: Sampler, cfg: Config, prompts: list[Trace], round_number: int
+) -> tuple[list[dict], list[dict], dict]:
+    """(kept trace records, every sample's row for sampled.jsonl, the round's sampling summary)."""
     r, d = cfg.rft, dist.current()
     items = [as_item(t) for t in prompts]
     mine = items[d.rank :: d.world_size]
@@ -123,7 +125,7 @@ def sample_round(sampler: Sampler, cfg: Config, prompts: list[Trace], round_numb
         "prompt_pass_rate": prompts_solved / max(len(items), 1),
         "truncation_ratio": sum(row["finish_reason"] == "length" for row in rows) / num,
     }
-    return kept, summary | {"sampled_rows": rows}
+    return kept, rows, summary
 
 
 def _sample_row(rollout: Rollout) -> dict:
@@ -147,12 +149,14 @@ def round_config(cfg: Config) -> Config:
     return staged
 
 
-def _write_round_samples(round_dir: Path, kept: list[dict], summary: dict) -> None:
-    """sampled.jsonl, then kept.jsonl through a rename: a round with kept.jsonl has finished sampling."""
+def _write_round_samples(round_dir: Path, kept: list[dict], rows: list[dict], summary: dict) -> None:
+    """sampled.jsonl and sampling.json, then kept.jsonl through a rename: a round with kept.jsonl has finished
+    sampling and has every file of it."""
     round_dir.mkdir(parents=True, exist_ok=True)
     (round_dir / "sampled.jsonl").unlink(missing_ok=True)
-    for row in summary["sampled_rows"]:
+    for row in rows:
         append_jsonl(round_dir / "sampled.jsonl", row)
+    write_json(round_dir / "sampling.json", summary)
     staging = round_dir / "kept.jsonl.tmp"
     staging.write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in kept), encoding="utf-8")
     staging.rename(round_dir / "kept.jsonl")
@@ -185,13 +189,10 @@ def run_round(cfg, stage_dir: Path, model, tokenizer, train, val, heldout_items,
     sampler = Sampler(model, tokenizer, cfg)
     summary = json.loads((round_dir / "sampling.json").read_text()) if (round_dir / "kept.jsonl").is_file() else None
     if summary is None:
-        kept, summary = sample_round(sampler, cfg, prompts, round_number)
+        kept, rows, summary = sample_round(sampler, cfg, prompts, round_number)
         if dist.current().is_main:
-            _write_round_samples(round_dir, kept, summary)
-            summary = {k: v for k, v in summary.items() if k != "sampled_rows"}
-            write_json(round_dir / "sampling.json", summary)
+            _write_round_samples(round_dir, kept, rows, summary)
         dist.barrier()
-        summary = {k: v for k, v in summary.items() if k != "sampled_rows"}
         crash_point(f"rft-round-{round_number}/sampled")
     log.info("rft round %d: kept %d of %d samples (yield %.3f)", round_number, summary["num_kept"],
              summary["num_sampled"], summary["yield"])  # fmt: skip

@@ -56,10 +56,6 @@ class Sampler:
         for target, source in zip(self.model.parameters(), self.source.parameters(), strict=True):
             target.copy_(source)
 
-    def prompt_ids(self, prompt: str) -> tuple[int, ...]:
-        text = render_prompt(self.tokenizer, prompt, self.instruction)
-        return tuple(self.tokenizer(text, add_special_tokens=False).input_ids)
-
     def sample(self, items: list[EvalItem], k: int, sampling: SamplingConfig, key: str) -> list[list[Rollout]]:
         """k scored samples of each item, in item order; `key` names what they are for (e.g. "grpo:step-3")."""
         gen_cfg = EvalConfig(
@@ -79,7 +75,7 @@ class Sampler:
             seeds = [sample_seed(self.seed, f"{key}:{item.id}", n) for item, n in chunk]
             texts = [prompts[item.id] for item, _ in chunk]
             generations += generate_batch(self.model, self.tokenizer, texts, gen_cfg, self.stop_ids, seeds=seeds)
-        ids = {item.id: self.prompt_ids(item.prompt) for item in items}
+        ids = {i: tuple(self.tokenizer(text, add_special_tokens=False).input_ids) for i, text in prompts.items()}
         flat = [
             Rollout(item, n, ids[item.id], gen, score_item(item, gen.completion))
             for (item, n), gen in zip(rows, generations, strict=True)
