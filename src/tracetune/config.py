@@ -62,11 +62,13 @@ class Section(BaseModel):
 class ModelConfig(Section):
     source: Annotated[str, AfterValidator(_model_source)] = Field(
         "packaged:gemma3-270m",
-        description="Where weights come from: packaged:gemma3-270m | packaged:smollm2-135m | tiny:<gemma3|llama> "
+        description="Where weights come from: packaged:gemma3-270m | packaged:smollm2-135m | tiny:<gemma3|gemma2|llama> "
         "| a local Hugging Face directory | a hub id (downloaded where the network allows, else read from cache).",
     )
     attn_implementation: Literal["sdpa", "eager"] = Field(
-        "sdpa", description="Attention kernel passed to transformers."
+        "sdpa",
+        description="Attention kernel passed to transformers: sdpa where the architecture has it (Gemma 2, whose "
+        "attention scores are soft-capped, runs eager), or eager.",
     )
 
 

@@ -1,13 +1,18 @@
-"""GGUF export: the tensor layouts invert transformers' GGUF loader; the check's gate; the real round trip
-(slow: the packaged models)."""
+"""GGUF export: the tensor layouts invert transformers' GGUF loader; the check's gate; models that did not come
+from a GGUF (tiny Gemma 2, Gemma 3 and Llama with SentencePiece and byte-level tokenizers trained here) round
+trip through the file; the real round trip and the written metadata against llama.cpp's own files (slow: the
+packaged models)."""
 
 import numpy as np
 import pytest
 import torch
 
 from tests.conftest import REPO
+from tests.hf_models import TINY_EXPORTABLE, tiny_model_dir
+from tracetune.chat import GEMMA_CHAT_TEMPLATE
 from tracetune.evidence.gguf_check import gguf_check
-from tracetune.models.export import ExportError, _to_gguf_layout, ollama_modelfile, source_gguf
+from tracetune.models.export import _to_gguf_layout, export_gguf, ollama_modelfile, source_gguf
+from tracetune.models.gguf_meta import MetadataError
 
 
 class _Config:
@@ -59,33 +64,96 @@ def test_modelfile_has_the_turn_template_and_stop():
     assert 'PARAMETER stop "<|im_end|>"' in ollama_modelfile("m.gguf", "<|im_start|>")
 
 
-def test_a_model_without_a_source_gguf_is_refused_with_the_fix():
-    with pytest.raises(ExportError, match="convert_hf_to_gguf.py"):
-        source_gguf("tiny:gemma3")
+def _same_tokens_and_logits(model_dir, gguf_dir, name: str, text: str) -> tuple[float, float]:
+    """Asserts the file's tokenizer and chat template agree with the model's; returns (argmax agreement,
+    relative logit error) of the file's model against the Hugging Face one on `text`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=name)
+    reference = AutoTokenizer.from_pretrained(model_dir)
+    assert tokenizer(text).input_ids == reference(text).input_ids
+    chat = [{"role": "user", "content": text}]
+    assert tokenizer.apply_chat_template(chat, tokenize=False) == reference.apply_chat_template(chat, tokenize=False)
+    ids = torch.tensor([reference(text).input_ids])
+    with torch.no_grad():
+        got = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=name, dtype=torch.float32)(ids).logits
+        want = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)(ids).logits
+    return float((got.argmax(-1) == want.argmax(-1)).float().mean()), float((got - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_EXPORTABLE))
+def test_a_model_from_a_hugging_face_directory_round_trips(tmp_path, arch):
+    model_dir = tiny_model_dir(tmp_path, arch)
+    info = export_gguf(model_dir, tmp_path / "out" / "m.gguf", "f16")
+    assert info["architecture"] == arch and info["metadata"] == "written from final_model"
+    text = (REPO / "data" / "train.jsonl").read_text().splitlines()[2] + " 1234.5  ok"
+    agree, relative = _same_tokens_and_logits(model_dir, tmp_path / "out", "m.gguf", text)
+    assert agree >= 0.95 and relative < 0.01, (agree, relative)
+
+
+def test_a_tokenizer_gguf_cannot_hold_is_refused_with_the_fix(tmp_path):
+    from tracetune.models.sources import tiny_model, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(GEMMA_CHAT_TEMPLATE)  # character-level WordLevel
+    tiny_model("gemma3", tokenizer, seed=0).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    with pytest.raises(MetadataError, match="tokenizer.json.*WordLevel.*convert_hf_to_gguf.py"):
+        export_gguf(tmp_path / "m", tmp_path / "m.gguf", "f16")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_only_packaged_models_have_a_source_gguf():
+    assert source_gguf("tiny:gemma3") is None and source_gguf("google/gemma-2-2b") is None
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "kind"), [("gemma3-270m", "bf16"), ("smollm2-135m", "f16"), ("gemma3-270m", "q8_0")])
 def test_exported_file_loads_back_with_the_same_tokenizer_and_close_logits(tmp_path, name, kind):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tracetune.models.export import export_gguf
     from tracetune.models.sources import prepare_packaged
 
     model_dir = prepare_packaged(name)
-    export_gguf(model_dir, source_gguf(f"packaged:{name}"), tmp_path / "m.gguf", kind)
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
-    reference = AutoTokenizer.from_pretrained(model_dir)
+    export_gguf(model_dir, tmp_path / "m.gguf", kind, source_gguf(f"packaged:{name}"))
     text = (REPO / "data" / "train.jsonl").read_text().splitlines()[1]  # about 150 tokens of a trace
-    assert tokenizer(text).input_ids == reference(text).input_ids and tokenizer.chat_template
-    ids = torch.tensor([reference(text).input_ids])
-    with torch.no_grad():
-        got = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)(ids).logits
-        want = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)(ids).logits
-    agree = float((got.argmax(-1) == want.argmax(-1)).float().mean())
-    relative = float((got - want).norm() / want.norm())
+    agree, relative = _same_tokens_and_logits(model_dir, tmp_path, "m.gguf", text)
     # q8_0 rounds every weight to 8 bits per 32-value block: near-ties in the argmax may flip.
     assert agree >= (0.85 if kind == "q8_0" else 0.95) and relative < (0.1 if kind == "q8_0" else 0.02), (
         agree,
         relative,
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gemma3-270m", "smollm2-135m"])
+def test_metadata_written_from_the_directory_is_what_llama_cpp_wrote(tmp_path, name):
+    """The packaged models' directories, exported as if they had no GGUF, against the GGUF files llama.cpp's
+    converter made of the same models: the same hyper-parameters, tokens, token types, merges and special ids."""
+    from gguf import GGUFReader
+
+    from tracetune.models.sources import prepare_packaged
+
+    export_gguf(prepare_packaged(name), tmp_path / "m.gguf", "bf16")
+    got, want = GGUFReader(str(tmp_path / "m.gguf")), GGUFReader(str(source_gguf(f"packaged:{name}")))
+    ours = {k: f.contents() for k, f in got.fields.items()}
+    theirs = {
+        k: f.contents() for k, f in want.fields.items() if k.startswith(("tokenizer.", ours["general.architecture"]))
+    }
+    # The pre-tokenizer is named from the directory's tokenizer.json, which transformers rebuilt without
+    # SmolLM's digit split; the chat template is the one tracetune trained with.
+    different = {"tokenizer.ggml.pre", "tokenizer.chat_template", "tokenizer.ggml.scores"}
+    assert set(theirs) - set(ours) == set()
+    for key in set(theirs) - different:
+        assert (
+            ours[key] == pytest.approx(theirs[key], rel=1e-6)
+            if isinstance(theirs[key], float)
+            else ours[key] == theirs[key]
+        ), key
+    assert sorted(t.name for t in got.tensors) == sorted(t.name for t in want.tensors)
+    if "tokenizer.ggml.scores" in theirs:
+        # llama.cpp merges the pair whose token scores highest: the order of the scores is what matters (the
+        # single characters, never a merge's result, sit 31 places lower in Gemma's own scores).
+        ours_scores, their_scores = np.array(ours["tokenizer.ggml.scores"]), np.array(theirs["tokenizer.ggml.scores"])
+        normal = np.array(ours["tokenizer.ggml.token_type"]) == 1
+        assert (ours_scores[~normal] == their_scores[~normal]).all()
+        assert (
+            np.argsort(-ours_scores[normal], kind="stable") == np.argsort(-their_scores[normal], kind="stable")
+        ).all()

@@ -92,8 +92,10 @@ def _load_checkpoint_model(path: Path, cfg: Config):
         base = load_model(cfg.model.source, load_tokenizer(cfg.model.source), cfg.seed, cfg.model.attn_implementation)
         model = PeftModel.from_pretrained(base, path / "model")
     else:
+        from tracetune.models.sources import attention_kernel
+
         model = AutoModelForCausalLM.from_pretrained(
-            path / "model", dtype=torch.float32, attn_implementation=cfg.model.attn_implementation
+            path / "model", dtype=torch.float32, attn_implementation=attention_kernel(cfg.model.attn_implementation)
         )
     return model.to(torch.bfloat16) if cfg.train.precision == "bf16-weights" else model
 

@@ -56,7 +56,7 @@ def export_and_check(run_dir: Path, kind: str) -> dict:
     out_dir = run_dir / "export"
     name = f"model-{kind}.gguf"
     log.info("exporting %s to %s", final_model_dir(run_dir), out_dir / name)
-    info = export_gguf(final_model_dir(run_dir), source_gguf(cfg.model.source), out_dir / name, kind)
+    info = export_gguf(final_model_dir(run_dir), out_dir / name, kind, source_gguf(cfg.model.source))
     tokenizer = AutoTokenizer.from_pretrained(out_dir, gguf_file=name)
     (out_dir / "Modelfile").write_text(ollama_modelfile(name, tokenizer.chat_template), encoding="utf-8")
     check = dict(info)

@@ -1,12 +1,13 @@
 """GGUF out: a fine-tuned model's weights written with the `gguf` package, for llama.cpp and Ollama.
 
 A GGUF holds, besides the tensors, the architecture's hyper-parameters and the whole tokenizer (tokens,
-scores, types, special ids). Fine-tuning changes neither, so they are copied from the GGUF the model came
-from (the packaged models' files: Gemma 3 and SmolLM2, a Llama) and only the tensors are new: each Hugging
+scores, types, special ids). Fine-tuning changes neither. For a model that came from a GGUF (the packaged
+Gemma 3 and SmolLM2, a Llama) they are copied from that file; for any other (a Hub or local Gemma 2, Gemma 3
+or Llama directory) they are written from its config and tokenizer.json (models/gguf_meta.py). Each Hugging
 Face tensor goes under the GGUF name transformers' own GGUF loader maps it from (`get_gguf_hf_weights_map`),
 with the inverse of that loader's transforms (Gemma's norms are stored as 1 + w; Llama's q and k rows are in
 llama.cpp's rotary order), in f16, bf16 or q8_0 (1-D tensors stay f32, as llama.cpp keeps them). The chat
-template the model was trained with is added. The file is checked by loading it back (evidence/export).
+template the model was trained with is added. The file is checked by loading it back (evidence/gguf_check).
 """
 
 from __future__ import annotations
@@ -26,18 +27,15 @@ class ExportError(TracetuneError):
     exit_code = 2
 
 
-def source_gguf(model_source: str) -> Path:
-    """The GGUF a run's base model came from, whose metadata and tokenizer an export copies."""
+def source_gguf(model_source: str) -> Path | None:
+    """The GGUF a run's base model came from, whose metadata and tokenizer an export copies; None when the
+    model came from a Hugging Face directory (its metadata is then written from that directory)."""
     from tracetune.models.sources import PACKAGED
 
     kind, _, name = model_source.partition(":")
     if kind == "packaged" and name in PACKAGED:
         return Path(PACKAGED[name].locate_gguf())
-    raise ExportError(
-        f"GGUF export copies the architecture and tokenizer metadata of the GGUF the base model came from; "
-        f"{model_source!r} has none here; fix: fine-tune a packaged model (packaged:gemma3-270m, "
-        "packaged:smollm2-135m), or convert this model with llama.cpp's convert_hf_to_gguf.py"
-    )
+    return None
 
 
 def _to_gguf_layout(arch: str, gguf_name: str, weights: np.ndarray, config) -> np.ndarray:
@@ -64,33 +62,51 @@ def _copy_metadata(reader, writer, chat_template: str | None) -> None:
         writer.add_chat_template(chat_template)
 
 
-def export_gguf(model_dir: Path, template: Path, out: Path, kind: str) -> dict:
-    """Write `out` from the Hugging Face model in `model_dir` with `template`'s metadata; returns what was
-    written (tensor count, type, bytes)."""
+def _tensor_names(model, template) -> dict[str, str]:
+    """GGUF name -> Hugging Face name of every tensor to write: the template's, or else every mapped tensor
+    but a tied output matrix (llama.cpp reads the embedding for it)."""
+    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
+
+    by_gguf = {gguf: hf for gguf, hf in get_gguf_hf_weights_map(model, TensorProcessor()).items()}
+    if template is None:
+        tied = model.config.get_text_config().tie_word_embeddings
+        return {g: hf for g, hf in by_gguf.items() if not (tied and g == "output.weight")}
+    missing = [t.name for t in template.tensors if t.name not in by_gguf]
+    if missing:
+        raise ExportError(f"no Hugging Face tensor for the GGUF tensors {missing[:5]} of the base model's GGUF")
+    return {t.name: by_gguf[t.name] for t in template.tensors}
+
+
+def export_gguf(model_dir: Path, out: Path, kind: str, template: Path | None = None) -> dict:
+    """Write `out` from the Hugging Face model in `model_dir`, with `template`'s metadata (the GGUF the base
+    model came from) or, without one, metadata written from the directory; returns what was written."""
     import torch
     from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType, quants
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
+
+    from tracetune.models.gguf_meta import gguf_architecture, write_hparams, write_tokenizer
 
     qtype = {"f16": GGMLQuantizationType.F16, "bf16": GGMLQuantizationType.BF16, "q8_0": GGMLQuantizationType.Q8_0}
     ftype = {"f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
-    reader = GGUFReader(str(template))
-    arch = reader.fields["general.architecture"].contents()
+    reader = GGUFReader(str(template)) if template is not None else None
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    arch = gguf_architecture(model.config)
     state = model.state_dict()
-    names = {hf: gguf for gguf, hf in get_gguf_hf_weights_map(model, TensorProcessor()).items()}
-    wanted = [t.name for t in reader.tensors]
-    missing = [n for n in wanted if n not in names.values()]
-    if missing:
-        raise ExportError(f"{model_dir}: no Hugging Face tensor for GGUF tensors {missing[:5]} of {template.name}")
+    by_gguf = _tensor_names(model, reader)
+    chat_template = AutoTokenizer.from_pretrained(model_dir).chat_template
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.with_name(out.name + ".staging")
     writer = GGUFWriter(str(staging), arch)
-    _copy_metadata(reader, writer, AutoTokenizer.from_pretrained(model_dir).chat_template)
+    if reader is not None:
+        _copy_metadata(reader, writer, chat_template)
+    else:
+        write_hparams(writer, arch, model.config)
+        write_tokenizer(writer, arch, model_dir)
+        if chat_template:
+            writer.add_chat_template(chat_template)
     writer.add_file_type(int(ftype[kind]))
     writer.add_quantization_version(2)
-    by_gguf = {gguf: hf for hf, gguf in names.items()}
-    for name in wanted:
+    for name in by_gguf:
         weights = _to_gguf_layout(arch, name, state[by_gguf[name]].detach().numpy(), model.config)
         if weights.ndim == 1:
             writer.add_tensor(name, weights.astype(np.float32))
@@ -105,9 +121,10 @@ def export_gguf(model_dir: Path, template: Path, out: Path, kind: str) -> dict:
     return {
         "file": out.name,
         "type": kind,
-        "num_tensors": len(wanted),
+        "num_tensors": len(by_gguf),
         "bytes": out.stat().st_size,
         "architecture": arch,
+        "metadata": f"copied from {template.name}" if template is not None else f"written from {model_dir.name}",
     }
 
 

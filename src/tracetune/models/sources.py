@@ -70,7 +70,7 @@ PACKAGED = {
         "apache-2.0",
     ),
 }
-TINY_ARCHS = ("gemma3", "llama")
+TINY_ARCHS = ("gemma3", "gemma2", "llama")
 
 
 def packaged_dir(name: str) -> Path:
@@ -146,7 +146,7 @@ def tiny_tokenizer(template: str):
 def tiny_model(arch: str, tokenizer, seed: int, **overrides):
     """A 2-layer, 64-wide random model of a real architecture; `overrides` replace config fields (its shapes)."""
     import torch
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
+    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig
 
     common = dict(
         vocab_size=len(tokenizer),
@@ -164,6 +164,8 @@ def tiny_model(arch: str, tokenizer, seed: int, **overrides):
     )
     if arch == "gemma3":
         config = Gemma3TextConfig(**{**common, "sliding_window": 1024, "query_pre_attn_scalar": 32, **overrides})
+    elif arch == "gemma2":
+        config = Gemma2Config(**{**common, "sliding_window": 1024, "query_pre_attn_scalar": 32, **overrides})
     elif arch == "llama":
         config = LlamaConfig(**{**common, **overrides})
     else:
@@ -230,6 +232,13 @@ def is_chat_model(source: str) -> bool:
         raise _hub_error(source, exc) from exc
 
 
+def attention_kernel(name: str) -> str | None:
+    """transformers' `attn_implementation` for the config's choice. For "sdpa" it is None, which makes
+    transformers use SDPA where the architecture has it and eager where it has not (Gemma 2: soft-capped
+    attention scores have no SDPA path)."""
+    return None if name == "sdpa" else name
+
+
 def load_model(source: str, tokenizer, seed: int = 0, attn_implementation: str = "sdpa"):
     """The causal LM of a model source, in fp32 on the CPU; the caller moves and casts it."""
     import torch
@@ -240,7 +249,9 @@ def load_model(source: str, tokenizer, seed: int = 0, attn_implementation: str =
         return tiny_model(name, tokenizer, seed)
     path = prepare_packaged(name) if kind == "packaged" else source
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, attn_implementation=attention_kernel(attn_implementation)
+        )
     except OSError as exc:
         raise _hub_error(source, exc) from exc
     stops = end_of_turn_ids(tokenizer)

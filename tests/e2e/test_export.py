@@ -1,0 +1,39 @@
+"""`tracetune run ... export.gguf=f16` and `tracetune export RUN --gguf` on a model from a Hugging Face
+directory (a tiny Gemma 2 with a SentencePiece tokenizer): the file, its Modelfile, the check against the
+trained model and its gate, the manifest, and verify."""
+
+import json
+
+from tests.conftest import tiny_run_args
+from tests.hf_models import tiny_model_dir
+from tracetune.cli import main
+
+
+def test_a_run_exports_and_checks_its_gguf_then_exports_again_at_q8_0(tmp_path):
+    model_dir = tiny_model_dir(tmp_path, "gemma2")
+    args = tiny_run_args(tmp_path / "runs", "output.run_name=r", f"model.source={model_dir}", "export.gguf=f16")
+    assert main(args) == 0
+    run_dir = tmp_path / "runs" / "r"
+    export = run_dir / "export"
+    check = json.loads((export / "gguf_check.json").read_text())
+    assert check["architecture"] == "gemma2" and check["metadata"] == "written from final_model"
+    assert check["num_items"] == 8 and check["passed"] and check["identical_answer_share"] >= 0.98
+    assert (export / "Modelfile").read_text().startswith("FROM ./model-f16.gguf\n")
+    assert len((export / "eval" / "predictions.jsonl").read_text().splitlines()) == 8
+    manifest = (run_dir / "MANIFEST.sha256").read_text()
+    gates = {g["name"]: g for g in json.loads((run_dir / "gates.json").read_text())["gates"]}
+    assert gates["gguf_export_matches"]["passed"]
+    assert "export/model-f16.gguf" in manifest and "export/gguf_check.json" in manifest
+    assert main(["verify", str(run_dir)]) == 0
+
+    assert main(["export", str(run_dir), "--gguf", "--type", "q8_0"]) in (0, 3)
+    q8 = json.loads((export / "gguf_check.json").read_text())
+    assert q8["type"] == "q8_0" and q8["gate"] == "0 within the accuracy difference's 95% CI"
+    assert (export / "model-q8_0.gguf").stat().st_size < (export / "model-f16.gguf").stat().st_size
+    assert main(["verify", str(run_dir)]) == 0
+
+
+def test_exporting_a_model_gguf_cannot_hold_exits_2_and_names_the_fix(tiny_run_dir, capsys):
+    assert main(["export", str(tiny_run_dir), "--gguf"]) == 2  # tiny:gemma3's character tokenizer
+    assert "convert_hf_to_gguf.py" in capsys.readouterr().err
+    assert not (tiny_run_dir / "export" / "model-f16.gguf").exists()
