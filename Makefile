@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-slow lint format bench clean
+.PHONY: install run test test-slow lint format bench llama-cpp clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ format: install
 
 bench: install
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# Optional: llama.cpp's Python binding, so `tracetune export` also runs the GGUF under llama.cpp. PyPI has its
+# source only; this compiles it (about 10 minutes on 2 cores).
+llama-cpp: install
+	$(PY) -m pip install -q -c constraints.txt -e ".[llama-cpp]"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

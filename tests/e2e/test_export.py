@@ -7,6 +7,7 @@ import json
 from tests.conftest import tiny_run_args
 from tests.hf_models import tiny_model_dir
 from tracetune.cli import main
+from tracetune.eval.llama_cpp import is_available
 
 
 def test_a_run_exports_and_checks_its_gguf_then_exports_again_at_q8_0(tmp_path):
@@ -19,7 +20,13 @@ def test_a_run_exports_and_checks_its_gguf_then_exports_again_at_q8_0(tmp_path):
     assert check["architecture"] == "gemma2" and check["metadata"] == "written from final_model"
     assert check["num_items"] == 8 and check["passed"] and check["identical_answer_share"] >= 0.98
     assert (export / "Modelfile").read_text().startswith("FROM ./model-f16.gguf\n")
-    assert len((export / "eval" / "predictions.jsonl").read_text().splitlines()) == 8
+    llama = check["llama_cpp"]
+    if is_available():  # the file under llama.cpp: its own tokenizer, greedy decoding, detokenizer
+        assert llama["ran"] and llama["identical_prompt_tokens_share"] == 1.0 and llama["passed"], llama
+        assert len((export / "eval-f16-llama-cpp" / "predictions.jsonl").read_text().splitlines()) == 8
+    else:
+        assert not llama["ran"] and "pip install llama-cpp-python" in llama["reason"]
+    assert len((export / "eval-f16" / "predictions.jsonl").read_text().splitlines()) == 8
     manifest = (run_dir / "MANIFEST.sha256").read_text()
     gates = {g["name"]: g for g in json.loads((run_dir / "gates.json").read_text())["gates"]}
     assert gates["gguf_export_matches"]["passed"]
@@ -28,7 +35,7 @@ def test_a_run_exports_and_checks_its_gguf_then_exports_again_at_q8_0(tmp_path):
 
     assert main(["export", str(run_dir), "--gguf", "--type", "q8_0"]) in (0, 3)
     q8 = json.loads((export / "gguf_check.json").read_text())
-    assert q8["type"] == "q8_0" and q8["gate"] == "0 within the accuracy difference's 95% CI"
+    assert q8["type"] == "q8_0" and q8["gate"].startswith("0 within the accuracy difference's 95% CI")
     assert (export / "model-q8_0.gguf").stat().st_size < (export / "model-f16.gguf").stat().st_size
     assert main(["verify", str(run_dir)]) == 0
 

@@ -117,16 +117,20 @@ def generate_batch(
             stop_check=stop_check,
             sampling=sampling,
         )
-    results = []
-    for row in rows:
-        ids, stopped = _cut(row, set(stop_ids), tokenizer.pad_token_id)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        reason = "eos" if stopped else "length"
-        for stop in stop_strings:
-            if stop in text:
-                text, reason = text[: text.index(stop)], "stop"
-        results.append(Generation(text.strip(), len(ids), reason, tuple(ids)))
-    return results
+    decode = partial(tokenizer.decode, skip_special_tokens=True)
+    return [finish(row, stop_ids, tokenizer.pad_token_id, stop_strings, decode) for row in rows]
+
+
+def finish(new_ids: list[int], stop_ids: list[int], pad_id: int | None, stop_strings, decode) -> Generation:
+    """A generation from its new tokens: cut at the first stop id, decoded with `decode`, cut at the first stop
+    string."""
+    ids, stopped = _cut(new_ids, set(stop_ids), pad_id)
+    text = decode(ids)
+    reason = "eos" if stopped else "length"
+    for stop in stop_strings:
+        if stop in text:
+            text, reason = text[: text.index(stop)], "stop"
+    return Generation(text.strip(), len(ids), reason, tuple(ids))
 
 
 @dataclass(frozen=True)

@@ -38,10 +38,34 @@ def gguf_check(final_rows: list[dict], gguf_rows: list[dict], kind: str, paired:
     return result
 
 
+def _llama_cpp_check(gguf: Path, model_dir: Path, items, cfg, eval_dir: Path, final_rows, kind: str, run_dir) -> dict:
+    """The same check with llama.cpp running the file (eval/llama_cpp.py), where it is installed and the
+    evaluation is greedy; otherwise why it did not run."""
+    from transformers import AutoTokenizer
+
+    from tracetune.eval.evaluate import compare_predictions, write_scores
+    from tracetune.eval.llama_cpp import is_available, llama_cpp_predictions
+    from tracetune.runfiles import read_predictions
+
+    if not is_available():
+        return {"ran": False, "reason": "llama-cpp-python is not installed (pip install llama-cpp-python)"}
+    if cfg.eval.do_sample:
+        return {"ran": False, "reason": "the evaluation samples; llama.cpp is compared on greedy answers only"}
+    log.info("evaluating %s under llama.cpp", gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)  # the trained tokenizer: its ids are the reference
+    llama_cpp_predictions(gguf, tokenizer, items, cfg.eval, cfg.data.instruction, eval_dir)
+    write_scores(eval_dir, items, f"{gguf.name} under llama.cpp")
+    paired = compare_predictions(run_dir / "eval" / "final", eval_dir, cfg.seed)
+    rows = read_predictions(eval_dir / "predictions.jsonl")
+    same_prompt = sum(r["prompt_tokens_match"] for r in rows) / max(len(rows), 1)
+    return {"ran": True, "identical_prompt_tokens_share": same_prompt, **gguf_check(final_rows, rows, kind, paired)}
+
+
 def export_and_check(run_dir: Path, kind: str) -> dict:
     """export/model-<kind>.gguf and its Ollama Modelfile from the run's final model, then the file loaded back
-    (its own tokenizer and chat template) and evaluated on the run's eval set (export/eval/) against
-    eval/final: export/gguf_check.json. Returns the check."""
+    (its own tokenizer and chat template) and evaluated on the run's eval set (export/eval-<kind>/) against
+    eval/final, and again under llama.cpp where it is installed (export/eval-<kind>-llama-cpp/):
+    export/gguf_check.json, which passes when every runtime that ran passes. Returns the check."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -55,8 +79,9 @@ def export_and_check(run_dir: Path, kind: str) -> dict:
     cfg = load_config(run_dir / "config.yaml")
     out_dir = run_dir / "export"
     name = f"model-{kind}.gguf"
-    log.info("exporting %s to %s", final_model_dir(run_dir), out_dir / name)
-    info = export_gguf(final_model_dir(run_dir), out_dir / name, kind, source_gguf(cfg.model.source))
+    model_dir = final_model_dir(run_dir)
+    log.info("exporting %s to %s", model_dir, out_dir / name)
+    info = export_gguf(model_dir, out_dir / name, kind, source_gguf(cfg.model.source))
     tokenizer = AutoTokenizer.from_pretrained(out_dir, gguf_file=name)
     (out_dir / "Modelfile").write_text(ollama_modelfile(name, tokenizer.chat_template), encoding="utf-8")
     check = dict(info)
@@ -65,10 +90,18 @@ def export_and_check(run_dir: Path, kind: str) -> dict:
         if cfg.eval.precision == "bf16":
             model.to(torch.bfloat16)
         items = load_eval_items(cfg.eval.eval_file).records[: cfg.eval.max_items]
-        generate_predictions(model, tokenizer, items, cfg.eval, cfg.data.instruction, out_dir / "eval", cfg.seed)
-        write_scores(out_dir / "eval", items, name)
-        paired = compare_predictions(run_dir / "eval" / "final", out_dir / "eval", cfg.seed)
+        eval_dir = out_dir / f"eval-{kind}"
+        generate_predictions(model, tokenizer, items, cfg.eval, cfg.data.instruction, eval_dir, cfg.seed)
+        write_scores(eval_dir, items, name)
+        paired = compare_predictions(run_dir / "eval" / "final", eval_dir, cfg.seed)
         final_rows = read_predictions(run_dir / "eval" / "final" / "predictions.jsonl")
-        check |= gguf_check(final_rows, read_predictions(out_dir / "eval" / "predictions.jsonl"), kind, paired)
+        check |= gguf_check(final_rows, read_predictions(eval_dir / "predictions.jsonl"), kind, paired)
+        llama = _llama_cpp_check(
+            out_dir / name, model_dir, items, cfg, out_dir / f"eval-{kind}-llama-cpp", final_rows, kind, run_dir
+        )
+        check["llama_cpp"] = llama
+        if llama["ran"]:
+            check["gate"] += ", under transformers and under llama.cpp"
+            check["passed"] = check["passed"] and llama["passed"]
     write_json(out_dir / "gguf_check.json", check)
     return check
