@@ -98,3 +98,14 @@ def test_unknown_model_source_is_rejected():
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(Path("nope.yaml"))
+
+
+@pytest.mark.parametrize(("native", "train", "evaluation"), [(True, "bf16-autocast", "bf16"), (False, "fp32", "fp32")])
+def test_auto_precision_is_chosen_by_the_hardware_when_the_config_loads(monkeypatch, native, train, evaluation):
+    from tracetune import dist
+
+    monkeypatch.setattr(dist, "native_bf16", lambda device: native)
+    cfg = load_config(REPO / "configs" / "quickstart.yaml")
+    assert (cfg.train.precision, cfg.eval.precision) == (train, evaluation)
+    pinned = load_config(REPO / "configs" / "quickstart.yaml", ["train.precision=fp32", "eval.precision=bf16"])
+    assert (pinned.train.precision, pinned.eval.precision) == ("fp32", "bf16")

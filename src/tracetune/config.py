@@ -112,9 +112,11 @@ class TrainConfig(Section):
     method: Literal["full", "lora"] = Field("full", description="Full fine-tuning or LoRA adapters (peft).")
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (used when method is lora).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when available.")
-    precision: Literal["fp32", "bf16-autocast", "bf16-weights"] = Field(
+    precision: Literal["auto", "fp32", "bf16-autocast", "bf16-weights"] = Field(
         "fp32",
-        description="fp32; bf16 autocast over fp32 weights; or bf16 weights with fp32 master weights in the optimizer.",
+        description="fp32; bf16 autocast over fp32 weights; or bf16 weights with fp32 master weights in the optimizer. "
+        "auto: bf16-autocast where bf16 is native (CUDA, CPUs with AVX-512 BF16 or AMX), else fp32; chosen when the "
+        "config loads, so the run's config.yaml records the choice.",
     )
     distributed: Literal["auto", "ddp", "fsdp"] = Field(
         "auto",
@@ -170,9 +172,11 @@ class EvalConfig(Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (do_sample only).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling (do_sample only).")
     stop_strings: list[str] = Field([], description="Extra strings that end a completion (finish_reason 'stop').")
-    precision: Literal["fp32", "bf16"] = Field(
+    precision: Literal["auto", "fp32", "bf16"] = Field(
         "fp32",
-        description="Generation precision: bf16 casts the weights (about 2.5x faster on CPUs with bf16 instructions).",
+        description="Generation precision: bf16 casts the weights (about 2.5x faster on CPUs with bf16 instructions, "
+        "5.2x slower than fp32 on an AVX2-only CPU, which emulates it). auto: bf16 where bf16 is native, else fp32; "
+        "chosen when the config loads.",
     )
     run_base: bool = Field(
         True, description="In `tracetune run`, also evaluate the base model (eval.baselines) for comparison."
@@ -355,6 +359,19 @@ class Config(Section):
     )
     rft: RFTConfig = Field(default_factory=RFTConfig, description="Rejection-sampling fine-tuning (stage rft).")
     grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="Group relative policy optimisation (stage grpo).")
+
+    @model_validator(mode="after")
+    def _resolve_auto_precision(self) -> Config:
+        """`auto` precisions become what this machine computes natively, before anything else reads them."""
+        if "auto" in (self.train.precision, self.eval.precision):
+            from tracetune.dist import native_bf16
+
+            native = native_bf16(self.train.device)
+            if self.train.precision == "auto":
+                self.train.precision = "bf16-autocast" if native else "fp32"
+            if self.eval.precision == "auto":
+                self.eval.precision = "bf16" if native else "fp32"
+        return self
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

@@ -76,6 +76,33 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (oneDNN's bf16 kernels: AVX-512 BF16 or AMX). Elsewhere, on
+    AVX2-only CPUs such as most laptops', bf16 is emulated: greedy generation of Gemma 3 270M ran 5.2x slower
+    in bf16 than in fp32 on a 2-core AVX2 EPYC."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def native_bf16(requested_device: str) -> bool:
+    """Whether the device `train.device` names computes bf16 natively: a CUDA GPU with bf16, or such a CPU."""
+    if requested_device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_bf16()
+
+
+def emulated_bf16(device: torch.device, precisions: dict[str, str]) -> str | None:
+    """A warning naming the config fields that ask for bf16 (`precisions`: field -> value) on a CPU without
+    bf16 instructions, with the fix; None where there is nothing to warn about."""
+    asked = [f"{name}={value}" for name, value in precisions.items() if value != "fp32"]
+    if device.type != "cpu" or not asked or cpu_has_bf16():
+        return None
+    fixes = " ".join(f"{name}=fp32" for name, value in precisions.items() if value != "fp32")
+    return (
+        f"{', '.join(asked)} on a CPU without bf16 instructions: bf16 is emulated here and runs several times "
+        f"slower than fp32; fix: {fixes}"
+    )
+
+
 def rank_device(device: torch.device) -> torch.device:
     """This rank's device: cuda:LOCAL_RANK under torchrun on GPUs."""
     if device.type == "cuda" and _current.enabled:

@@ -35,6 +35,10 @@ class SourceError(TracetuneError):
     """A model source cannot be resolved or loaded."""
 
 
+class ExportError(TracetuneError):
+    """A model cannot be exported as asked (an architecture or tokenizer the format cannot hold)."""
+
+
 class RunDirError(TracetuneError):
     """The run directory cannot be used as asked (exists without resume, locked, changed config)."""
 

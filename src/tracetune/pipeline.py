@@ -115,6 +115,9 @@ def prepare(cfg: Config):
     device = dist.rank_device(device)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    precisions = {"train.precision": cfg.train.precision, "eval.precision": cfg.eval.precision}
+    if warning := dist.emulated_bf16(device, precisions):
+        log.warning(warning)
     return inputs, device
 
 
@@ -224,6 +227,9 @@ def eval_stage(cfg: Config, model_source: str, out_dir: Path | None, baseline: s
         train.raise_on_errors()
         demonstrations = train.records
     with log_to_file(out_dir / "logs" / "eval.log"):
+        device = dist.resolve_device(cfg.train.device)
+        if warning := dist.emulated_bf16(device, {"eval.precision": cfg.eval.precision}):
+            log.warning(warning)
         evaluate_model(cfg, model_source, items, out_dir, demonstrations)
     return out_dir
 

@@ -19,7 +19,8 @@ def test_a_run_exports_and_checks_its_gguf_then_exports_again_at_q8_0(tmp_path):
     check = json.loads((export / "gguf_check.json").read_text())
     assert check["architecture"] == "gemma2" and check["metadata"] == "written from final_model"
     assert check["num_items"] == 8 and check["passed"] and check["identical_answer_share"] >= 0.98
-    assert (export / "Modelfile").read_text().startswith("FROM ./model-f16.gguf\n")
+    modelfile = (export / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./model-f16.gguf\n") and "{{ .Prompt }}\n\nThink step by step" in modelfile
     llama = check["llama_cpp"]
     if is_available():  # the file under llama.cpp: its own tokenizer, greedy decoding, detokenizer
         assert llama["ran"] and llama["identical_prompt_tokens_share"] == 1.0 and llama["passed"], llama

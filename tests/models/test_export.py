@@ -10,9 +10,9 @@ import torch
 from tests.conftest import REPO
 from tests.hf_models import TINY_EXPORTABLE, tiny_model_dir
 from tracetune.chat import GEMMA_CHAT_TEMPLATE
+from tracetune.errors import ExportError
 from tracetune.evidence.gguf_check import gguf_check
 from tracetune.models.export import _to_gguf_layout, export_gguf, ollama_modelfile, source_gguf
-from tracetune.models.gguf_meta import MetadataError
 
 
 class _Config:
@@ -62,6 +62,8 @@ def test_modelfile_has_the_turn_template_and_stop():
         gemma.startswith("FROM ./m.gguf\n") and 'PARAMETER stop "<end_of_turn>"' in gemma and "{{ .Prompt }}" in gemma
     )
     assert 'PARAMETER stop "<|im_end|>"' in ollama_modelfile("m.gguf", "<|im_start|>")
+    with_instruction = ollama_modelfile("m.gguf", "<start_of_turn>", "{{ .Prompt }}\n\nThink step by step.")
+    assert "<start_of_turn>user\n{{ .Prompt }}\n\nThink step by step.<end_of_turn>" in with_instruction
 
 
 def _same_tokens_and_logits(model_dir, gguf_dir, name: str, text: str) -> tuple[float, float]:
@@ -97,7 +99,7 @@ def test_a_tokenizer_gguf_cannot_hold_is_refused_with_the_fix(tmp_path):
     tokenizer = tiny_tokenizer(GEMMA_CHAT_TEMPLATE)  # character-level WordLevel
     tiny_model("gemma3", tokenizer, seed=0).save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
-    with pytest.raises(MetadataError, match="tokenizer.json.*WordLevel.*convert_hf_to_gguf.py"):
+    with pytest.raises(ExportError, match="tokenizer.json.*WordLevel.*convert_hf_to_gguf.py"):
         export_gguf(tmp_path / "m", tmp_path / "m.gguf", "f16")
     assert not (tmp_path / "m.gguf").exists()
 

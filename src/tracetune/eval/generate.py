@@ -32,6 +32,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from tracetune.config import EvalConfig
+from tracetune.dist import cpu_has_bf16
 
 PAD_MULTIPLE = 16  # tokens; the vector width of fp32 (AVX-512) reductions over key positions
 VALUE_CHUNK = 256  # key positions per attention-weights x values matmul, below the length where its kernel changes
@@ -170,7 +171,7 @@ def _has_stop_string(tokenizer, stop_strings: list[str], ids: list[int]) -> bool
 
 def can_pack() -> bool:
     """Whether this torch build and CPU have oneDNN bf16 kernels, which `packed_linears` needs."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return cpu_has_bf16()
 
 
 def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:

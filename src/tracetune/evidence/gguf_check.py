@@ -70,6 +70,7 @@ def export_and_check(run_dir: Path, kind: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tracetune.config import load_config
+    from tracetune.data.render import user_message
     from tracetune.data.traces import load_eval_items
     from tracetune.eval.evaluate import compare_predictions, generate_predictions, write_scores
     from tracetune.evidence.card import final_model_dir
@@ -83,7 +84,8 @@ def export_and_check(run_dir: Path, kind: str) -> dict:
     log.info("exporting %s to %s", model_dir, out_dir / name)
     info = export_gguf(model_dir, out_dir / name, kind, source_gguf(cfg.model.source))
     tokenizer = AutoTokenizer.from_pretrained(out_dir, gguf_file=name)
-    (out_dir / "Modelfile").write_text(ollama_modelfile(name, tokenizer.chat_template), encoding="utf-8")
+    user_turn = user_message("{{ .Prompt }}", cfg.data.instruction)
+    (out_dir / "Modelfile").write_text(ollama_modelfile(name, tokenizer.chat_template, user_turn), encoding="utf-8")
     check = dict(info)
     if cfg.eval.eval_file is not None and (run_dir / "eval" / "final" / "predictions.jsonl").is_file():
         model = AutoModelForCausalLM.from_pretrained(out_dir, gguf_file=name, dtype=torch.float32)

@@ -16,15 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tracetune.errors import TracetuneError
+from tracetune.errors import ExportError
 
 TYPES = ("f16", "bf16", "q8_0")
 # Fields that describe the file rather than the model: written anew.
 _OWN_FIELDS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version")
-
-
-class ExportError(TracetuneError):
-    exit_code = 2
 
 
 def source_gguf(model_source: str) -> Path | None:
@@ -67,7 +63,7 @@ def _tensor_names(model, template) -> dict[str, str]:
     but a tied output matrix (llama.cpp reads the embedding for it)."""
     from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
 
-    by_gguf = {gguf: hf for gguf, hf in get_gguf_hf_weights_map(model, TensorProcessor()).items()}
+    by_gguf = get_gguf_hf_weights_map(model, TensorProcessor())
     if template is None:
         tied = model.config.get_text_config().tie_word_embeddings
         return {g: hf for g, hf in by_gguf.items() if not (tied and g == "output.weight")}
@@ -128,13 +124,15 @@ def export_gguf(model_dir: Path, out: Path, kind: str, template: Path | None = N
     }
 
 
-def ollama_modelfile(gguf_name: str, chat_template: str | None) -> str:
-    """An Ollama Modelfile for the exported file: its turn template and stop tokens (Gemma or ChatML)."""
+def ollama_modelfile(gguf_name: str, chat_template: str | None, user_turn: str = "{{ .Prompt }}") -> str:
+    """An Ollama Modelfile for the exported file: its turn template and stop tokens (Gemma or ChatML). The
+    user turn is `user_turn` around Ollama's `{{ .Prompt }}`: the model answers best to the user message it
+    was trained and evaluated on (the prompt, then the run's instruction)."""
     if chat_template and "<start_of_turn>" in chat_template:
-        template = "<start_of_turn>user\n{{ .Prompt }}<end_of_turn>\n<start_of_turn>model\n"
+        template = f"<start_of_turn>user\n{user_turn}<end_of_turn>\n<start_of_turn>model\n"
         stops = ["<end_of_turn>"]
     else:
-        template = "<|im_start|>user\n{{ .Prompt }}<|im_end|>\n<|im_start|>assistant\n"
+        template = f"<|im_start|>user\n{user_turn}<|im_end|>\n<|im_start|>assistant\n"
         stops = ["<|im_end|>"]
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""', *(f'PARAMETER stop "{s}"' for s in stops)]
     return "\n".join([*lines, "PARAMETER temperature 0", ""])

@@ -19,25 +19,22 @@ import json
 import re
 from pathlib import Path
 
-from tracetune.errors import TracetuneError
+from tracetune.errors import ExportError
 
 # Hugging Face model_type -> GGUF architecture, for the architectures written here.
 GGUF_ARCHITECTURES = {"gemma2": "gemma2", "gemma3_text": "gemma3", "llama": "llama"}
 _GEMMA = ("gemma2", "gemma3")
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
-
-
-class MetadataError(TracetuneError):
-    exit_code = 2
+_CONVERTER_FIX = "fix: convert the model with llama.cpp's convert_hf_to_gguf.py"
 
 
 def gguf_architecture(config) -> str:
     """The GGUF architecture name of a Hugging Face config, or a clear refusal."""
     arch = GGUF_ARCHITECTURES.get(config.model_type)
     if arch is None:
-        raise MetadataError(
+        raise ExportError(
             f"GGUF export writes the architectures {', '.join(GGUF_ARCHITECTURES)}; this model is "
-            f"{config.model_type!r}; fix: convert it with llama.cpp's convert_hf_to_gguf.py"
+            f"{config.model_type!r}; {_CONVERTER_FIX}"
         )
     return arch
 
@@ -45,14 +42,27 @@ def gguf_architecture(config) -> str:
 def _rope_theta(config, arch: str) -> float:
     """The rotary base of the global-attention layers; anything but plain RoPE is refused."""
     params = dict(getattr(config, "rope_parameters", None) or {})
-    if arch == "gemma3":  # local layers use a fixed base of 10000 in llama.cpp and transformers alike
+    if arch == "gemma3":  # local layers: a fixed base of 10000 in llama.cpp and transformers alike
+        local = params.get("sliding_attention", {})
         params = params.get("full_attention", params)
+        if local.get("rope_theta", 10000.0) != 10000.0 or local.get("rope_type", "default") != "default":
+            raise ExportError(f"GGUF has no key for this model's local-attention RoPE {local}; {_CONVERTER_FIX}")
     if params.get("rope_type", "default") != "default":
-        raise MetadataError(
-            f"GGUF export writes plain RoPE; this model uses {params['rope_type']!r} scaling; fix: convert it "
-            "with llama.cpp's convert_hf_to_gguf.py"
-        )
+        raise ExportError(f"GGUF export writes plain RoPE; this model uses {params['rope_type']!r}; {_CONVERTER_FIX}")
     return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def _check_layer_pattern(config, arch: str) -> None:
+    """GGUF has no key for which layers attend locally: llama.cpp and transformers assume Gemma 2 alternates
+    (every 2nd layer global) and Gemma 3 has every 6th global. A model that differs is refused."""
+    period = {"gemma2": 2, "gemma3": 6}[arch]
+    assumed = [
+        "full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(len(config.layer_types))
+    ]
+    if list(config.layer_types) != assumed:
+        raise ExportError(
+            f"this {arch} model's attention layers {config.layer_types} are not the pattern GGUF readers assume; {_CONVERTER_FIX}"
+        )
 
 
 def write_hparams(writer, arch: str, config) -> None:
@@ -70,6 +80,7 @@ def write_hparams(writer, arch: str, config) -> None:
         writer.add_vocab_size(config.vocab_size)
         writer.add_rope_dimension_count(head_dim)
         return
+    _check_layer_pattern(config, arch)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_sliding_window(config.sliding_window)
@@ -86,7 +97,7 @@ def _vocabulary(spec: dict) -> tuple[list[str], dict[int, bool]]:
         by_id[token["id"]] = token["content"]
         added[token["id"]] = token["special"]
     if sorted(by_id) != list(range(len(by_id))):
-        raise MetadataError("tokenizer.json: token ids are not contiguous from 0; GGUF needs one token per id")
+        raise ExportError("tokenizer.json: token ids are not contiguous from 0; GGUF needs one token per id")
     return [by_id[index] for index in range(len(by_id))], added
 
 
@@ -129,9 +140,9 @@ def _byte_level_pre(spec: dict) -> str:
         return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"
-    raise MetadataError(
+    raise ExportError(
         f"tokenizer.json: GGUF export knows the byte-level pre-tokenizers of GPT-2 and SmolLM; this one is "
-        f"{kinds}; fix: convert the model with llama.cpp's convert_hf_to_gguf.py"
+        f"{kinds}; {_CONVERTER_FIX}"
     )
 
 
@@ -151,7 +162,7 @@ def write_tokenizer(writer, arch: str, model_dir: Path) -> None:
 
     path = model_dir / "tokenizer.json"
     if not path.is_file():
-        raise MetadataError(f"{model_dir}: no tokenizer.json; fix: save the tokenizer with save_pretrained")
+        raise ExportError(f"{model_dir}: no tokenizer.json; fix: save the tokenizer with save_pretrained")
     spec = json.loads(path.read_text(encoding="utf-8"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokens, added = _vocabulary(spec)
@@ -177,9 +188,9 @@ def write_tokenizer(writer, arch: str, model_dir: Path) -> None:
         writer.add_token_merges(_merges(spec))
         writer.add_add_space_prefix(bool((spec.get("pre_tokenizer") or {}).get("add_prefix_space")))
     else:
-        raise MetadataError(
+        raise ExportError(
             f"{path}: GGUF export writes SentencePiece (BPE with byte fallback) and byte-level BPE tokenizers; "
-            f"this one is {model.get('type')}; fix: convert the model with llama.cpp's convert_hf_to_gguf.py"
+            f"this one is {model.get('type')}; {_CONVERTER_FIX}"
         )
     for name, token_id in [
         ("bos", tokenizer.bos_token_id),
