@@ -18,7 +18,8 @@ from tracetune.eval.invariance import probe_kernels
 from tracetune.runfiles import write_json
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -37,7 +38,7 @@ def environment(device: str) -> dict:
     return {
         "os": platform.platform(),
         "hostname": platform.node(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_cores_logical": os.cpu_count(),
         "cpu_cores_physical": psutil.cpu_count(logical=False),
         "torch_num_threads": torch.get_num_threads(),
@@ -50,7 +51,7 @@ def environment(device: str) -> dict:
         "cuda_available": cuda,
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
         "device": device,
-        "device_name": torch.cuda.get_device_name(0) if device == "cuda" else _cpu_model(),
+        "device_name": torch.cuda.get_device_name(0) if device == "cuda" else cpu_model(),
         "cpu_kernels": probe_kernels(),
         "packages": dict(packages),
     }
