@@ -175,7 +175,7 @@ class EvalConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "fp32",
         description="Generation precision: bf16 casts the weights (about 2.5x faster on CPUs with bf16 instructions, "
-        "5.2x slower than fp32 on an AVX2-only CPU, which emulates it). auto: bf16 where bf16 is native, else fp32; "
+        "3-5x slower than fp32 on an AVX2-only CPU, which emulates it). auto: bf16 where bf16 is native, else fp32; "
         "chosen when the config loads.",
     )
     run_base: bool = Field(

@@ -78,7 +78,7 @@ def resolve_device(requested: str) -> torch.device:
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 natively (oneDNN's bf16 kernels: AVX-512 BF16 or AMX). Elsewhere, on
-    AVX2-only CPUs such as most laptops', bf16 is emulated: greedy generation of Gemma 3 270M ran 5.2x slower
+    AVX2-only CPUs such as most laptops', bf16 is emulated: greedy generation of Gemma 3 270M ran 2.9-5.2x slower
     in bf16 than in fp32 on a 2-core AVX2 EPYC."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
