@@ -38,6 +38,8 @@ def test_a_run_exports_and_checks_its_gguf_then_exports_again_at_q8_0(tmp_path):
     q8 = json.loads((export / "gguf_check.json").read_text())
     assert q8["type"] == "q8_0" and q8["gate"].startswith("0 within the accuracy difference's 95% CI")
     assert (export / "model-q8_0.gguf").stat().st_size < (export / "model-f16.gguf").stat().st_size
+    assert json.loads((export / "eval-f16" / "gguf_check.json").read_text()) == check  # the f16 check is kept
+    assert json.loads((export / "eval-q8_0" / "gguf_check.json").read_text()) == q8
     assert main(["verify", str(run_dir)]) == 0
 
 

@@ -65,7 +65,8 @@ def export_and_check(run_dir: Path, kind: str) -> dict:
     """export/model-<kind>.gguf and its Ollama Modelfile from the run's final model, then the file loaded back
     (its own tokenizer and chat template) and evaluated on the run's eval set (export/eval-<kind>/) against
     eval/final, and again under llama.cpp where it is installed (export/eval-<kind>-llama-cpp/):
-    export/gguf_check.json, which passes when every runtime that ran passes. Returns the check."""
+    export/gguf_check.json (the latest export's, which the gate reads; each type's stays in its eval-<kind>/),
+    which passes when every runtime that ran passes. Returns the check."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -105,5 +106,6 @@ def export_and_check(run_dir: Path, kind: str) -> dict:
         if llama["ran"]:
             check["gate"] += ", under transformers and under llama.cpp"
             check["passed"] = check["passed"] and llama["passed"]
+        write_json(eval_dir / "gguf_check.json", check)  # kept when another type is exported after this one
     write_json(out_dir / "gguf_check.json", check)
     return check
