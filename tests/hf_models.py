@@ -72,13 +72,15 @@ TINY_EXPORTABLE = {  # transformers' GGUF loader reads no query_pre_attn_scalar:
 }
 
 
-def tiny_model_dir(tmp_path: Path, arch: str) -> Path:
-    """A saved tiny random model of `arch` with a tokenizer GGUF can hold, as a Hugging Face directory."""
+def tiny_model_dir(tmp_path: Path, arch: str, extra_rows: int = 0) -> Path:
+    """A saved tiny random model of `arch` with a tokenizer GGUF can hold, as a Hugging Face directory; its
+    embedding has `extra_rows` rows no token uses (as models padded to a multiple of 64 have)."""
     from tracetune.models.sources import tiny_model
 
     build_tokenizer, overrides = TINY_EXPORTABLE[arch]
     tokenizer = build_tokenizer(tmp_path)
     model_dir = tmp_path / "final_model"
+    overrides = {**overrides, "vocab_size": len(tokenizer) + extra_rows}
     tiny_model(arch, tokenizer, seed=0, **overrides).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     return model_dir

@@ -3,6 +3,8 @@ from a GGUF (tiny Gemma 2, Gemma 3 and Llama with SentencePiece and byte-level t
 trip through the file; the real round trip and the written metadata against llama.cpp's own files (slow: the
 packaged models)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -91,6 +93,36 @@ def test_a_model_from_a_hugging_face_directory_round_trips(tmp_path, arch):
     text = (REPO / "data" / "train.jsonl").read_text().splitlines()[2] + " 1234.5  ok"
     agree, relative = _same_tokens_and_logits(model_dir, tmp_path / "out", "m.gguf", text)
     assert agree >= 0.95 and relative < 0.01, (agree, relative)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama"])
+def test_an_embedding_padded_past_the_tokenizer_gets_placeholder_tokens(tmp_path, arch):
+    """One token per embedding row, as llama.cpp needs: the rows no token has get its converter's [PAD<id>]
+    placeholders, typed unused, and the file still tokenizes and answers as the model does."""
+    from gguf import GGUFReader, TokenType
+
+    model_dir = tiny_model_dir(tmp_path, arch, extra_rows=8)
+    export_gguf(model_dir, tmp_path / "out" / "m.gguf", "f16")
+    fields = GGUFReader(str(tmp_path / "out" / "m.gguf")).fields
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    rows = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    assert len(tokens.data) == rows
+    last = bytes(tokens.parts[tokens.data[-1]]).decode()
+    assert last == f"[PAD{rows - 1}]" and int(types.parts[types.data[-1]][0]) == TokenType.UNUSED
+    text = (REPO / "data" / "train.jsonl").read_text().splitlines()[3]
+    agree, relative = _same_tokens_and_logits(model_dir, tmp_path / "out", "m.gguf", text)
+    assert agree >= 0.95 and relative < 0.01, (agree, relative)
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused_with_the_fix(tmp_path):
+    from tracetune.models.sources import tiny_model
+
+    tokenizer = TINY_EXPORTABLE["llama"][0](tmp_path)
+    tiny_model("llama", tokenizer, seed=0, vocab_size=len(tokenizer) - 1).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    with pytest.raises(ExportError, match="resize_token_embeddings"):
+        export_gguf(tmp_path / "m", tmp_path / "m.gguf", "f16")
+    assert not (tmp_path / "m.gguf").exists()
 
 
 def test_a_tokenizer_gguf_cannot_hold_is_refused_with_the_fix(tmp_path):

@@ -97,7 +97,7 @@ def export_gguf(model_dir: Path, out: Path, kind: str, template: Path | None = N
         _copy_metadata(reader, writer, chat_template)
     else:
         write_hparams(writer, arch, model.config)
-        write_tokenizer(writer, arch, model_dir)
+        write_tokenizer(writer, arch, model_dir, model.get_input_embeddings().weight.shape[0])
         if chat_template:
             writer.add_chat_template(chat_template)
     writer.add_file_type(int(ftype[kind]))

@@ -89,25 +89,35 @@ def write_hparams(writer, arch: str, config) -> None:
         writer.add_final_logit_softcapping(config.final_logit_softcapping)
 
 
-def _vocabulary(spec: dict) -> tuple[list[str], dict[int, bool]]:
-    """Tokens in id order, and which ids are added tokens (True when special)."""
+def _vocabulary(spec: dict, vocab_size: int) -> tuple[list[str], dict[int, bool], set[int]]:
+    """Tokens in id order, one per embedding row; which ids are added tokens (True when special); and the ids
+    no token has (a padded embedding), which get llama.cpp's converter's `[PAD<id>]` placeholders."""
     by_id = {index: token for token, index in spec["model"]["vocab"].items()}
     added = {}
     for token in spec.get("added_tokens", []):
         by_id[token["id"]] = token["content"]
         added[token["id"]] = token["special"]
-    if sorted(by_id) != list(range(len(by_id))):
-        raise ExportError("tokenizer.json: token ids are not contiguous from 0; GGUF needs one token per id")
-    return [by_id[index] for index in range(len(by_id))], added
+    if max(by_id) >= vocab_size:
+        raise ExportError(
+            f"tokenizer.json has token ids up to {max(by_id)}, the model's embedding {vocab_size} rows; "
+            "fix: resize the model's token embeddings to the tokenizer (resize_token_embeddings) and save it again"
+        )
+    unused = set(range(vocab_size)) - set(by_id)
+    return [by_id.get(index, f"[PAD{index}]") for index in range(vocab_size)], added, unused
 
 
-def _sentencepiece_tokens(tokens: list[str], added: dict[int, bool], arch: str, unk_id: int | None):
+def _sentencepiece_tokens(tokens: list[str], added: dict[int, bool], unused: set[int], arch: str, unk_id: int | None):
     """llama.cpp's "llama" vocabulary: texts, scores (merge priority) and types."""
     from gguf import TokenType
 
     texts, scores, types = [], [], []
     num_normal = 0
     for index, token in enumerate(tokens):
+        if index in unused:
+            texts.append(token)
+            scores.append(-1000.0)
+            types.append(TokenType.UNUSED)
+            continue
         if arch in _GEMMA and len(token) > 1 and set(token) == {"\u2581"}:
             texts.append(" " * len(token))
             scores.append(-1000.0)
@@ -156,8 +166,9 @@ def _adds(tokenizer, token_id: int | None) -> tuple[bool, bool]:
     return token_id is not None and ids[0] == token_id, token_id is not None and ids[-1] == token_id
 
 
-def write_tokenizer(writer, arch: str, model_dir: Path) -> None:
-    """The tokenizer of `model_dir` (tokenizer.json) as llama.cpp's tokenizer metadata."""
+def write_tokenizer(writer, arch: str, model_dir: Path, vocab_size: int) -> None:
+    """The tokenizer of `model_dir` (tokenizer.json) as llama.cpp's tokenizer metadata, one token per row of
+    the model's `vocab_size`-row embedding."""
     from transformers import AutoTokenizer
 
     path = model_dir / "tokenizer.json"
@@ -165,10 +176,10 @@ def write_tokenizer(writer, arch: str, model_dir: Path) -> None:
         raise ExportError(f"{model_dir}: no tokenizer.json; fix: save the tokenizer with save_pretrained")
     spec = json.loads(path.read_text(encoding="utf-8"))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokens, added = _vocabulary(spec)
+    tokens, added, unused = _vocabulary(spec, vocab_size)
     model = spec["model"]
     if model.get("type") == "BPE" and model.get("byte_fallback"):
-        texts, scores, types = _sentencepiece_tokens(tokens, added, arch, tokenizer.unk_token_id)
+        texts, scores, types = _sentencepiece_tokens(tokens, added, unused, arch, tokenizer.unk_token_id)
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")
         writer.add_token_list(texts)
@@ -184,7 +195,12 @@ def write_tokenizer(writer, arch: str, model_dir: Path) -> None:
         writer.add_tokenizer_pre(_byte_level_pre(spec))
         writer.add_token_list(tokens)
         kinds = {True: TokenType.CONTROL, False: TokenType.USER_DEFINED}
-        writer.add_token_types([kinds[added[i]] if i in added else TokenType.NORMAL for i in range(len(tokens))])
+        writer.add_token_types(
+            [
+                TokenType.UNUSED if i in unused else kinds[added[i]] if i in added else TokenType.NORMAL
+                for i in range(len(tokens))
+            ]
+        )
         writer.add_token_merges(_merges(spec))
         writer.add_add_space_prefix(bool((spec.get("pre_tokenizer") or {}).get("add_prefix_space")))
     else:
