@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from harness import interleave
 
 from tracetune.chat import end_of_turn_ids
 from tracetune.config import load_config
@@ -43,14 +44,15 @@ def main() -> None:
     base = load_model(cfg.model.source, tokenizer, cfg.seed).eval()
     models = {"fp32": base, "bf16": load_model(cfg.model.source, tokenizer, cfg.seed).to(torch.bfloat16).eval()}
     generate_batch(base, tokenizer, prompts[:2], cfg.eval, stops)  # warm-up: first-call costs
-    seconds = {name: [] for name in models}
-    completions = {}
-    for _ in range(args.repeats):
-        for name, model in models.items():
-            started = time.perf_counter()
-            out = generate_batch(model, tokenizer, prompts, cfg.eval, stops)
-            seconds[name].append(time.perf_counter() - started)
-            completions[name] = [g.completion for g in out]
+
+    def one(name: str) -> dict:
+        started = time.perf_counter()
+        out = generate_batch(models[name], tokenizer, prompts, cfg.eval, stops)
+        return {"seconds": time.perf_counter() - started, "completions": [g.completion for g in out]}
+
+    runs = interleave(tuple(models), args.repeats, one)
+    seconds = {name: [run["seconds"] for run in repeats] for name, repeats in runs.items()}
+    completions = {name: repeats[-1]["completions"] for name, repeats in runs.items()}
     median = {name: statistics.median(values) for name, values in seconds.items()}
     result = {
         "cpu": cpu_model(),

@@ -97,9 +97,10 @@ def _vocabulary(spec: dict, vocab_size: int) -> tuple[list[str], dict[int, bool]
     for token in spec.get("added_tokens", []):
         by_id[token["id"]] = token["content"]
         added[token["id"]] = token["special"]
-    if max(by_id) >= vocab_size:
+    largest = max(by_id)
+    if largest >= vocab_size:
         raise ExportError(
-            f"tokenizer.json has token ids up to {max(by_id)}, the model's embedding {vocab_size} rows; "
+            f"tokenizer.json has token ids up to {largest}, the model's embedding {vocab_size} rows; "
             "fix: resize the model's token embeddings to the tokenizer (resize_token_embeddings) and save it again"
         )
     unused = set(range(vocab_size)) - set(by_id)
