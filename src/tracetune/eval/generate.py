@@ -9,8 +9,10 @@ evaluation's answers are those of one-at-a-time decoding, at batched speed. In b
   the same order as when the row runs alone (SDPA's kernel sums a padded row in a different order).
 - Alignment: prompts are left-padded to a multiple of `PAD_MULTIPLE` tokens, so each row's real positions fall
   on the same vector lanes whatever the batch's longest prompt.
-- At least two rows: a bf16 matmul of one row takes another kernel than two or more rows (which agree bitwise), so
-  a lone prompt runs beside a copy of itself, and the last running row keeps a finished row beside it.
+- At least `MIN_ROWS` rows: a matmul of a few rows takes another kernel than one of more rows (bf16 on AVX-512
+  BF16: 1 row against 2 or more; fp32 through MKL on AVX2: 1, 2-3 and 4 or more rows, measured), so a lone
+  prompt runs beside copies of itself, the last running rows keep finished rows beside them, and a prefill
+  group of fewer rows keeps enough last positions for its LM head to see `MIN_ROWS` rows.
 Sampling draws each prompt's tokens from its own generator, so samples inherit the same property.
 
 On CPU, bf16 linear layers run on weights packed once for oneDNN (`packed_linears`) where that is bitwise
@@ -35,8 +37,8 @@ from tracetune.config import EvalConfig
 from tracetune.dist import cpu_has_bf16
 
 PAD_MULTIPLE = 16  # tokens; the vector width of fp32 (AVX-512) reductions over key positions
-VALUE_CHUNK = 256  # key positions per attention-weights x values matmul, below the length where its kernel changes
-MIN_ROWS = 2
+VALUE_CHUNK = 256  # key positions per attention matmul: every one has this many keys, whatever the padding
+MIN_ROWS = 4  # rows in every matmul of a generation step; see the module docstring
 ATTENTION = "tracetune_batch_invariant"
 
 
@@ -256,26 +258,35 @@ def batch_invariant_attention(module, query, key, value, attention_mask, scaling
     """Eager attention (transformers' AttentionInterface) whose output for a row is bitwise the same whatever
     masked padding precedes it, given `PAD_MULTIPLE` alignment.
 
+    Every matmul here has a shape the padding cannot change, because a matmul kernel may pick its blocking (and
+    so its order of summation) by shape: keys are left-padded with masked zeros to a multiple of `VALUE_CHUNK`,
+    and both products (query x keys, weights x values) run over fixed chunks of `VALUE_CHUNK` key positions
+    counted from the newest, so padding only adds whole chunks that contribute exact zeros after the real ones.
     Query heads sharing a key/value head go into one matmul (no repeated keys; a decode step's matmul has as
-    many rows as heads per group, not one); softmax is in fp32 as in transformers' eager attention; the
-    weights x values product runs over fixed chunks of key positions counted from the newest, so masked
-    positions only add zero chunks after the real ones.
+    many rows as heads per group, not one); softmax is in fp32 as in transformers' eager attention.
     """
     batch, heads, length, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     group = heads // kv_heads
     scaling = dim**-0.5 if scaling is None else scaling
-    scores = torch.matmul(query.reshape(batch, kv_heads, group * length, dim), key.transpose(2, 3)) * scaling
+    short = -keys % VALUE_CHUNK
+    key, value = (F.pad(t, (0, 0, short, 0)) for t in (key, value))
+    query = query.reshape(batch, kv_heads, group * length, dim)
+    chunks = range(0, keys + short, VALUE_CHUNK)
+    scores = torch.cat([torch.matmul(query, key[:, :, c : c + VALUE_CHUNK].transpose(2, 3)) for c in chunks], -1)
+    scores = scores * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.view(batch, kv_heads, group, length, keys)
+    scores = scores.view(batch, kv_heads, group, length, keys + short)
     if attention_mask is not None:
-        scores = scores + attention_mask[:, :, None, :, :keys]
+        mask = attention_mask[:, :, None, :, :keys]
+        scores = scores + F.pad(mask, (short, 0), value=torch.finfo(mask.dtype).min)
+    elif short:
+        scores[..., :short] = torch.finfo(scores.dtype).min
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype).flatten(2, 3)
     out = None
-    for end in range(keys, 0, -VALUE_CHUNK):
-        begin = max(0, end - VALUE_CHUNK)
-        part = torch.matmul(weights[..., begin:end], value[:, :, begin:end])
+    for begin in reversed(chunks):
+        part = torch.matmul(weights[..., begin : begin + VALUE_CHUNK], value[:, :, begin : begin + VALUE_CHUNK])
         out = part if out is None else out.float() + part
     out = out.to(value.dtype).view(batch, heads, length, dim)
     return out.transpose(1, 2).contiguous(), None
@@ -306,10 +317,10 @@ def _prefill(model, input_ids, attention_mask, positions, cache_name: str):
             attention_mask=attention_mask[rows, -length:],
             position_ids=positions[rows, -length:],
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=min(-(-MIN_ROWS // len(rows)), length),  # the LM head's matmul sees MIN_ROWS rows
             **{cache_name: cache},
         )
-        logits.append(out.logits)
+        logits.append(out.logits[:, -1:])
         caches.append(cache)
         order.append(rows)
     merged = caches[-1]  # the longest prompts' cache already spans the full width
@@ -373,8 +384,8 @@ def greedy_compacting(
     """Greedy decoding with a KV cache that drops each sequence from the batch once it emits a stop id.
 
     transformers' generate keeps finished rows in the batch until the longest one ends, so a batch costs its
-    longest completion times its size; here a step costs only the rows still running (and one finished row
-    beside the last one, see the module docstring). Positions follow the left-padded attention mask exactly as
+    longest completion times its size; here a step costs only the rows still running (and finished rows beside the
+    last running ones, see the module docstring). Positions follow the left-padded attention mask exactly as
     generate computes them. Returns each row's new token ids, the stop id included. `step_logits`, when given,
     receives each step's (original row or -1, last-position logits) pair, for `invariance.probe_generation`.
     With `prefix`, the prompts follow its cached tokens (the padding then sits between the two, so such batches
@@ -382,8 +393,12 @@ def greedy_compacting(
     With `sampling`, tokens are sampled (`Sampling.choose`) rather than the argmax.
     """
     rows = input_ids.shape[0]
-    if rows < MIN_ROWS:  # a lone prompt runs beside a copy of itself, whose tokens are dropped
-        input_ids, attention_mask = input_ids.repeat(MIN_ROWS, 1), attention_mask.repeat(MIN_ROWS, 1)
+    if rows < MIN_ROWS:  # a few prompts run beside copies of the first, whose tokens are dropped
+        copies = [0] * (MIN_ROWS - rows)
+        input_ids, attention_mask = (
+            torch.cat([input_ids, input_ids[copies]]),
+            torch.cat([attention_mask, attention_mask[copies]]),
+        )
     name = _cache_name(model)
     stops = torch.tensor(stop_ids, device=input_ids.device)
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
