@@ -164,7 +164,7 @@ def open_run(cfg: Config, run_dir: Path, argv: list[str], resume: bool, device, 
     record.update(topology)
     write_json(run_dir / "run.json", record)
     if not (run_dir / "env.json").is_file():
-        write_env(run_dir, device.type)
+        write_env(run_dir, device.type, cfg.eval.precision)
     write_gpu_snapshot(run_dir, device.type, "start")
     return record
 

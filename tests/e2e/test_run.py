@@ -89,10 +89,13 @@ def test_run_json_and_env_record_the_run(run_dir):
     assert set(run["git"]) == {"commit", "dirty"} and run["argv"]
     env = json.loads((run_dir / "env.json").read_text())
     assert env["device"] == "cpu" and "torch" in env["packages"] and env["ram_gb"] > 0
-    assert set(env["cpu_kernels"]["checks"]) == {"matmul_rows", "attention_padding", "packed_linear"}
+    kernels = env["cpu_kernels"]  # checked in the evaluation's precision (fp32 here: no packed bf16 linears)
+    assert kernels["dtype"] == "float32" and set(kernels["checks"]) == {"matmul_rows", "attention_padding"}
+    assert env["evaluation_numerics"]
     for which in ("base", "final"):  # every evaluation records whether its batches were exact here
         probe = json.loads((run_dir / "eval" / which / "scores.json").read_text())["batch_invariance"]
         assert isinstance(probe["batch_invariant"], bool) and probe["num_steps"] == 4 and probe["dtype"] == "float32"
+        assert probe["kernels"]["dtype"] == "float32" and isinstance(probe["probes_agree"], bool)
     assert "No GPU was used" in (run_dir / "gpu_snapshot.txt").read_text()
     for log in ("train.log", "eval.log"):
         data = (run_dir / "logs" / log).read_bytes()

@@ -15,7 +15,7 @@ from tracetune.eval.evaluate import (
     read_predictions,
     write_scores,
 )
-from tracetune.eval.generate import _cut, batch_invariant_attention, generate_batch, greedy_compacting
+from tracetune.eval.generate import _cut, generate_batch, greedy_compacting
 from tracetune.models.sources import load_model, load_tokenizer, tiny_model
 
 
@@ -171,10 +171,13 @@ def test_the_probe_sees_a_row_that_depends_on_its_batch(tmp_path):
 
 
 def test_kernel_probe_reports_each_check():
-    probe = invariance.probe_kernels()
-    assert set(probe["checks"]) == {"matmul_rows", "attention_padding", "packed_linear"}
+    probe = invariance.probe_kernels(torch.float32)
+    assert set(probe["checks"]) == {"matmul_rows", "attention_padding"} and probe["dtype"] == "float32"
     assert probe["batch_invariant"] == (probe["checks"]["matmul_rows"] and probe["checks"]["attention_padding"])
     assert isinstance(probe["amx"], bool) and probe["num_threads"] == torch.get_num_threads()
+    assert set(probe["first_failures"]) == {name for name, passed in probe["checks"].items() if not passed}
+    if generate.can_pack():
+        assert "packed_linear" in invariance.probe_kernels(torch.bfloat16)["checks"]
 
 
 @pytest.mark.skipif(not generate.can_pack(), reason="this torch build or CPU has no oneDNN bf16 kernels to pack for")
@@ -220,37 +223,51 @@ def test_greedy_answers_are_the_same_with_and_without_packed_linears(monkeypatch
     assert packed == generate_batch(model, tokenizer, prompts, cfg, [])
 
 
-def _attend(query, key, value, pad: int, queries: int, rows: int) -> torch.Tensor:
-    """The attention output of a row holding `key`/`value` after `pad` masked positions, among `rows` rows."""
-    group, length, dim = query.shape[1], key.shape[2], key.shape[3]
-    total = pad + length
-    k, v = (torch.randn(rows, 1, total, dim).bfloat16() for _ in range(2))
-    k[0, :, pad:], v[0, :, pad:] = key, value
-    q = torch.randn(rows, group, queries, dim).bfloat16()
-    q[0] = query[0, :, -queries:]
-    mask = torch.full((rows, 1, queries, total), torch.finfo(torch.bfloat16).min, dtype=torch.bfloat16)
-    for i in range(queries):  # causal over the real positions; padding masked
-        mask[:, :, i, pad : total - queries + i + 1] = 0
-    out, _ = batch_invariant_attention(None, q, k, v, mask, scaling=dim**-0.5)
-    return out[0]
+def _native_or_fp32(dtype):
+    if dtype == torch.bfloat16 and not generate.can_pack():
+        pytest.skip("bf16 is emulated on this CPU: precision auto evaluates in fp32 here, which is checked")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("group", [1, 4])
-def test_attention_of_a_row_does_not_depend_on_its_padding(group):
-    """Leading masked positions (in multiples of PAD_MULTIPLE), other rows, and keys past one value chunk, on every
-    machine whose kernel probe (env.json's cpu_kernels) says so: the sweep checks that the probe does not overclaim."""
-    if not invariance.probe_kernels()["checks"]["attention_padding"]:
-        pytest.skip(f"bf16 attention rounds by padding on this machine ({invariance.describe_cpu()}); env.json says so")
-    torch.manual_seed(0)
-    for length in (*range(1, 200, 7), 255, 256, 257, 300):
-        key, value = (torch.randn(1, 1, length, 256).bfloat16() for _ in range(2))
-        query = torch.randn(1, group, length, 256).bfloat16()
-        for queries in {1, length}:
-            aligned = -length % generate.PAD_MULTIPLE  # the padding a lone prompt gets
-            alone = _attend(query, key, value, aligned, queries, rows=1)
-            for blocks in (1, 3, 10, 25):
-                padded = _attend(query, key, value, aligned + blocks * generate.PAD_MULTIPLE, queries, rows=3)
-                assert torch.equal(padded, alone)
+def test_attention_of_a_row_does_not_depend_on_its_padding(group, dtype):
+    """Leading masked positions (in multiples of PAD_MULTIPLE), other rows, and keys past one chunk, decoding and
+    prefill, on every machine whose kernel probe says so: the same sweep on other random data checks that the
+    probe's verdict is not an accident of its draw."""
+    _native_or_fp32(dtype)
+    probe = invariance.probe_kernels(dtype, invariance.KernelShapes(groups=(group,)))
+    if not probe["checks"]["attention_padding"]:
+        pytest.skip(f"attention rounds by padding on this machine ({probe['first_failures']}); the probe says so")
+    assert invariance.attention_failures(dtype, group, 256, torch.Generator().manual_seed(1)) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_linear_rows_do_not_depend_on_the_row_count(dtype):
+    _native_or_fp32(dtype)
+    shapes = invariance.KernelShapes()
+    if not invariance.probe_kernels(dtype, shapes)["checks"]["matmul_rows"]:
+        pytest.skip(f"matmuls round by row count on this machine ({invariance.describe_cpu()}); the probe says so")
+    assert invariance.matmul_row_failures(dtype, shapes.linears, torch.Generator().manual_seed(1)) == []
+
+
+def test_kernel_probe_sees_prefill_attention_and_linears_that_round_by_batch(monkeypatch):
+    """Kernels that round a row by its padding only in prefill, or by the row count only past decode sizes: the
+    probe says false and names the shapes."""
+    attention = generate.batch_invariant_attention
+
+    def prefill_depends_on_padding(module, query, key, value, mask, **kwargs):
+        out, weights = attention(module, query, key, value, mask, **kwargs)
+        return (out + 1e-2 * key.shape[2] if query.shape[2] > 1 else out), weights
+
+    linear = torch.nn.functional.linear
+    monkeypatch.setattr(invariance, "_probed", {})
+    monkeypatch.setattr(generate, "batch_invariant_attention", prefill_depends_on_padding)
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: linear(x, w, b) + 1e-3 * (x.shape[0] > 100))
+    shapes = invariance.KernelShapes(linears=((64, 32),), groups=(2,), head_dim=16)
+    probe = invariance.probe_kernels(torch.float32, shapes)
+    assert probe["checks"] == {"matmul_rows": False, "attention_padding": False} and not probe["batch_invariant"]
+    assert {f["queries"] > 1 for f in probe["first_failures"]["attention_padding"]} == {True}
+    assert {f["rows"] for f in probe["first_failures"]["matmul_rows"]} == {300, 1000}
 
 
 def test_stop_conditions():

@@ -1,27 +1,24 @@
 """Whether this machine's kernels keep batched greedy generation exact: checked at run time, never assumed.
 
 `generate.greedy_compacting` gives one-at-a-time decoding's tokens in a batch only if every kernel it calls
-rounds a row the same way whatever rows and padding share its call. That is a property of the CPU (or GPU),
-its oneDNN build and the thread count, not of tracetune:
+rounds a row the same way whatever rows and padding share its call: a property of the CPU (or GPU), its
+oneDNN/MKL build, the dtype and the thread count, not of tracetune (docs/PERFORMANCE.md has what was measured
+on each CPU kind). So every evaluation probes instead of claiming:
 
-- On AVX-512 BF16 CPUs without AMX (AMD EPYC here) every bf16 matmul runs oneDNN's
-  `brg_matmul:avx512_core_bf16` (ONEDNN_VERBOSE=1), whose order of summation over K is the same for every row
-  count from two up; generation holds (tested).
-- On CPUs with AMX, oneDNN runs `brg_matmul:avx512_core_amx`. Its blocking (K block, K chunk, brgemm batch and
-  how many threads split K, then add their partial sums) comes from a cost model over M, N, K and the thread
-  count (oneDNN `matmul_amx_blocking_params_t`), so a row's rounding can change with the rows beside it and
-  with the number of keys: batched answers then part from one-at-a-time ones after a few tokens (issue 15,
-  seen on a Xeon with AMX; `ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16` hides AMX from oneDNN and restores it).
-
-So every evaluation probes instead of claiming: `probe_generation` decodes a few of its own prompts in one
-batch and each alone and compares the logits bitwise; the result goes into scores.json. `probe_kernels` checks
-the kernels alone (no model) for env.json. `generate.packs_exactly` decides whether linear layers are packed.
+- `probe_kernels` checks the kernels alone, in the evaluation's dtype, at the shapes generation uses: every
+  linear layer's shape at decode and prefill row counts from `generate.MIN_ROWS` up, and attention for single
+  queries (decoding) and whole prompts (prefill, queries = length) at `ATTENTION_LENGTHS` behind
+  `PADDING_BLOCKS` of extra padding. A check that fails at any one shape says false, and names the shape.
+- `probe_generation` decodes a few of an evaluation's own prompts in one batch and each alone and compares the
+  logits bitwise; the result goes into batch_invariance.json (and scores.json) with the kernel checks, and says
+  which of the two is weaker where they disagree.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +27,32 @@ from tracetune.eval import generate
 
 PROBE_PROMPTS = 4
 PROBE_STEPS = 4
+# Prompt lengths (tokens) for the attention checks: past one 256-key chunk, and at its edges.
+ATTENTION_LENGTHS = (*range(1, 200, 7), 255, 256, 257, 300)
+PADDING_BLOCKS = (1, 3, 10, 25)  # extra left padding, in multiples of generate.PAD_MULTIPLE
+# Rows a linear layer sees: decode batches from MIN_ROWS, then prefill-sized (rows x prompt tokens).
+ROW_COUNTS = (generate.MIN_ROWS, 5, 8, 17, 64, 300, 1000)
+LARGE_LAYER = 2**24  # weights with more elements (an LM head) are checked at decode row counts only
+
+
+@dataclass(frozen=True)
+class KernelShapes:
+    """The shapes generation runs: linear layers as (out_features, in_features), query heads per key/value head,
+    and the head width. The default is Gemma 3 270M's."""
+
+    linears: tuple[tuple[int, int], ...] = ((1024, 640), (256, 640), (640, 1024), (2048, 640), (640, 2048))
+    groups: tuple[int, ...] = (1, 4)
+    head_dim: int = 256
+
+
+def model_shapes(model) -> KernelShapes:
+    """The kernel shapes of `model`'s own layers."""
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    linears = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return KernelShapes(tuple(sorted(linears)), (heads // kv_heads,), head_dim)
 
 
 def describe_cpu() -> dict:
@@ -43,48 +66,96 @@ def describe_cpu() -> dict:
     }
 
 
-def probe_kernels() -> dict:
-    """Kernel-level checks for env.json, no model needed: does a bf16 matmul round a row
-    the same way at other row counts, does `generate.batch_invariant_attention` ignore leading padding, and do
-    packed linear layers equal `F.linear`. Each is True or False as measured here."""
-    started = time.perf_counter()
-    generator = torch.Generator().manual_seed(0)
-    weight = torch.randn(2048, 640, generator=generator).bfloat16()
-    x = torch.randn(300, 640, generator=generator).bfloat16()
-    two_rows = F.linear(x[:2], weight)
-    matmul_rows = all(torch.equal(F.linear(x[:n], weight)[:2], two_rows) for n in (3, 7, 50, 300))
-    attention = all(
-        _attention_ignores_padding(length, queries, generator) for length, queries in ((37, 1), (300, 1), (37, 37))
-    )
-    checks = {
-        "matmul_rows": matmul_rows,
-        "attention_padding": attention,
-        "packed_linear": generate.can_pack() and generate.packs_exactly([torch.nn.Linear(640, 2048)]),
-    }
-    return {
-        **describe_cpu(),
-        "checks": checks,
-        "batch_invariant": checks["matmul_rows"] and checks["attention_padding"],
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+_probed: dict[tuple, dict] = {}
 
 
-def _attention_ignores_padding(length: int, queries: int, generator: torch.Generator) -> bool:
-    """One row's bf16 attention (4 query heads on one key/value head, 256 wide; the last `queries` positions
-    attend causally) with its own alignment padding and behind 48 more masked positions, among three rows."""
-    query = torch.randn(1, 4, queries, 256, generator=generator).bfloat16()
-    key, value = (torch.randn(1, 1, length, 256, generator=generator).bfloat16() for _ in range(2))
-    outputs = []
-    for pad in (-length % generate.PAD_MULTIPLE, -length % generate.PAD_MULTIPLE + 48):
-        total = pad + length
-        k, v = (torch.zeros(3, 1, total, 256).bfloat16() for _ in range(2))
-        k[:, :, pad:], v[:, :, pad:] = key, value
-        mask = torch.full((3, 1, queries, total), torch.finfo(torch.bfloat16).min, dtype=torch.bfloat16)
-        for i in range(queries):
-            mask[:, :, i, pad : total - queries + i + 1] = 0
-        out, _ = generate.batch_invariant_attention(None, query.expand(3, -1, -1, -1), k, v, mask)
-        outputs.append(out[0])
-    return torch.equal(*outputs)
+def probe_kernels(dtype: torch.dtype = torch.bfloat16, shapes: KernelShapes = KernelShapes()) -> dict:
+    """Kernel-level checks, no model needed (env.json's cpu_kernels, and beside every generation probe): does a
+    matmul round a row the same way at every row count generation uses, does `generate.batch_invariant_attention`
+    ignore leading padding for decoding and prefill, and (bf16) do packed linear layers equal `F.linear`. Each
+    check is True or False as measured here, with the first shapes that failed. Measured once per dtype, shapes
+    and thread count in a process."""
+    key = (dtype, shapes, torch.get_num_threads())
+    if key not in _probed:
+        started = time.perf_counter()
+        generator = torch.Generator().manual_seed(0)
+        failures = {
+            "matmul_rows": matmul_row_failures(dtype, shapes.linears, generator),
+            "attention_padding": [
+                case for group in shapes.groups for case in attention_failures(dtype, group, shapes.head_dim, generator)
+            ],
+        }
+        checks = {name: not failed for name, failed in failures.items()}
+        if dtype == torch.bfloat16:
+            linears = [torch.nn.Linear(i, o, bias=False) for o, i in shapes.linears]
+            checks["packed_linear"] = generate.can_pack() and generate.packs_exactly(linears)
+        _probed[key] = {
+            **describe_cpu(),
+            "dtype": str(dtype).removeprefix("torch."),
+            "checks": checks,
+            "first_failures": {name: failed[:5] for name, failed in failures.items() if failed},
+            "batch_invariant": checks["matmul_rows"] and checks["attention_padding"],
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+    return _probed[key]
+
+
+def matmul_row_failures(dtype: torch.dtype, linears, generator: torch.Generator) -> list[dict]:
+    """The (layer shape, row count) pairs at which a linear layer's first MIN_ROWS rows differ from the same rows
+    computed alone (as MIN_ROWS rows)."""
+    failed = []
+    for out_features, in_features in linears:
+        weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
+        counts = ROW_COUNTS[:3] if out_features * in_features > LARGE_LAYER else ROW_COUNTS
+        x = torch.randn(max(counts), in_features, generator=generator).to(dtype)
+        alone = F.linear(x[: generate.MIN_ROWS], weight)
+        for rows in counts[1:]:
+            if not torch.equal(F.linear(x[:rows], weight)[: generate.MIN_ROWS], alone):
+                failed.append({"shape": [out_features, in_features], "rows": rows})
+    return failed
+
+
+def attention_failures(dtype: torch.dtype, group: int, head_dim: int, generator: torch.Generator) -> list[dict]:
+    """The (length, queries, padding blocks) cases at which one row's attention output (`group` query heads on one
+    key/value head, `head_dim` wide) differs between running alone with its own alignment padding and running
+    among three rows behind more padding; queries are 1 (a decode step) and the whole prompt (prefill)."""
+    failed = []
+    for length in ATTENTION_LENGTHS:
+        key, value = (torch.randn(1, 1, length, head_dim, generator=generator).to(dtype) for _ in range(2))
+        query = torch.randn(1, group, length, head_dim, generator=generator).to(dtype)
+        aligned = -length % generate.PAD_MULTIPLE  # the padding a lone prompt gets
+        for queries in sorted({1, length}):
+            alone = _attend(query, key, value, aligned, queries, 1, generator)
+            for blocks in PADDING_BLOCKS:
+                padded = _attend(query, key, value, aligned + blocks * generate.PAD_MULTIPLE, queries, 3, generator)
+                if not torch.equal(padded, alone):
+                    difference = (padded.float() - alone.float()).abs().max().item()
+                    failed.append(
+                        {
+                            "group": group,
+                            "length": length,
+                            "queries": queries,
+                            "blocks": blocks,
+                            "max_abs_difference": difference,
+                        }
+                    )
+    return failed
+
+
+def _attend(query, key, value, pad: int, queries: int, rows: int, generator: torch.Generator) -> torch.Tensor:
+    """The first row's attention output for the last `queries` positions (causal) behind `pad` masked
+    positions, in a batch of `rows` rows (the others random)."""
+    length, dim, dtype = key.shape[2], key.shape[3], key.dtype
+    total = pad + length
+    k, v = (torch.randn(rows, 1, total, dim, generator=generator).to(dtype) for _ in range(2))
+    k[0, :, pad:], v[0, :, pad:] = key[0], value[0]
+    q = torch.randn(rows, query.shape[1], queries, dim, generator=generator).to(dtype)
+    q[0] = query[0, :, -queries:]
+    positions = torch.arange(total)
+    allowed = (positions >= pad) & (positions <= torch.arange(total - queries, total)[:, None])
+    mask = torch.zeros(queries, total, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    out, _ = generate.batch_invariant_attention(None, q, k, v, mask.expand(rows, 1, queries, total))
+    return out[0]
 
 
 def probe_generation(model, tokenizer, prompts: list[str]) -> dict:
@@ -103,13 +174,16 @@ def probe_generation(model, tokenizer, prompts: list[str]) -> dict:
         for row, single in zip(together, alone, strict=True)
         for a, b in zip(row, single, strict=True)
     ]
-    device = next(model.parameters()).device.type
+    parameter = next(model.parameters())
+    device = parameter.device.type
     # The few prompts sample some row counts; the kernel probe covers others (CPU kernels only).
-    kernels = probe_kernels() if device == "cpu" else None
+    kernels = probe_kernels(parameter.dtype, model_shapes(model)) if device == "cpu" else None
+    generation = max(differences) == 0.0
     return {
-        "batch_invariant": max(differences) == 0.0 and (kernels is None or kernels["batch_invariant"]),
+        "batch_invariant": generation and (kernels is None or kernels["batch_invariant"]),
         "max_abs_logit_difference": max(differences),
         "kernels": kernels,
+        **_agreement(generation, kernels),
         "num_prompts": len(chosen),
         "num_steps": PROBE_STEPS,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
@@ -118,6 +192,23 @@ def probe_generation(model, tokenizer, prompts: list[str]) -> dict:
         **describe_cpu(),
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def _agreement(generation: bool, kernels: dict | None) -> dict:
+    """Whether the generation probe and the kernel checks agree, and where they do not, which is weaker and why."""
+    if kernels is None or kernels["batch_invariant"] == generation:
+        return {"probes_agree": True}
+    if generation:
+        why = (
+            "the kernel checks found shapes that round by batch (first_failures) which this probe's few prompts and "
+            "steps did not reach: the generation probe is the weaker one, and other prompts' answers may move"
+        )
+    else:
+        why = (
+            "the model's own logits moved with the batch although every kernel check passed: a kernel or shape the "
+            "checks do not cover rounds by batch here, so the kernel checks are the weaker ones"
+        )
+    return {"probes_agree": False, "disagreement": why}
 
 
 def _step_logits(model, tokenizer, prompts: list[str]) -> list[list[torch.Tensor]]:

@@ -29,8 +29,16 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def environment(device: str) -> dict:
-    """Everything env.json records."""
+# What evaluation does about oneDNN's AMX kernels (docs/PERFORMANCE.md, "Batch invariance by CPU kind").
+EVALUATION_NUMERICS = (
+    "oneDNN runs whatever kernels this CPU has (AMX included: ONEDNN_MAX_CPU_ISA is not set by tracetune); "
+    "cpu_kernels and each evaluation's batch_invariance.json say whether answers are those of one-at-a-time "
+    "decoding here, and where they are not the report's verdict says answers may move with eval.batch_size"
+)
+
+
+def environment(device: str, eval_precision: str = "bf16") -> dict:
+    """Everything env.json records; the kernel checks run in the evaluation's precision (bf16 or fp32)."""
     packages = sorted(
         {(d.metadata["Name"] or "?").lower(): d.version for d in importlib.metadata.distributions()}.items()
     )
@@ -52,13 +60,14 @@ def environment(device: str) -> dict:
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
         "device": device,
         "device_name": torch.cuda.get_device_name(0) if device == "cuda" else cpu_model(),
-        "cpu_kernels": probe_kernels(),
+        "cpu_kernels": probe_kernels(torch.bfloat16 if eval_precision == "bf16" else torch.float32),
+        "evaluation_numerics": EVALUATION_NUMERICS,
         "packages": dict(packages),
     }
 
 
-def write_env(run_dir: Path, device: str) -> dict:
-    env = environment(device)
+def write_env(run_dir: Path, device: str, eval_precision: str) -> dict:
+    env = environment(device, eval_precision)
     write_json(run_dir / "env.json", env)
     lines = [f"{k}: {v}" for k, v in env.items() if k != "packages"]
     lines += ["", "packages:"] + [f"  {name}=={version}" for name, version in env["packages"].items()]
