@@ -79,17 +79,34 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from tracetune.config import load_config
     from tracetune.pipeline import eval_stage
+    from tracetune.runfiles import run_dir_of_model
 
+    config = args.config
+    run_dir = run_dir_of_model(args.model) if config is None else None
+    if run_dir is not None:  # a run's model is evaluated as its run evaluated it
+        config = run_dir / "config.yaml"
     overrides = [f"model.source={args.model}", f"eval.eval_file={args.eval_set}", *args.overrides]
     if args.demos:
         overrides.insert(0, f"data.train_file={args.demos}")
-    elif args.baseline == "few_shot" and args.config is None:
+    elif args.baseline == "few_shot" and config is None:
         raise ConfigError(
             "tracetune eval", ["--baseline few_shot: needs training traces; fix: add --demos TRAIN.jsonl"]
         )
-    elif args.config is None:  # zero-shot evaluation needs no training data
+    elif args.baseline == "zero_shot":  # zero-shot evaluation needs no training data
         overrides.insert(0, "data.train_file=null")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(config, overrides)
+    e = cfg.eval
+    logging.getLogger("tracetune").info(
+        "evaluation settings from %s: precision %s, max_items %s, max_new_tokens %d, batch_size %d, %s, "
+        "instruction %r (change with --config or key=value overrides)",
+        config or "the built-in defaults",
+        e.precision,
+        e.max_items,
+        e.max_new_tokens,
+        e.batch_size,
+        f"sampled x{e.num_samples} at temperature {e.temperature}" if e.do_sample else "greedy",
+        cfg.data.instruction,
+    )
     print(eval_stage(cfg, args.model, Path(args.out) if args.out else None, args.baseline))
     return 0
 

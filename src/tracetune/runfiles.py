@@ -14,6 +14,15 @@ def final_model_path(stages: list[str]) -> str:
     return "final_model" if stages[-1] == "sft" else f"{stages[-1]}/final_model"
 
 
+def run_dir_of_model(model: str | Path) -> Path | None:
+    """The run directory a model directory belongs to (RUN/final_model, RUN/<stage>/final_model), or None."""
+    path = Path(model)
+    for parent in (path.parent, path.parent.parent):
+        if path.is_dir() and (parent / "config.yaml").is_file() and (parent / "run.json").is_file():
+            return parent
+    return None
+
+
 def stage_eval_dir(stages: list[str], stage: str) -> str:
     """The directory under eval/ that scores a stage's model: the last stage's is the run's final model."""
     return "final" if stage == stages[-1] else stage

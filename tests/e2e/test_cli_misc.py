@@ -46,6 +46,28 @@ def test_eval_command_writes_predictions_and_scores(tmp_path):
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 3
 
 
+def test_eval_of_a_runs_model_uses_the_runs_settings(tiny_run_dir, tmp_path, caplog):
+    """Without --config, a run's final_model is evaluated with the run's own evaluation settings (and the log says
+    so), so it reproduces the run's final evaluation answer for answer."""
+    out = tmp_path / "again"
+    model = tiny_run_dir / "final_model"
+    with caplog.at_level("INFO", logger="tracetune"):
+        assert main(["eval", "--model", str(model), "--eval-set", "data/eval.jsonl", "--out", str(out)]) == 0
+    assert f"evaluation settings from {tiny_run_dir / 'config.yaml'}: precision fp32, max_items 8" in caplog.text
+    assert "max_new_tokens 24, batch_size 4" in caplog.text
+
+    def answers(directory):
+        return [(r["id"], r["completion"]) for r in map(json.loads, (directory / "predictions.jsonl").open())]
+
+    assert answers(out) == answers(tiny_run_dir / "eval" / "final")
+    other = tmp_path / "short"
+    assert (
+        main(["eval", "--model", str(model), "--eval-set", "data/eval.jsonl", "--out", str(other), "eval.max_items=2"])
+        == 0
+    )
+    assert len(answers(other)) == 2
+
+
 def test_train_command_writes_a_model_and_metrics(tmp_path):
     from tests.conftest import TINY_CONFIG
 

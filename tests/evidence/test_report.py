@@ -102,6 +102,13 @@ def test_verdict_says_whether_fine_tuning_beat_prompting():
     assert worse.startswith("Fine-tuning did not beat prompting: accuracy went from 22.0% (few-shot base) to 7.0%")
     assert worse.endswith("2 of 3 gates passed; failed: b.")
     assert verdict({**_data(None), "comparison": None}).startswith("The fine-tuned model scored 30.0% accuracy")
+    assert "eval.batch_size" not in better
+    moving = _data(_comparison(0.12, 0.31))
+    probe = {"batch_invariant": False, "dtype": "bfloat16", "cpu_capability": "AVX512", "amx": True}
+    moving["final"] = {**moving["final"], "batch_invariance": probe}
+    assert "(bfloat16, AVX512, AMX) batched logits differ from one-at-a-time ones, so answers may move with " in (
+        verdict(moving)
+    )
 
 
 def test_summary_shows_sampled_scores_and_failure_examples(tmp_path):

@@ -137,12 +137,25 @@ def verdict(data: dict) -> str:
             )
         text += "."
     text += "".join(f" {sentence}" for sentence in _stage_sentences(gates))
+    text += _batch_sentence(final)
     if gates:
         failed = [g["name"] for g in gates["gates"] if not g["passed"]]
         counted = [g for g in gates["gates"] if g["status"] != "skip"]
         text += f" {len(counted) - len(failed)} of {len(counted)} gates passed"
         text += f"; failed: {', '.join(failed)}." if failed else "."
     return text
+
+
+def _batch_sentence(final: dict | None) -> str:
+    """Where the final evaluation's probe found batched logits differ from one-at-a-time ones, say so."""
+    probe = (final or {}).get("batch_invariance") or {}
+    if probe.get("batch_invariant") is not False:
+        return ""
+    return (
+        f" On this machine ({probe.get('dtype')}, {probe.get('cpu_capability') or probe.get('device')}"
+        f"{', AMX' if probe.get('amx') else ''}) batched logits differ from one-at-a-time ones, so answers may move "
+        "with eval.batch_size (eval/final/batch_invariance.json)."
+    )
 
 
 def _stage_sentences(gates: dict | None) -> list[str]:
