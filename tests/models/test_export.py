@@ -41,21 +41,25 @@ def test_layouts_are_what_transformers_loader_undoes(arch, name, shape, processo
 
 
 def _rows(answers: list[str]) -> list[dict]:
-    return [{"id": str(k), "extracted_answer": a, "completion": f"Answer: {a}"} for k, a in enumerate(answers)]
+    return [
+        {"id": str(k), "extracted_answer": a, "completion": f"Answer: {a}", "correct": a == "1"}
+        for k, a in enumerate(answers)
+    ]
 
 
-def test_the_check_gates_f16_on_identical_answers_and_q8_0_on_its_interval():
+def test_the_check_gates_on_logits_and_identical_answers_and_q8_0_also_on_its_interval():
     paired = {"base_accuracy": 0.5, "final_accuracy": 0.45, "difference": -0.05, "difference_ci95": [-0.12, 0.02]}
     final = _rows([str(k) for k in range(50)])
     one_off = _rows([str(k) for k in range(49)] + ["x"])
     two_off = _rows([str(k) for k in range(48)] + ["x", "y"])
-    assert (
-        gguf_check(final, one_off, "f16", paired)["passed"]
-        and gguf_check(final, one_off, "f16", paired)["identical_answer_share"] == 0.98
-    )
-    assert not gguf_check(final, two_off, "bf16", paired)["passed"]
-    assert gguf_check(final, two_off, "q8_0", paired)["passed"]  # -5 points, but 0 is within [-12, +2]
-    assert not gguf_check(final, two_off, "q8_0", paired | {"difference_ci95": [-0.2, -0.01]})["passed"]
+    check = gguf_check(final, one_off, "f16", paired, 0.0)
+    assert check["passed"] and check["identical_answer_share"] == 0.98 and check["accuracy_reference"] == 0.02
+    assert not gguf_check(final, one_off, "f16", paired, 0.01)["passed"]  # a tensor off: the logits say so
+    assert gguf_check(final, one_off, "f16", paired, None)["passed"]  # llama.cpp: answers only
+    assert not gguf_check(final, two_off, "bf16", paired, 0.0)["passed"]
+    assert gguf_check(final, final, "q8_0", paired, 1e-4)["passed"]  # -5 points, but 0 is within [-12, +2]
+    assert not gguf_check(final, two_off, "q8_0", paired, 1e-4)["passed"]
+    assert not gguf_check(final, final, "q8_0", paired | {"difference_ci95": [-0.2, -0.01]}, 1e-4)["passed"]
 
 
 def test_modelfile_has_the_turn_template_and_stop():

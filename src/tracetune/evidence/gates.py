@@ -278,7 +278,7 @@ def gate_gguf_export(name: str, run_dir: Path, cfg: Config) -> Gate:
         return Gate(name, True, check["file"], check.get("gate"), "export/gguf_check.json", status="skip",
                     detail="no eval set: the file was written but not evaluated")  # fmt: skip
     value = {k: check[k] for k in ("identical_answer_share", "accuracy_difference", "accuracy_difference_ci95")}
-    detail = f"{check['file']} ({check['type']}) against the trained model on {check['num_items']} items"
+    detail = f"{check['file']} ({check['type']}) against {check.get('compared_with', 'the trained model')} on {check['num_items']} items"
     llama = check.get("llama_cpp", {})
     if llama.get("ran"):
         value["llama_cpp_identical_answer_share"] = llama["identical_answer_share"]

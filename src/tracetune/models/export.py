@@ -19,6 +19,24 @@ import numpy as np
 from tracetune.errors import ExportError
 
 TYPES = ("f16", "bf16", "q8_0")
+
+
+def _qtype(kind: str):
+    from gguf import GGMLQuantizationType
+
+    return {"f16": GGMLQuantizationType.F16, "bf16": GGMLQuantizationType.BF16, "q8_0": GGMLQuantizationType.Q8_0}[kind]
+
+
+def _stored(arch: str, gguf_name: str, weights: np.ndarray, kind: str, config) -> np.ndarray:
+    """A tensor as the file stores it: in llama.cpp's layout, f32 where 1-D, else f16, bf16 or q8_0."""
+    from gguf import quants
+
+    weights = _to_gguf_layout(arch, gguf_name, weights, config)
+    if weights.ndim == 1:
+        return weights.astype(np.float32)
+    return quants.quantize(weights.astype(np.float32), _qtype(kind))
+
+
 # Fields that describe the file rather than the model: written anew.
 _OWN_FIELDS = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version")
 
@@ -77,12 +95,11 @@ def export_gguf(model_dir: Path, out: Path, kind: str, template: Path | None = N
     """Write `out` from the Hugging Face model in `model_dir`, with `template`'s metadata (the GGUF the base
     model came from) or, without one, metadata written from the directory; returns what was written."""
     import torch
-    from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, LlamaFileType, quants
+    from gguf import GGUFReader, GGUFWriter, LlamaFileType
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tracetune.models.gguf_meta import gguf_architecture, write_hparams, write_tokenizer
 
-    qtype = {"f16": GGMLQuantizationType.F16, "bf16": GGMLQuantizationType.BF16, "q8_0": GGMLQuantizationType.Q8_0}
     ftype = {"f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
     reader = GGUFReader(str(template)) if template is not None else None
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -103,12 +120,8 @@ def export_gguf(model_dir: Path, out: Path, kind: str, template: Path | None = N
     writer.add_file_type(int(ftype[kind]))
     writer.add_quantization_version(2)
     for name in by_gguf:
-        weights = _to_gguf_layout(arch, name, state[by_gguf[name]].detach().numpy(), model.config)
-        if weights.ndim == 1:
-            writer.add_tensor(name, weights.astype(np.float32))
-        else:
-            data = quants.quantize(weights.astype(np.float32), qtype[kind])
-            writer.add_tensor(name, data, raw_dtype=qtype[kind])
+        data = _stored(arch, name, state[by_gguf[name]].detach().numpy(), kind, model.config)
+        writer.add_tensor(name, data, raw_dtype=None if data.dtype == np.float32 else _qtype(kind))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -122,6 +135,29 @@ def export_gguf(model_dir: Path, out: Path, kind: str, template: Path | None = N
         "architecture": arch,
         "metadata": f"copied from {template.name}" if template is not None else f"written from {model_dir.name}",
     }
+
+
+def round_as_exported(model, kind: str, template: Path | None = None) -> None:
+    """Replace, in place, every weight an export of `model` at `kind` writes with what a reader of that file gets
+    back (stored as `export_gguf` stores it, then dequantized and transformed by transformers' own GGUF loader
+    code): the trained model at the file's precision, so that a correct file answers exactly as it does."""
+    import torch
+    from gguf import GGMLQuantizationType, GGUFReader, dequantize
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+    from tracetune.models.gguf_meta import gguf_architecture
+
+    arch = gguf_architecture(model.config)
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.get_text_config().to_dict())
+    state = model.state_dict()
+    by_gguf = _tensor_names(model, GGUFReader(str(template)) if template is not None else None)
+    with torch.no_grad():
+        for name, hf_name in by_gguf.items():
+            target = state[hf_name]
+            data = _stored(arch, name, target.float().numpy(), kind, model.config)
+            back = dequantize(data, GGMLQuantizationType.F32 if data.dtype == np.float32 else _qtype(kind))
+            back = processor.process(weights=back, name=name).weights
+            target.copy_(torch.from_numpy(np.ascontiguousarray(back)).reshape(target.shape))
 
 
 def ollama_modelfile(gguf_name: str, chat_template: str | None, user_turn: str = "{{ .Prompt }}") -> str:
