@@ -88,9 +88,9 @@ def cmd_eval(args) -> int:
     overrides = [f"model.source={args.model}", f"eval.eval_file={args.eval_set}", *args.overrides]
     if args.demos:
         overrides.insert(0, f"data.train_file={args.demos}")
-    elif args.baseline == "few_shot" and config is None:
+    elif args.baseline != "zero_shot" and config is None:
         raise ConfigError(
-            "tracetune eval", ["--baseline few_shot: needs training traces; fix: add --demos TRAIN.jsonl"]
+            "tracetune eval", [f"--baseline {args.baseline}: needs training traces; fix: add --demos TRAIN.jsonl"]
         )
     elif args.baseline == "zero_shot":  # zero-shot evaluation needs no training data
         overrides.insert(0, "data.train_file=null")
@@ -228,9 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config for generation settings (default: built-in defaults)")
     p.add_argument(
         "--baseline",
-        choices=["zero_shot", "few_shot"],
+        choices=["zero_shot", "few_shot", "few_shot_answer"],
         default="zero_shot",
-        help="few_shot: each prompt follows eval.num_shots worked examples drawn from --demos",
+        help="few_shot: each prompt follows eval.num_shots worked examples drawn from --demos; few_shot_answer: "
+        "the same examples as question/answer pairs",
     )
     p.add_argument("--demos", help="few_shot: training traces to draw demonstrations from (else data.train_file)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.max_new_tokens=128")

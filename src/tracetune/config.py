@@ -181,13 +181,15 @@ class EvalConfig(Section):
     run_base: bool = Field(
         True, description="In `tracetune run`, also evaluate the base model (eval.baselines) for comparison."
     )
-    baselines: list[Literal["zero_shot", "few_shot"]] = Field(
-        ["zero_shot", "few_shot"],
+    baselines: list[Literal["zero_shot", "few_shot", "few_shot_answer"]] = Field(
+        ["zero_shot", "few_shot", "few_shot_answer"],
         min_length=1,
         description=(
-            "How the base model is evaluated: zero_shot (the run's own chat format, eval/base/) and few_shot "
-            "(eval.num_shots training traces as demonstrations, eval/few_shot/); gates compare the fine-tuned "
-            "model with the strongest."
+            "How the base model is evaluated: zero_shot (the run's own chat format, eval/base/), few_shot "
+            "(eval.num_shots training traces as worked examples: question, reasoning, answer; eval/few_shot/) and "
+            "few_shot_answer (the same traces as question/answer pairs, no reasoning; eval/few_shot_answer/); "
+            "accuracy gates compare the fine-tuned model with the strongest, verified accuracy with the strongest "
+            "that shows its work."
         ),
     )
     num_shots: int = Field(5, ge=1, description="Demonstrations in the few-shot baseline (seeded, never eval items).")
@@ -213,8 +215,16 @@ class GatesConfig(Section):
     min_accuracy_gain: float = Field(
         0.0,
         description=(
-            "Fine-tuned accuracy (and verified accuracy) minus the strongest baseline's must be at least this "
-            "(0 = no worse)."
+            "The margin the paired difference, fine-tuned accuracy (and verified accuracy) minus the strongest "
+            "baseline's, is read against: its 95% interval wholly above it is better, wholly below it worse "
+            "(the gate fails), holding it no detectable difference."
+        ),
+    )
+    require_gain: bool = Field(
+        False,
+        description=(
+            "Fail the comparison gates on 'no detectable difference' too, not only on worse (for configs meant "
+            "for decisions)."
         ),
     )
     probe_atol: float = Field(

@@ -171,10 +171,11 @@ def evaluate_model(
     out_dir: Path,
     demonstrations: list[Trace] | None = None,
     loaded: tuple | None = None,
+    baseline: str = "few_shot",
 ) -> dict:
     """Generate predictions for `items` with a model (source string or directory; `loaded` when its (tokenizer,
     model) are already in memory), write scores.json. With `demonstrations` (training traces), evaluate it
-    few-shot (eval/baselines.py)."""
+    few-shot, worked or answer-only as `baseline` says (eval/baselines.py)."""
     from tracetune import dist
     from tracetune.eval.baselines import build_few_shot
     from tracetune.eval.evaluate import generate_predictions, write_scores
@@ -187,7 +188,7 @@ def evaluate_model(
         if fmt == "auto":
             fmt = "chat" if is_chat_model(model_source) else "plain"
         few_shot = build_few_shot(
-            tokenizer, demonstrations, items, cfg.eval.num_shots, cfg.seed, cfg.data.instruction, fmt
+            tokenizer, demonstrations, items, cfg.eval.num_shots, cfg.seed, cfg.data.instruction, fmt, baseline
         )
     generate_predictions(model, tokenizer, items, cfg.eval, cfg.data.instruction, out_dir, cfg.seed, few_shot)
     return dist.on_main(lambda: write_scores(out_dir, items, model_source))
@@ -195,15 +196,15 @@ def evaluate_model(
 
 def evaluate_baselines(cfg: Config, inputs: Inputs, eval_dir: Path) -> None:
     """The base model, loaded once, under every configured baseline: zero-shot into eval/base, few-shot into
-    eval/few_shot."""
+    eval/few_shot and eval/few_shot_answer."""
     from tracetune.runfiles import BASELINE_DIRS
 
     loaded = _load_for_eval(cfg, cfg.model.source)
     for name in cfg.eval.baselines:
         log.info("evaluating the base model %s (%s)", cfg.model.source, name.replace("_", "-"))
-        demonstrations = inputs.train if name == "few_shot" else None
+        demonstrations = None if name == "zero_shot" else inputs.train
         out_dir = eval_dir / BASELINE_DIRS[name]
-        evaluate_model(cfg, cfg.model.source, inputs.eval_items, out_dir, demonstrations, loaded)
+        evaluate_model(cfg, cfg.model.source, inputs.eval_items, out_dir, demonstrations, loaded, name)
 
 
 def eval_stage(cfg: Config, model_source: str, out_dir: Path | None, baseline: str = "zero_shot") -> Path:
@@ -222,7 +223,7 @@ def eval_stage(cfg: Config, model_source: str, out_dir: Path | None, baseline: s
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "eval_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     demonstrations = None
-    if baseline == "few_shot":
+    if baseline != "zero_shot":
         train = load_traces(cfg.data.train_file, cfg.data.format)
         train.raise_on_errors()
         demonstrations = train.records
@@ -230,7 +231,7 @@ def eval_stage(cfg: Config, model_source: str, out_dir: Path | None, baseline: s
         device = dist.resolve_device(cfg.train.device)
         if warning := dist.emulated_bf16(device, {"eval.precision": cfg.eval.precision}):
             log.warning(warning)
-        evaluate_model(cfg, model_source, items, out_dir, demonstrations)
+        evaluate_model(cfg, model_source, items, out_dir, demonstrations, baseline=baseline)
     return out_dir
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-BASELINE_DIRS = {"zero_shot": "base", "few_shot": "few_shot"}  # baseline name -> directory under eval/
+# baseline name -> directory under eval/
+BASELINE_DIRS = {"zero_shot": "base", "few_shot": "few_shot", "few_shot_answer": "few_shot_answer"}
 
 
 def final_model_path(stages: list[str]) -> str:

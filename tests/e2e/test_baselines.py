@@ -31,13 +31,14 @@ def test_a_finetuned_model_worse_than_its_few_shot_base_fails_with_exit_3(tmp_pa
     run_dir = tmp_path / "worse"
     comparison = json.loads((run_dir / "eval" / "comparison.json").read_text())
     assert comparison["baselines"]["few_shot"]["accuracy"] == 1.0 and comparison["final_accuracy"] == 0.0
+    assert comparison["baselines"]["few_shot_answer"]["accuracy"] == 1.0
     assert comparison["difference"] == -1.0 and comparison["difference_ci95"][1] < 0
     gates = {g["name"]: g for g in json.loads((run_dir / "gates.json").read_text())["gates"]}
     assert not gates["finetuned_beats_baseline"]["passed"] and not gates["finetuned_verified_beats_baseline"]["passed"]
     assert gates["finetuned_beats_baseline"]["value"]["baseline_value"] == 1.0
     summary = (run_dir / "summary.md").read_text().splitlines()
     assert (
-        summary[2].startswith("**Fine-tuning did not beat prompting")
+        summary[2].startswith("**Fine-tuning did worse than prompting")
         and "failed: finetuned_beats_baseline" in summary[2]
     )
     shot = json.loads((run_dir / "eval" / "few_shot" / "baseline.json").read_text())
@@ -63,3 +64,11 @@ def test_eval_few_shot_baseline_alone(tmp_path, capsys):
     scores = json.loads((tmp_path / "fs" / "scores.json").read_text())
     assert scores["num_items"] == 3 and scores["baseline"]["format"] == "plain"
     assert scores["baseline"]["num_shots"] == 2 and scores["batch_invariance"]["batch_invariant"] is None
+    answer_only = [*args[:-1], str(tmp_path / "fsa"), "--baseline", "few_shot_answer", *demos]
+    assert main(answer_only) == 0
+    scores = json.loads((tmp_path / "fsa" / "scores.json").read_text())
+    assert scores["baseline"]["baseline"] == "few_shot_answer"
+    assert (
+        scores["baseline"]["demonstration_ids"]
+        == json.loads((tmp_path / "fs" / "baseline.json").read_text())["demonstration_ids"]
+    )

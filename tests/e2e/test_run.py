@@ -42,6 +42,10 @@ EXPECTED_FILES = {
     "eval/few_shot/scores.json",
     "eval/few_shot/batch_invariance.json",
     "eval/few_shot/baseline.json",
+    "eval/few_shot_answer/predictions.jsonl",
+    "eval/few_shot_answer/scores.json",
+    "eval/few_shot_answer/batch_invariance.json",
+    "eval/few_shot_answer/baseline.json",
     "eval/comparison.json",
 } | {
     f"checkpoints/{step}/{name}"
@@ -116,6 +120,7 @@ def test_gates_are_computed_and_pass(run_dir):
         "eval_final_complete",
         "eval_base_complete",
         "eval_few_shot_complete",
+        "eval_few_shot_answer_complete",
         "finetuned_beats_baseline",
         "finetuned_verified_beats_baseline",
         "evidence_complete",

@@ -33,6 +33,22 @@ def test_plain_prompt_is_question_reasoning_answer_blocks():
     )
 
 
+def test_answer_only_prompt_is_the_same_demonstrations_without_their_reasoning():
+    tokenizer = load_tokenizer("tiny:gemma3")
+    worked = build_few_shot(tokenizer, TRAIN, ITEMS, 2, 0, "Think.", "plain")
+    shot = build_few_shot(tokenizer, TRAIN, ITEMS, 2, 0, "Think.", "plain", "few_shot_answer")
+    assert shot.demonstration_ids == worked.demonstration_ids and shot.evidence()["baseline"] == "few_shot_answer"
+    demos = {t.id: t for t in TRAIN}
+    expected = "".join(
+        f"Question: {demos[i].prompt}\nAnswer: {demos[i].final_answer}\n\n" for i in shot.demonstration_ids
+    )
+    assert shot.prefix == tokenizer.bos_token + expected and "Reasoning" not in shot.prefix
+    chat = build_few_shot(tokenizer, TRAIN, ITEMS, 2, 0, "Think.", "chat", "few_shot_answer")
+    whole = chat.prefix + chat.render(tokenizer, "What is 2 + 2?")
+    assert "Think." not in whole and "Reasoning" not in whole  # the instruction asks for reasoning: left out
+    assert whole.count(f"<start_of_turn>model\nAnswer: {demos[chat.demonstration_ids[0]].final_answer}") == 1
+
+
 def test_chat_prompt_puts_demonstrations_in_earlier_turns():
     tokenizer = load_tokenizer("tiny:gemma3")
     shot = build_few_shot(tokenizer, TRAIN, ITEMS, 3, 0, "Think.", "chat")

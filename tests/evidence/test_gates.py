@@ -160,3 +160,29 @@ def test_rl_stages_add_their_gates_and_sft_gates_only_with_sft():
     )
     alone = [name for name, _ in gate_table(load_config(None, ["stages=[grpo]"]))]
     assert "training_completed" not in alone and "grpo_reward_agrees_with_heldout" in alone
+
+
+@pytest.mark.parametrize(
+    ("interval", "require_gain", "outcome", "passed"),
+    [
+        ([0.02, 0.20], False, "better", True),
+        ([-0.07, 0.09], False, "unclear", True),
+        ([-0.07, 0.09], True, "unclear", False),  # configs meant for decisions ask for a detectable gain
+        ([-0.11, -0.01], False, "worse", False),
+    ],
+)
+def test_comparison_gates_read_the_interval_not_the_point(
+    tiny_run_dir, tmp_path, interval, require_gain, outcome, passed
+):
+    run = _copy(tiny_run_dir, tmp_path)
+    path = run / "eval" / "comparison.json"
+    comparison = json.loads(path.read_text())
+    comparison |= {"difference": 0.01, "difference_ci95": interval, "strongest_baseline": "few_shot_answer"}
+    comparison |= {"verified_baseline": "zero_shot"}
+    path.write_text(json.dumps(comparison))
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("require_gain: false", f"require_gain: {str(require_gain).lower()}"))
+    gate = _gate(run, "finetuned_beats_baseline")
+    assert (gate.passed, gate.value["outcome"], gate.value["baseline"]) == (passed, outcome, "few_shot_answer")
+    assert gate.detail.endswith(f"against the few-shot-answer base model: {outcome}")
+    assert _gate(run, "finetuned_verified_beats_baseline").value["baseline"] == "zero_shot"

@@ -90,17 +90,28 @@ def _data(comparison, failed=()):
     return {**data, "final": _scores(0.3, 0.2), "comparison": comparison, "gates": gates}
 
 
-def test_verdict_says_whether_fine_tuning_beat_prompting():
-    from tracetune.evidence.report import verdict
+def test_verdict_reads_the_interval_better_worse_or_no_detectable_difference():
+    from tracetune.evidence.report import verdict, verdict_class
 
     better = verdict(_data(_comparison(0.12, 0.31)))
     assert better.startswith(
-        "Fine-tuning raised accuracy from 12.0% (few-shot base) to 31.0% (+19.0 points, 95% CI +9.0"
+        "Fine-tuning raised accuracy from 12.0% (worked few-shot base) to 31.0% (+19.0 points, 95% CI +9.0"
     )
-    assert better.endswith("3 of 3 gates passed.")
+    assert "verified accuracy (right answer, every checked step valid) went from 12.0% (worked few-shot base)" in better
+    assert better.endswith("3 of 3 gates passed.") and verdict_class(_data(_comparison(0.12, 0.31))) == "good"
     worse = verdict(_data(_comparison(0.22, 0.07), failed=("b",)))
-    assert worse.startswith("Fine-tuning did not beat prompting: accuracy went from 22.0% (few-shot base) to 7.0%")
+    assert worse.startswith(
+        "Fine-tuning did worse than prompting: accuracy went from 22.0% (worked few-shot base) to 7.0%"
+    )
     assert worse.endswith("2 of 3 gates passed; failed: b.")
+    # +5 points with an interval of [-5, +15] is not a gain: it says so and how many items would tell.
+    unclear = _comparison(0.20, 0.25)
+    text = verdict(_data(unclear))
+    assert text.startswith("No detectable difference between fine-tuning and prompting: accuracy went from 20.0%")
+    assert "; about 40 items would tell a difference this size" in text and verdict_class(_data(unclear)) == "neutral"
+    answer_only = {**_comparison(0.12, 0.31), "strongest_baseline": "few_shot_answer", "verified_baseline": "zero_shot"}
+    text = verdict(_data(answer_only))
+    assert "from 12.0% (answer-only few-shot base)" in text and "went from 12.0% (zero-shot base)" in text
     assert verdict({**_data(None), "comparison": None}).startswith("The fine-tuned model scored 30.0% accuracy")
     assert "eval.batch_size" not in better
     moving = _data(_comparison(0.12, 0.31))

@@ -99,6 +99,33 @@ def test_a_model_from_a_hugging_face_directory_round_trips(tmp_path, arch):
     assert agree >= 0.95 and relative < 0.01, (agree, relative)
 
 
+def _rounded_reference_error(model_dir, gguf_path, text: str, kind: str, template=None) -> float:
+    """The file's logits against the trained model's rounded as the file stores it (round_as_exported), relative
+    to the reference's norm."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tracetune.models.export import round_as_exported
+
+    ids = torch.tensor([AutoTokenizer.from_pretrained(model_dir)(text).input_ids])
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    round_as_exported(reference, kind, template)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    with torch.no_grad():
+        want, got = reference(ids).logits, model(ids).logits
+    return float((got - want).norm() / want.norm())
+
+
+@pytest.mark.parametrize("kind", ["f16", "bf16", "q8_0"])
+@pytest.mark.parametrize("arch", sorted(TINY_EXPORTABLE))
+def test_the_file_answers_as_the_model_rounded_as_it_stores_it(tmp_path, arch, kind):
+    """The GGUF check's reference: the trained model rounded exactly as the file is, whose logits the file's
+    equal up to its float32 metadata (for every type, q8_0 included)."""
+    model_dir = tiny_model_dir(tmp_path, arch)
+    export_gguf(model_dir, tmp_path / "out" / "m.gguf", kind)
+    text = (REPO / "data" / "train.jsonl").read_text().splitlines()[2]
+    assert _rounded_reference_error(model_dir, tmp_path / "out" / "m.gguf", text, kind) < 1e-5
+
+
 @pytest.mark.parametrize("arch", ["gemma3", "llama"])
 def test_an_embedding_padded_past_the_tokenizer_gets_placeholder_tokens(tmp_path, arch):
     """One token per embedding row, as llama.cpp needs: the rows no token has get its converter's [PAD<id>]
@@ -158,6 +185,8 @@ def test_exported_file_loads_back_with_the_same_tokenizer_and_close_logits(tmp_p
         agree,
         relative,
     )
+    template = source_gguf(f"packaged:{name}")
+    assert _rounded_reference_error(model_dir, tmp_path / "m.gguf", text, kind, template) < 1e-5
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from tracetune import dist
 from tracetune.config import EvalConfig
 from tracetune.data.render import end_of_turn_ids, parse_completion, render_prompt
 from tracetune.data.traces import EvalItem
-from tracetune.eval.baselines import FewShot
+from tracetune.eval.baselines import SHOWS_WORK, FewShot
 from tracetune.eval.generate import generate_batch, prefill_prefix, timed
 from tracetune.eval.invariance import probe_generation
 from tracetune.eval.score import answers_match, extract_answer, normalize_text
@@ -325,19 +325,23 @@ def compare_predictions(base_dir: Path, final_dir: Path, seed: int = 0, key: str
 
 
 def compare_with_baselines(eval_dir: Path, seed: int = 0) -> dict:
-    """comparison.json: every baseline's accuracy, the strongest one (highest accuracy, then verified
-    accuracy), and the fine-tuned model paired against it on accuracy and on verified accuracy."""
+    """comparison.json: every baseline's accuracy; the strongest (highest accuracy, then verified accuracy),
+    against which the fine-tuned model's accuracy is paired; and the strongest that shows its work (highest
+    verified accuracy, then accuracy; an answer-only baseline has no steps to check), against which its verified
+    accuracy is paired."""
     found = {}
     for name, sub in BASELINE_DIRS.items():
         rows = read_predictions(eval_dir / sub / "predictions.jsonl")
         if rows:
             found[name] = {"dir": f"eval/{sub}", **_accuracy(rows)}
     strongest = max(found, key=lambda n: (found[n]["accuracy"], found[n]["verified_accuracy"]))
-    against = eval_dir / BASELINE_DIRS[strongest]
+    working = [n for n in found if n in SHOWS_WORK] or [strongest]
+    verified_against = max(working, key=lambda n: (found[n]["verified_accuracy"], found[n]["accuracy"]))
     final = eval_dir / "final"
     return {
         "strongest_baseline": strongest,
+        "verified_baseline": verified_against,
         "baselines": found,
-        **compare_predictions(against, final, seed),
-        "verified": compare_predictions(against, final, seed, key="verified"),
+        **compare_predictions(eval_dir / BASELINE_DIRS[strongest], final, seed),
+        "verified": compare_predictions(eval_dir / BASELINE_DIRS[verified_against], final, seed, key="verified"),
     }

@@ -56,3 +56,22 @@ def bootstrap_interval(values: list[float], num_resamples: int = 10000, seed: in
     means = array[rng.integers(0, len(array), (num_resamples, len(array)))].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
     return float(low), float(high)
+
+
+def difference_outcome(low: float, high: float, margin: float = 0.0) -> str:
+    """What a paired difference's 95% interval says against `margin`: 'better' (wholly above it), 'worse'
+    (wholly below it) or 'unclear' (it holds the margin: no detectable difference)."""
+    if low > margin:
+        return "better"
+    if high < margin:
+        return "worse"
+    return "unclear"
+
+
+def items_to_tell(difference: float, low: float, high: float, num_items: int) -> int | None:
+    """About how many paired items an interval around `difference` would need to clear zero, its width
+    shrinking as 1/sqrt(items); None where there is no difference to tell."""
+    half = (high - low) / 2
+    if difference == 0 or half == 0:
+        return None
+    return math.ceil(round(num_items * (half / abs(difference)) ** 2, 6))

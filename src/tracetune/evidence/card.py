@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tracetune.evidence.report import _pct, load_run, verdict
+from tracetune.evidence.report import _pct, baseline_columns, load_run, verdict
 from tracetune.models.sources import PACKAGED
 from tracetune.runfiles import final_model_path
 
@@ -105,8 +105,7 @@ def build_card(run_dir: Path) -> str:
             ["data sha256", ", ".join(f"`{Path(p).name}`: {d[:16]}" for p, d in run.get("data_sha256", {}).items())],
         ],
     )
-    columns = [(n, data[k]) for n, k in (("zero-shot base", "base"), ("few-shot base", "few_shot")) if data[k]]
-    columns += [("fine-tuned", data["final"])] if data["final"] else []
+    columns = baseline_columns(data) + ([("fine-tuned", data["final"])] if data["final"] else [])
     if columns:
         lines += ["", "## Evaluation", "", f"On `{cfg['eval']['eval_file']}`, greedy, answers and steps checked:", ""]
         lines += _rows(

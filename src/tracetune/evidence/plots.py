@@ -48,11 +48,10 @@ def plot_grpo(data: dict) -> bytes:
     return _png(fig)
 
 
-def plot_accuracy(data: dict) -> bytes:
-    """Accuracy per category for every evaluated model, with 95% intervals."""
-    final = data["final"]
-    columns = [(n, data[k]) for n, k in (("zero-shot base", "base"), ("few-shot base", "few_shot")) if data[k]]
-    columns.append(("fine-tuned", final))
+def plot_accuracy(columns: list[tuple[str, dict]]) -> bytes:
+    """Accuracy per category for every evaluated model (label, scores; the last is the fine-tuned one), with 95%
+    intervals."""
+    final = columns[-1][1]
     names = sorted(final["by_category"]) or ["all"]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     width = 0.8 / len(columns)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from tracetune.eval.stats import difference_outcome, items_to_tell
 from tracetune.evidence.plots import plot_accuracy, plot_grpo, plot_loss, plot_series
-from tracetune.runfiles import read_json, read_jsonl, read_metrics, read_predictions
+from tracetune.runfiles import BASELINE_DIRS, read_json, read_jsonl, read_metrics, read_predictions
 
 
 def _pct(x: float) -> str:
@@ -41,12 +42,10 @@ def load_run(run_dir: Path) -> dict:
         "env": read_json(run_dir / "env.json") or {},
         "train": train,
         "val": val,
-        "base": read_json(run_dir / "eval" / "base" / "scores.json"),
-        "few_shot": read_json(run_dir / "eval" / "few_shot" / "scores.json"),
-        "final": read_json(run_dir / "eval" / "final" / "scores.json"),
+        **{which: read_json(run_dir / "eval" / which / "scores.json") for which in (*BASELINE_DIRS.values(), "final")},
         "predictions": {
             which: read_predictions(run_dir / "eval" / which / "predictions.jsonl")
-            for which in ("base", "few_shot", "final")
+            for which in (*BASELINE_DIRS.values(), "final")
         },
         "comparison": read_json(run_dir / "eval" / "comparison.json"),
         "gates": read_json(run_dir / "gates.json"),
@@ -103,7 +102,16 @@ def _artifacts(run_dir: Path) -> list[list]:
     return rows
 
 
-BASELINE_NAMES = {"zero_shot": "zero-shot base", "few_shot": "few-shot base"}
+BASELINE_NAMES = {
+    "zero_shot": "zero-shot base",
+    "few_shot": "worked few-shot base",
+    "few_shot_answer": "answer-only few-shot base",
+}
+
+
+def baseline_columns(data: dict) -> list[tuple[str, dict]]:
+    """(name, scores) of every baseline the run evaluated, in a fixed order."""
+    return [(BASELINE_NAMES[name], data[which]) for name, which in BASELINE_DIRS.items() if data.get(which)]
 
 
 def _points(x: float) -> str:
@@ -121,19 +129,25 @@ def verdict(data: dict) -> str:
     else:
         name = BASELINE_NAMES.get(comp.get("strongest_baseline"), "base")
         low, high = comp["difference_ci95"]
-        verified = comp.get("verified")
+        margin = (data["config"].get("gates") or {}).get("min_accuracy_gain", 0.0)
+        outcome = difference_outcome(low, high, margin)
         change = (
             f"from {_pct(comp['base_accuracy'])} ({name}) to {_pct(comp['final_accuracy'])} "
             f"({_points(comp['difference'])} points, 95% CI {_points(low)} to {_points(high)})"
         )
-        if comp["difference"] > 0:
+        if outcome == "better":
             text = f"Fine-tuning raised accuracy {change}"
+        elif outcome == "worse":
+            text = f"Fine-tuning did worse than prompting: accuracy went {change}"
         else:
-            text = f"Fine-tuning did not beat prompting: accuracy went {change}"
-        if verified:
+            needed = items_to_tell(comp["difference"], low, high, comp["num_paired_items"])
+            text = f"No detectable difference between fine-tuning and prompting: accuracy went {change}"
+            text += f"; about {needed} items would tell a difference this size" if needed else ""
+        if verified := comp.get("verified"):
+            against = BASELINE_NAMES.get(comp.get("verified_baseline", comp.get("strongest_baseline")), "base")
             text += (
                 f"; verified accuracy (right answer, every checked step valid) went from "
-                f"{_pct(verified['base_accuracy'])} to {_pct(verified['final_accuracy'])}"
+                f"{_pct(verified['base_accuracy'])} ({against}) to {_pct(verified['final_accuracy'])}"
             )
         text += "."
     text += "".join(f" {sentence}" for sentence in _stage_sentences(gates))
@@ -289,8 +303,7 @@ def _evaluation_section(data: dict) -> list[str]:
     lines += ["", "## Evaluation", ""]
     final, comp = data["final"], data["comparison"]
     if final:
-        columns = [(n, data[k]) for n, k in (("zero-shot base", "base"), ("few-shot base", "few_shot")) if data[k]]
-        columns.append(("fine-tuned", final))
+        columns = [*baseline_columns(data), ("fine-tuned", final)]
         pick = [scores for _, scores in columns]
         rows = [
             ["accuracy [95% CI]", *(_ci(s) for s in pick)],
@@ -307,11 +320,13 @@ def _evaluation_section(data: dict) -> list[str]:
             *_sampled_rows(pick),
         ]
         lines += _table(["metric", *(n for n, _ in columns)], rows)
-        if data["few_shot"] and data["few_shot"].get("baseline"):
-            shot = data["few_shot"]["baseline"]
+        for which, kind in (("few_shot", "worked"), ("few_shot_answer", "answer-only")):
+            if not (data.get(which) and data[which].get("baseline")):
+                continue
+            shot = data[which]["baseline"]
             lines += [
                 "",
-                f"Few-shot prompt: {shot['num_shots']} training traces as demonstrations ({shot['format']} format; "
+                f"Few-shot prompt ({kind}): {shot['num_shots']} training traces as demonstrations ({shot['format']} format; "
                 f"ids {', '.join(shot['demonstration_ids'])}; prompt sha256 {shot['prefix_sha256'][:12]}...).",
             ]
         for key in ("by_category", "by_difficulty"):
@@ -443,12 +458,13 @@ def _short(value) -> str:
 
 
 def verdict_class(data: dict) -> str:
-    """good: the gates passed and fine-tuning beat the strongest baseline; bad: a gate failed or it did not;
-    neutral: nothing was compared."""
+    """good: the gates passed and fine-tuning beat the strongest baseline; bad: a gate failed or it did worse;
+    neutral: nothing was compared, or no difference could be detected."""
     gates, comparison = data["gates"], data["comparison"]
-    if (gates and not gates["passed"]) or (comparison and comparison["difference"] <= 0):
+    outcome = difference_outcome(*comparison["difference_ci95"]) if comparison else None
+    if (gates and not gates["passed"]) or outcome == "worse":
         return "bad"
-    return "good" if comparison else "neutral"
+    return "good" if outcome == "better" else "neutral"
 
 
 def write_report(run_dir: Path) -> None:
@@ -469,7 +485,7 @@ def write_report(run_dir: Path) -> None:
     if any(r.get("split") == "heldout" for r in data["stages"]["grpo"]):
         plots.append(("GRPO reward and held-out verified accuracy", plot_grpo(data)))
     if data["final"]:
-        plots.append(("Accuracy per category", plot_accuracy(data)))
+        plots.append(("Accuracy per category", plot_accuracy([*baseline_columns(data), ("fine-tuned", data["final"])])))
     body = "\n".join(
         [
             page.gates_html(data["gates"]),
