@@ -193,6 +193,15 @@ class EvalConfig(Section):
         ),
     )
     num_shots: int = Field(5, ge=1, description="Demonstrations in the few-shot baseline (seeded, never eval items).")
+    baseline_draws: int = Field(
+        1,
+        ge=1,
+        description=(
+            "Seeded draws of demonstrations per few-shot baseline (the first in eval/<baseline>/, the others in "
+            "eval/<baseline>/draw-<n>/); the best draw is the baseline compared with, and the report shows the "
+            "spread. A few-shot score moves with the draw: use 3 or more for decisions."
+        ),
+    )
     few_shot_format: Literal["auto", "plain", "chat"] = Field(
         "auto",
         description=(

@@ -172,10 +172,12 @@ def evaluate_model(
     demonstrations: list[Trace] | None = None,
     loaded: tuple | None = None,
     baseline: str = "few_shot",
+    draw: int = 0,
 ) -> dict:
     """Generate predictions for `items` with a model (source string or directory; `loaded` when its (tokenizer,
     model) are already in memory), write scores.json. With `demonstrations` (training traces), evaluate it
-    few-shot, worked or answer-only as `baseline` says (eval/baselines.py)."""
+    few-shot, worked or answer-only as `baseline` says, the demonstrations of draw `draw` (seed + draw)
+    (eval/baselines.py)."""
     from tracetune import dist
     from tracetune.eval.baselines import build_few_shot
     from tracetune.eval.evaluate import generate_predictions, write_scores
@@ -188,7 +190,7 @@ def evaluate_model(
         if fmt == "auto":
             fmt = "chat" if is_chat_model(model_source) else "plain"
         few_shot = build_few_shot(
-            tokenizer, demonstrations, items, cfg.eval.num_shots, cfg.seed, cfg.data.instruction, fmt, baseline
+            tokenizer, demonstrations, items, cfg.eval.num_shots, cfg.seed + draw, cfg.data.instruction, fmt, baseline
         )
     generate_predictions(model, tokenizer, items, cfg.eval, cfg.data.instruction, out_dir, cfg.seed, few_shot)
     return dist.on_main(lambda: write_scores(out_dir, items, model_source))
@@ -196,15 +198,16 @@ def evaluate_model(
 
 def evaluate_baselines(cfg: Config, inputs: Inputs, eval_dir: Path) -> None:
     """The base model, loaded once, under every configured baseline: zero-shot into eval/base, few-shot into
-    eval/few_shot and eval/few_shot_answer."""
-    from tracetune.runfiles import BASELINE_DIRS
+    eval/few_shot and eval/few_shot_answer (each eval.baseline_draws times, runfiles.draw_dir)."""
+    from tracetune.runfiles import BASELINE_DIRS, draw_dir
 
     loaded = _load_for_eval(cfg, cfg.model.source)
     for name in cfg.eval.baselines:
-        log.info("evaluating the base model %s (%s)", cfg.model.source, name.replace("_", "-"))
         demonstrations = None if name == "zero_shot" else inputs.train
-        out_dir = eval_dir / BASELINE_DIRS[name]
-        evaluate_model(cfg, cfg.model.source, inputs.eval_items, out_dir, demonstrations, loaded, name)
+        for draw in range(1 if demonstrations is None else cfg.eval.baseline_draws):
+            log.info("evaluating the base model %s (%s, draw %d)", cfg.model.source, name.replace("_", "-"), draw + 1)
+            out_dir = draw_dir(eval_dir / BASELINE_DIRS[name], draw)
+            evaluate_model(cfg, cfg.model.source, inputs.eval_items, out_dir, demonstrations, loaded, name, draw)
 
 
 def eval_stage(cfg: Config, model_source: str, out_dir: Path | None, baseline: str = "zero_shot") -> Path:

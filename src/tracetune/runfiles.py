@@ -10,6 +10,18 @@ from pathlib import Path
 BASELINE_DIRS = {"zero_shot": "base", "few_shot": "few_shot", "few_shot_answer": "few_shot_answer"}
 
 
+def draw_dirs(baseline_dir: Path) -> list[Path]:
+    """A few-shot baseline's evaluations, one per draw of demonstrations: the first draw's own directory, then
+    its draw-<n>/ directories in order (those that hold predictions)."""
+    extra = sorted(baseline_dir.glob("draw-*/predictions.jsonl"), key=lambda p: int(p.parent.name.split("-")[1]))
+    return [baseline_dir, *(p.parent for p in extra)]
+
+
+def draw_dir(baseline_dir: Path, draw: int) -> Path:
+    """Where draw `draw` (0-based) of a few-shot baseline is evaluated."""
+    return baseline_dir if draw == 0 else baseline_dir / f"draw-{draw + 1}"
+
+
 def final_model_path(stages: list[str]) -> str:
     """The run's model, relative to the run directory: the last stage's final_model (SFT's is the run's own)."""
     return "final_model" if stages[-1] == "sft" else f"{stages[-1]}/final_model"

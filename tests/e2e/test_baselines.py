@@ -27,11 +27,19 @@ def test_a_finetuned_model_worse_than_its_few_shot_base_fails_with_exit_3(tmp_pa
     assert _run(tmp_path, "base", *teach, "eval.run_base=false", "train.max_steps=40") == 0
     base = tmp_path / "base" / "final_model"
     worse = [f"model.source={base}", f"data.train_file={_traces(tmp_path / 'train3.jsonl', '3')}"]
-    assert _run(tmp_path, "worse", *worse, f"eval.eval_file={eval_file}", "train.max_steps=20") == 3
+    draws = "eval.baseline_draws=2"
+    assert _run(tmp_path, "worse", *worse, f"eval.eval_file={eval_file}", "train.max_steps=20", draws) == 3
     run_dir = tmp_path / "worse"
     comparison = json.loads((run_dir / "eval" / "comparison.json").read_text())
     assert comparison["baselines"]["few_shot"]["accuracy"] == 1.0 and comparison["final_accuracy"] == 0.0
     assert comparison["baselines"]["few_shot_answer"]["accuracy"] == 1.0
+    # Two draws of demonstrations per few-shot baseline, each its own seed; the best is compared with.
+    for name in ("few_shot", "few_shot_answer"):
+        assert [d["dir"] for d in comparison["baselines"][name]["draws"]] == [f"eval/{name}", f"eval/{name}/draw-2"]
+    first, second = (
+        json.loads((run_dir / d / "baseline.json").read_text()) for d in ("eval/few_shot", "eval/few_shot/draw-2")
+    )
+    assert first["demonstration_ids"] != second["demonstration_ids"]
     assert comparison["difference"] == -1.0 and comparison["difference_ci95"][1] < 0
     gates = {g["name"]: g for g in json.loads((run_dir / "gates.json").read_text())["gates"]}
     assert not gates["finetuned_beats_baseline"]["passed"] and not gates["finetuned_verified_beats_baseline"]["passed"]
@@ -44,6 +52,9 @@ def test_a_finetuned_model_worse_than_its_few_shot_base_fails_with_exit_3(tmp_pa
     shot = json.loads((run_dir / "eval" / "few_shot" / "baseline.json").read_text())
     assert shot["format"] == "chat" and len(shot["demonstration_ids"]) == 5  # the base was chat-trained by run 1
     assert "quality gates failed: finetuned_beats_baseline" in capsys.readouterr().err
+    assert "Accuracy over 2 draws of demonstrations: 100.0% [" in (run_dir / "summary.md").read_text()
+    assert main(["verify", str(run_dir)]) == 1  # every draw rescored and the comparison recomputed: only the gates
+    assert f"{run_dir}: 2 problem(s)" in capsys.readouterr().out
 
 
 def test_without_base_evaluation_the_comparison_gates_are_skipped_with_the_reason(tiny_cfg, tmp_path):

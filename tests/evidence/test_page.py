@@ -121,7 +121,7 @@ def test_outcomes_pair_each_final_answer_with_the_strongest_baseline_and_mark_th
 
     data = _data(_comparison(0.5, 0.5))
     data["predictions"] = {
-        "few_shot": [_row("a", False), _row("b", True), _row("c", False), _row("d", False)],
+        "strongest_baseline": [_row("a", False), _row("b", True), _row("c", False), _row("d", False)],
         "final": [
             _row("a", True),
             _row("b", False),

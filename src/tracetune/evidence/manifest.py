@@ -77,7 +77,8 @@ def recheck_scores(run_dir: Path) -> list[str]:
         *run_dir.glob("grpo/heldout/*/predictions.jsonl"),
         *run_dir.glob("rft/round-*/heldout/predictions.jsonl"),
     ]
-    for path in sorted((run_dir / "eval").glob("*/predictions.jsonl")) + sorted(held_out):
+    evaluations = [*run_dir.glob("eval/*/predictions.jsonl"), *run_dir.glob("eval/*/draw-*/predictions.jsonl")]
+    for path in sorted(evaluations) + sorted(held_out):
         name = path.parent.relative_to(run_dir).as_posix()
         rows = read_predictions(path)
         for row in rows:

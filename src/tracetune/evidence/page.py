@@ -12,8 +12,6 @@ import html
 
 from markdown_it import MarkdownIt
 
-from tracetune.runfiles import BASELINE_DIRS
-
 _MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")
 
 
@@ -59,8 +57,7 @@ OUTCOMES = {
 def outcome_examples(data: dict, per_kind: int = 2) -> dict[str, list[tuple[dict | None, dict]]]:
     """For each kind of outcome, up to `per_kind` (baseline row, final row) pairs in eval-set order."""
     final = data["predictions"]["final"]
-    strongest = (data.get("comparison") or {}).get("strongest_baseline")
-    base_rows = data["predictions"].get(BASELINE_DIRS.get(strongest, ""), []) if strongest else []
+    base_rows = data["predictions"].get("strongest_baseline", [])
     base = {r["id"]: r for r in base_rows}
     return {
         kind: [(base.get(r["id"]), r) for r in final if matches(base.get(r["id"]), r)][:per_kind]

@@ -35,6 +35,8 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 def load_run(run_dir: Path) -> dict:
     """Every file the report reads, parsed."""
     train, val = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else ([], [])
+    comparison = read_json(run_dir / "eval" / "comparison.json")
+    strongest = comparison["baselines"][comparison["strongest_baseline"]]["dir"] if comparison else None
     return {
         "run": read_json(run_dir / "run.json") or {},
         "config": _config(run_dir),
@@ -46,8 +48,9 @@ def load_run(run_dir: Path) -> dict:
         "predictions": {
             which: read_predictions(run_dir / "eval" / which / "predictions.jsonl")
             for which in (*BASELINE_DIRS.values(), "final")
-        },
-        "comparison": read_json(run_dir / "eval" / "comparison.json"),
+        }
+        | {"strongest_baseline": read_predictions(run_dir / strongest / "predictions.jsonl") if strongest else []},
+        "comparison": comparison,
         "gates": read_json(run_dir / "gates.json"),
         "stages": {
             "rft": read_jsonl(run_dir / "rft" / "rounds.jsonl"),
@@ -327,7 +330,8 @@ def _evaluation_section(data: dict) -> list[str]:
             lines += [
                 "",
                 f"Few-shot prompt ({kind}): {shot['num_shots']} training traces as demonstrations ({shot['format']} format; "
-                f"ids {', '.join(shot['demonstration_ids'])}; prompt sha256 {shot['prefix_sha256'][:12]}...).",
+                f"ids {', '.join(shot['demonstration_ids'])}; prompt sha256 {shot['prefix_sha256'][:12]}...)."
+                + _draws_sentence(data, which),
             ]
         for key in ("by_category", "by_difficulty"):
             names = sorted(final[key])
@@ -351,6 +355,16 @@ def _evaluation_section(data: dict) -> list[str]:
             f"{len(comp['regressed_ids'])} regressed, out of {comp['num_paired_items']}.",
         ]
     return lines
+
+
+def _draws_sentence(data: dict, baseline: str) -> str:
+    """The spread of a few-shot baseline's accuracy over its draws of demonstrations, where there were several."""
+    found = ((data["comparison"] or {}).get("baselines") or {}).get(baseline) or {}
+    draws = found.get("draws", [])
+    if len(draws) < 2:
+        return ""
+    scores = ", ".join(f"{_pct(d['accuracy'])} [{_pct(d['ci95'][0])}, {_pct(d['ci95'][1])}]" for d in draws)
+    return f" Accuracy over {len(draws)} draws of demonstrations: {scores}; the best ({found['dir']}) is compared with."
 
 
 def _gates_section(data: dict) -> list[str]:
