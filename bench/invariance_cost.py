@@ -37,8 +37,9 @@ def worker(args) -> None:
     tokenizer = load_tokenizer(args.source)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     model = load_model(args.source, tokenizer).to(dtype).eval()
-    items = load_eval_items(REPO / "data" / "eval.jsonl").records
-    instruction = load_config(REPO / "configs" / "quickstart.yaml").data.instruction
+    tree = Path.cwd()  # the commit's own worktree: its configs are the ones its code reads
+    items = load_eval_items(tree / "data" / "eval.jsonl").records
+    instruction = load_config(tree / "configs" / "quickstart.yaml").data.instruction
     prompts = [render_prompt(tokenizer, i.prompt, instruction) for i in items]
     stops = end_of_turn_ids(tokenizer)
     greedy = EvalConfig(eval_file=None, max_new_tokens=96, batch_size=args.items)

@@ -161,6 +161,16 @@ class EvalConfig(Section):
         description="Held-out eval items: a file or hf:NAME[:CONFIG]:SPLIT, as data.train_file; null skips evaluation.",
     )
     max_items: int | None = Field(None, ge=1, description="Evaluate only the first N items.")
+    keep_file: DataSource | None = Field(
+        None,
+        description=(
+            "A keep set: general questions the base model partly answers (eval items; the first eval.num_shots "
+            "are its question/answer demonstrations, never scored), to see what fine-tuning kept. Evaluated on "
+            "the base model and the run's model answer-only few-shot (eval/keep/base, eval/keep/final; the "
+            "kept_what_base_knew gate) and on the run's model in its trained format (eval/keep/final_format). "
+            "The shipped configs use data/keep.jsonl; null skips it."
+        ),
+    )
     batch_size: int = Field(16, ge=1, description="Prompts generated together.")
     max_new_tokens: int = Field(256, ge=1, description="Longest completion before finish_reason is 'length'.")
     do_sample: bool = Field(
@@ -238,6 +248,15 @@ class GatesConfig(Section):
     )
     probe_atol: float = Field(
         0.0, ge=0, description="Max abs logit difference when a checkpoint is reloaded on the device it was saved on."
+    )
+    max_keep_drop: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description=(
+            "kept_what_base_knew fails when the keep set's paired accuracy drop (base to the run's model, both "
+            "prompted answer-only few-shot) has its 95% interval's upper end below -max_keep_drop."
+        ),
     )
     max_truncation_rate: float = Field(
         0.2,

@@ -23,7 +23,7 @@ from tracetune.data.traces import (
     load_traces,
     split_train_val,
 )
-from tracetune.errors import ConfigError, DataError
+from tracetune.errors import ConfigError, DataError, Issue
 from tracetune.rundir import close_run, new_run_dir, now, open_run, run_dir_of, run_lock
 from tracetune.runfiles import stage_eval_dir, write_json
 
@@ -36,6 +36,27 @@ class Inputs:
     val: list[Trace]
     eval_items: list[EvalItem] | None
     reports: list[LoadReport] = field(default_factory=list)
+    keep: Keep | None = None
+
+
+@dataclass
+class Keep:
+    """The keep set: its question/answer demonstrations and the items scored."""
+
+    demonstrations: list[Trace]
+    items: list[EvalItem]
+
+
+def load_keep(path, num_shots: int) -> tuple[Keep | None, LoadReport]:
+    """The keep set in `path`: its first `num_shots` records are the demonstrations, the rest are scored."""
+    report = load_eval_items(path)
+    if not report.errors and len(report.records) <= num_shots:
+        problem = f"a keep set needs more than eval.num_shots ({num_shots}) records"
+        report.issues.append(Issue(str(path), 0, "records", problem, "add items, or set eval.keep_file=null"))
+    if report.errors:
+        return None, report
+    demos = [Trace(i.id, i.prompt, (), i.expected_answer) for i in report.records[:num_shots]]
+    return Keep(demos, report.records[num_shots:]), report
 
 
 def load_inputs(cfg: Config) -> Inputs:
@@ -51,6 +72,11 @@ def load_inputs(cfg: Config) -> Inputs:
         errors += eval_report.errors
         eval_items = eval_report.records[: cfg.eval.max_items]
         errors += find_leakage(train_report.records, eval_report.records, str(cfg.eval.eval_file))
+    keep = None
+    if cfg.eval.keep_file is not None:
+        keep, keep_report = load_keep(cfg.eval.keep_file, cfg.eval.num_shots)
+        reports.append(keep_report)
+        errors += keep_report.errors
     if errors:
         raise DataError(errors)
     for report in reports:
@@ -60,7 +86,7 @@ def load_inputs(cfg: Config) -> Inputs:
             log.warning("%s", warning)
     traces = train_report.records[: cfg.data.max_train_records]
     train, val = split_train_val(traces, cfg.data.val_fraction, cfg.seed)
-    return Inputs(train, val, eval_items, reports)
+    return Inputs(train, val, eval_items, reports, keep)
 
 
 def tokenize_inputs(cfg: Config, inputs: Inputs, tokenizer) -> tuple[list[Example], list[Example], dict]:
@@ -202,12 +228,39 @@ def evaluate_baselines(cfg: Config, inputs: Inputs, eval_dir: Path) -> None:
     from tracetune.runfiles import BASELINE_DIRS, draw_dir
 
     loaded = _load_for_eval(cfg, cfg.model.source)
+    if inputs.keep is not None:
+        evaluate_keep(cfg, cfg.model.source, inputs.keep, eval_dir.parent, ("base",), loaded)
     for name in cfg.eval.baselines:
         demonstrations = None if name == "zero_shot" else inputs.train
         for draw in range(1 if demonstrations is None else cfg.eval.baseline_draws):
             log.info("evaluating the base model %s (%s, draw %d)", cfg.model.source, name.replace("_", "-"), draw + 1)
             out_dir = draw_dir(eval_dir / BASELINE_DIRS[name], draw)
             evaluate_model(cfg, cfg.model.source, inputs.eval_items, out_dir, demonstrations, loaded, name, draw)
+
+
+KEEP_ANSWER_TOKENS = 32  # an answer-only completion is one line
+
+
+def evaluate_keep(cfg: Config, model_source: str, keep: Keep, run_dir: Path, which: tuple[str, ...], loaded) -> None:
+    """The keep set (greedy) under each of `which` (runfiles.KEEP_DIRS): `base` and `answer_only` prompt the
+    model with the keep set's own question/answer demonstrations in the base model's format (the same prompt for
+    both), `trained_format` asks in the run's format."""
+    from tracetune.models.sources import is_chat_model
+    from tracetune.runfiles import KEEP_DIR, KEEP_DIRS
+
+    fmt = cfg.eval.few_shot_format
+    if fmt == "auto":
+        fmt = "chat" if is_chat_model(cfg.model.source) else "plain"
+    greedy = cfg.eval.model_copy(update={"do_sample": False, "num_samples": 1, "few_shot_format": fmt})
+    for name in which:
+        out_dir = run_dir / KEEP_DIR / KEEP_DIRS[name]
+        log.info("evaluating %s on the keep set (%s)", model_source, name.replace("_", " "))
+        if name == "trained_format":
+            evaluate_model(cfg.model_copy(update={"eval": greedy}), model_source, keep.items, out_dir, loaded=loaded)
+            continue
+        short = greedy.model_copy(update={"max_new_tokens": min(greedy.max_new_tokens, KEEP_ANSWER_TOKENS)})
+        keep_cfg = cfg.model_copy(update={"eval": short})
+        evaluate_model(keep_cfg, model_source, keep.items, out_dir, keep.demonstrations, loaded, "few_shot_answer")
 
 
 def eval_stage(cfg: Config, model_source: str, out_dir: Path | None, baseline: str = "zero_shot") -> Path:
@@ -323,10 +376,11 @@ def run_stage(cfg: Config, argv: list[str], resume: bool = False) -> tuple[Path,
     gates record). With `resume`, continue the run directory the config names: finished items and steps are kept.
     """
     from tracetune import dist, tracking
-    from tracetune.eval.evaluate import compare_with_baselines
+    from tracetune.eval.evaluate import compare_keep, compare_with_baselines
     from tracetune.evidence.env import write_gpu_snapshot
     from tracetune.faults import STOP, Interrupted
     from tracetune.logs import log_to_file
+    from tracetune.runfiles import KEEP_DIR
 
     inputs, device = prepare(cfg)
     d = dist.current()
@@ -345,10 +399,17 @@ def run_stage(cfg: Config, argv: list[str], resume: bool = False) -> tuple[Path,
             if evaluate:
                 with log_to_file(run_dir / "logs" / "eval.log"):
                     log.info("evaluating the fine-tuned model %s", final_model)
-                    evaluate_model(cfg, str(final_model), inputs.eval_items, run_dir / "eval" / "final")
+                    loaded = _load_for_eval(cfg, str(final_model))
+                    evaluate_model(cfg, str(final_model), inputs.eval_items, run_dir / "eval" / "final", loaded=loaded)
+                    if inputs.keep is not None and cfg.eval.run_base:
+                        keep = ("answer_only", "trained_format")
+                        evaluate_keep(cfg, str(final_model), inputs.keep, run_dir, keep, loaded)
+                    del loaded
             if d.is_main:
                 if evaluate and cfg.eval.run_base:
                     write_json(run_dir / "eval" / "comparison.json", compare_with_baselines(run_dir / "eval", cfg.seed))
+                    if inputs.keep is not None:
+                        write_json(run_dir / KEEP_DIR / "comparison.json", compare_keep(run_dir / KEEP_DIR, cfg.seed))
                 if cfg.export.gguf:
                     from tracetune.evidence.gguf_check import export_and_check
 

@@ -10,6 +10,12 @@ from pathlib import Path
 BASELINE_DIRS = {"zero_shot": "base", "few_shot": "few_shot", "few_shot_answer": "few_shot_answer"}
 
 
+KEEP_DIR = "eval/keep"  # the keep set's evaluations, relative to the run directory
+# keep-set evaluation -> directory under KEEP_DIR: the base model and the run's model prompted answer-only
+# few-shot, and the run's model in its trained format
+KEEP_DIRS = {"base": "base", "answer_only": "final", "trained_format": "final_format"}
+
+
 def draw_dirs(baseline_dir: Path) -> list[Path]:
     """A few-shot baseline's evaluations, one per draw of demonstrations: the first draw's own directory, then
     its draw-<n>/ directories in order (those that hold predictions)."""

@@ -83,3 +83,48 @@ def test_eval_few_shot_baseline_alone(tmp_path, capsys):
         scores["baseline"]["demonstration_ids"]
         == json.loads((tmp_path / "fs" / "baseline.json").read_text())["demonstration_ids"]
     )
+
+
+def _skill(kind: str, n: int) -> dict:
+    """Two skills a tiny model can learn: the colour of a numbered box is red; the count of a numbered jar is 9."""
+    if kind == "colour":
+        return {"prompt": f"What colour is box {n}?", "final_answer": "red"}
+    return {"prompt": f"How many coins are in jar {n}?", "final_answer": "9"}
+
+
+def _skill_traces(path, kinds: tuple[str, ...]):
+    records = [{"id": f"{k}-{n}", **_skill(k, n), "steps": []} for n in range(40) for k in kinds]
+    return write_jsonl(path, records)
+
+
+def test_fine_tuning_on_one_of_two_skills_trips_the_keep_gate_and_on_both_keeps(tmp_path, capsys):
+    """A tiny model taught two skills, then fine-tuned on one of them alone: it forgets the other, and
+    kept_what_base_knew fails; fine-tuned on both, it keeps what it knew and the gate passes."""
+    both = _skill_traces(tmp_path / "both.jsonl", ("colour", "count"))
+    keep_items = [
+        {"id": f"keep-{k}-{n}", "prompt": s["prompt"], "expected_answer": s["final_answer"], "category": k}
+        for n in range(100, 115)
+        for k in ("colour", "count")
+        for s in [_skill(k, n)]
+    ]
+    keep = write_jsonl(tmp_path / "keep.jsonl", keep_items)
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", keep_items[:8])
+    common = [f"eval.eval_file={eval_file}", "eval.baselines=[zero_shot]", "eval.max_new_tokens=12"]
+    assert _run(tmp_path, "base", f"data.train_file={both}", *common, "eval.run_base=false", "train.max_steps=60") == 0
+    base = [f"model.source={tmp_path / 'base' / 'final_model'}", f"eval.keep_file={keep}", *common]
+    narrow = _skill_traces(tmp_path / "count.jsonl", ("count",))
+    assert _run(tmp_path, "narrow", *base, f"data.train_file={narrow}", "train.max_steps=30") == 3
+    keep_json = json.loads((tmp_path / "narrow" / "eval" / "keep" / "comparison.json").read_text())
+    assert keep_json["num_items"] == 25 and keep_json["num_base_correct"] >= 20  # the base knew both skills
+    assert keep_json["by_category"]["colour"]["final"] < keep_json["by_category"]["colour"]["base"]
+    gates = {g["name"]: g for g in json.loads((tmp_path / "narrow" / "gates.json").read_text())["gates"]}
+    assert (
+        not gates["kept_what_base_knew"]["passed"]
+        and gates["kept_what_base_knew"]["value"]["difference_ci95"][1] < -0.05
+    )
+    summary = (tmp_path / "narrow" / "summary.md").read_text()
+    assert "On the keep set it kept " in summary and "Fell: **colour**" in summary
+    assert main(["verify", str(tmp_path / "narrow")]) == 1 and "keep/comparison.json" not in capsys.readouterr().out
+    assert _run(tmp_path, "wide", *base, f"data.train_file={both}", "train.max_steps=30") == 0
+    gates = {g["name"]: g for g in json.loads((tmp_path / "wide" / "gates.json").read_text())["gates"]}
+    assert gates["kept_what_base_knew"]["passed"] and gates["kept_what_base_knew"]["status"] == "pass"

@@ -26,7 +26,15 @@ from tracetune.eval.score import answers_match, extract_answer, normalize_text
 from tracetune.eval.stats import bootstrap_interval, mcnemar_exact, paired_bootstrap, pass_at_k, wilson_interval
 from tracetune.eval.steps import check_steps
 from tracetune.faults import STOP, crash_point
-from tracetune.runfiles import BASELINE_DIRS, draw_dirs, read_json, read_predictions, trim_torn_line, write_json
+from tracetune.runfiles import (
+    BASELINE_DIRS,
+    KEEP_DIRS,
+    draw_dirs,
+    read_json,
+    read_predictions,
+    trim_torn_line,
+    write_json,
+)
 
 log = logging.getLogger("tracetune")
 
@@ -349,4 +357,32 @@ def compare_with_baselines(eval_dir: Path, seed: int = 0) -> dict:
         "baselines": found,
         **compare_predictions(eval_dir.parent / found[strongest]["dir"], final, seed),
         "verified": compare_predictions(eval_dir.parent / found[verified_against]["dir"], final, seed, key="verified"),
+    }
+
+
+def compare_keep(keep_dir: Path, seed: int = 0) -> dict:
+    """eval/keep/comparison.json: what the run's model kept of what the base model answered on the keep set,
+    both prompted answer-only few-shot (paired, the gate's), and what its trained format costs beside that;
+    per category, the accuracy before and after and the items lost."""
+    dirs = {name: keep_dir / sub for name, sub in KEEP_DIRS.items()}
+    rows = {name: {r["id"]: r for r in read_predictions(d / "predictions.jsonl")} for name, d in dirs.items()}
+    base, after = rows["base"], rows["answer_only"]
+    known = [i for i, r in base.items() if r["correct"]]
+    by_category: dict[str, dict] = {}
+    for item_id, row in base.items():
+        category = by_category.setdefault(row.get("category") or "all", {"num_items": 0, "base": 0, "final": 0})
+        category["num_items"] += 1
+        category["base"] += bool(row["correct"])
+        category["final"] += bool(after.get(item_id, {}).get("correct"))
+        if row["correct"] and not after.get(item_id, {}).get("correct"):
+            category.setdefault("lost_ids", []).append(item_id)
+    return {
+        "num_items": len(base),
+        "num_base_correct": len(known),
+        "num_kept": sum(bool(after.get(i, {}).get("correct")) for i in known),
+        "answer_only": compare_predictions(dirs["base"], dirs["answer_only"], seed),
+        "trained_format": compare_predictions(dirs["base"], dirs["trained_format"], seed)
+        if rows["trained_format"]
+        else None,
+        "by_category": by_category,
     }

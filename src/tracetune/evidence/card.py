@@ -50,17 +50,23 @@ def metadata(data: dict, run_id: str) -> str:
             metrics += [(f"{name} base model accuracy", comparison["base_accuracy"])]
             metrics += [(f"{name} base model verified accuracy", comparison["verified"]["base_accuracy"])]
         eval_name = Path(str(cfg["eval"]["eval_file"])).name
+        sets = [(eval_name, "reasoning with checked steps", metrics)]
+        if keep := data.get("keep"):
+            kept = [("keep-set accuracy (answer-only few-shot)", keep["answer_only"]["final_accuracy"])]
+            kept += [("base model keep-set accuracy", keep["answer_only"]["base_accuracy"])]
+            sets.append((Path(str(cfg["eval"]["keep_file"])).name, "what the base model knew (keep set)", kept))
         results = [
             EvalResult(
                 task_type="text-generation",
-                task_name="reasoning with checked steps",
-                dataset_type=eval_name,
-                dataset_name=eval_name,
+                task_name=task,
+                dataset_type=dataset,
+                dataset_name=dataset,
                 metric_type="accuracy",
                 metric_name=name,
                 metric_value=round(value, 4),
             )  # fmt: skip
-            for name, value in metrics
+            for dataset, task, pairs in sets
+            for name, value in pairs
         ]
     card = ModelCardData(
         library_name="transformers",

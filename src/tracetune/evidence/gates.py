@@ -20,6 +20,8 @@ from tracetune.eval.stats import difference_outcome
 from tracetune.models.checkpoints import latest_good_checkpoint, load_sharded_model
 from tracetune.runfiles import (
     BASELINE_DIRS,
+    KEEP_DIR,
+    KEEP_DIRS,
     final_model_path,
     read_metrics,
     read_predictions,
@@ -298,6 +300,33 @@ def gate_gguf_export(name: str, run_dir: Path, cfg: Config) -> Gate:
     return Gate(name, check["passed"], value, check["gate"], "export/gguf_check.json", detail=detail)
 
 
+def gate_kept_what_base_knew(name: str, run_dir: Path, cfg: Config) -> Gate:
+    """The run's model against the base model on the keep set, both prompted answer-only few-shot
+    (eval/keep/comparison.json): fails when the paired change's 95% interval lies wholly below
+    -gates.max_keep_drop, i.e. the model surely lost more than that of what the base model knew."""
+    limit = cfg.gates.max_keep_drop
+    threshold = f"95% CI upper end of the keep-set change >= -{limit}"
+    source = f"{KEEP_DIR}/comparison.json"
+    if cfg.eval.keep_file is None or not cfg.eval.run_base:
+        why = "eval.keep_file is not set" if cfg.eval.keep_file is None else "eval.run_base is false"
+        return Gate(
+            name, True, None, threshold, "config.yaml", status="skip", detail=f"{why}: no keep set was evaluated"
+        )
+    keep = json.loads((run_dir / source).read_text(encoding="utf-8"))
+    paired = keep["answer_only"]
+    low, high = paired["difference_ci95"]
+    value = {
+        "base_accuracy": paired["base_accuracy"],
+        "final_accuracy": paired["final_accuracy"],
+        "difference": paired["difference"],
+        "difference_ci95": [low, high],
+        "kept": keep["num_kept"],
+        "base_correct": keep["num_base_correct"],
+    }
+    detail = f"kept {keep['num_kept']} of {keep['num_base_correct']} keep-set items the base model answered"
+    return Gate(name, high >= -limit, value, threshold, source, detail=detail)
+
+
 def expected_files(cfg: Config) -> list[str]:
     """Files every complete run directory holds when the gates are computed."""
     files = ["config.yaml", "run.json", "env.json", "env_snapshot.txt", "gpu_snapshot.txt"]
@@ -323,6 +352,9 @@ def expected_files(cfg: Config) -> list[str]:
                 f"eval/{BASELINE_DIRS[b]}/{f}" for b in cfg.eval.baselines for f in ("predictions.jsonl", "scores.json")
             ]
             files += ["eval/comparison.json"]
+            if cfg.eval.keep_file is not None:
+                files += [f"{KEEP_DIR}/{d}/predictions.jsonl" for d in KEEP_DIRS.values()]
+                files += [f"{KEEP_DIR}/comparison.json"]
     return files
 
 
@@ -365,6 +397,7 @@ def gate_table(cfg: Config) -> list[tuple[str, Callable[[str, Path, Config], Gat
                 which = BASELINE_DIRS[baseline]
                 table.append((f"eval_{which}_complete", partial(gate_eval_complete, which=which)))
         table += [(name, gate_beats_baseline) for name in COMPARISON_GATES]
+        table.append(("kept_what_base_knew", gate_kept_what_base_knew))
     table.append(("evidence_complete", gate_evidence_complete))
     return table
 

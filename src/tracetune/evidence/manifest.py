@@ -69,15 +69,19 @@ def recheck_scores(run_dir: Path) -> list[str]:
     points of rft and grpo stages), then scores.json and comparison.json from those rows; each disagreement
     with the files is a problem."""
     from tracetune.data.traces import EvalItem
-    from tracetune.eval.evaluate import compare_with_baselines, compute_scores, score_item
-    from tracetune.runfiles import read_json, read_predictions
+    from tracetune.eval.evaluate import compare_keep, compare_with_baselines, compute_scores, score_item
+    from tracetune.runfiles import KEEP_DIR, read_json, read_predictions
 
     problems = []
     held_out = [
         *run_dir.glob("grpo/heldout/*/predictions.jsonl"),
         *run_dir.glob("rft/round-*/heldout/predictions.jsonl"),
     ]
-    evaluations = [*run_dir.glob("eval/*/predictions.jsonl"), *run_dir.glob("eval/*/draw-*/predictions.jsonl")]
+    evaluations = [
+        *run_dir.glob("eval/*/predictions.jsonl"),
+        *run_dir.glob("eval/*/draw-*/predictions.jsonl"),
+        *run_dir.glob(f"{KEEP_DIR}/*/predictions.jsonl"),
+    ]
     for path in sorted(evaluations) + sorted(held_out):
         name = path.parent.relative_to(run_dir).as_posix()
         rows = read_predictions(path)
@@ -91,6 +95,14 @@ def recheck_scores(run_dir: Path) -> list[str]:
         problems += [
             f"{name}/scores.json: {k} is {recorded.get(k)}, predictions give {recomputed[k]}"
             for k in SCORE_KEYS
+            if recorded.get(k) != recomputed[k]
+        ]
+    recorded = read_json(run_dir / KEEP_DIR / "comparison.json")
+    if recorded is not None:
+        recomputed = compare_keep(run_dir / KEEP_DIR, read_json(run_dir / "run.json").get("seed", 0))
+        problems += [
+            f"{KEEP_DIR}/comparison.json: {k} is {recorded.get(k)}, predictions give {recomputed[k]}"
+            for k in ("num_items", "num_base_correct", "num_kept")
             if recorded.get(k) != recomputed[k]
         ]
     recorded = read_json(run_dir / "eval" / "comparison.json")

@@ -58,9 +58,9 @@ def plot_accuracy(columns: list[tuple[str, dict]]) -> bytes:
     for k, (label, scores) in enumerate(columns):
         groups = [scores["by_category"].get(n, scores) if n != "all" else scores for n in names]
         values = [g["accuracy"] for g in groups]
-        errors = [
-            [v - g["ci95"][0] for v, g in zip(values, groups, strict=True)],
-            [g["ci95"][1] - v for v, g in zip(values, groups, strict=True)],
+        errors = [  # clamped: a Wilson bound can round a hair past the value at 0% or 100%
+            [max(0.0, v - g["ci95"][0]) for v, g in zip(values, groups, strict=True)],
+            [max(0.0, g["ci95"][1] - v) for v, g in zip(values, groups, strict=True)],
         ]
         xs = [x - 0.4 + width * (k + 0.5) for x in range(len(names))]
         ax.bar(xs, values, width=width, yerr=errors, capsize=2, label=label)

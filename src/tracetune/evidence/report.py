@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tracetune.eval.stats import difference_outcome, items_to_tell
 from tracetune.evidence.plots import plot_accuracy, plot_grpo, plot_loss, plot_series
-from tracetune.runfiles import BASELINE_DIRS, read_json, read_jsonl, read_metrics, read_predictions
+from tracetune.runfiles import BASELINE_DIRS, KEEP_DIR, KEEP_DIRS, read_json, read_jsonl, read_metrics, read_predictions
 
 
 def _pct(x: float) -> str:
@@ -51,6 +51,10 @@ def load_run(run_dir: Path) -> dict:
         }
         | {"strongest_baseline": read_predictions(run_dir / strongest / "predictions.jsonl") if strongest else []},
         "comparison": comparison,
+        "keep": read_json(run_dir / KEEP_DIR / "comparison.json"),
+        "keep_predictions": {
+            name: read_predictions(run_dir / KEEP_DIR / sub / "predictions.jsonl") for name, sub in KEEP_DIRS.items()
+        },
         "gates": read_json(run_dir / "gates.json"),
         "stages": {
             "rft": read_jsonl(run_dir / "rft" / "rounds.jsonl"),
@@ -154,6 +158,7 @@ def verdict(data: dict) -> str:
             )
         text += "."
     text += "".join(f" {sentence}" for sentence in _stage_sentences(gates))
+    text += _keep_sentence(data.get("keep"))
     text += _batch_sentence(final)
     if gates:
         failed = [g["name"] for g in gates["gates"] if not g["passed"]]
@@ -161,6 +166,63 @@ def verdict(data: dict) -> str:
         text += f" {len(counted) - len(failed)} of {len(counted)} gates passed"
         text += f"; failed: {', '.join(failed)}." if failed else "."
     return text
+
+
+def _keep_sentence(keep: dict | None) -> str:
+    """What the run's model kept of what the base model knew (the keep set), where one was evaluated."""
+    if not keep:
+        return ""
+    paired = keep["answer_only"]
+    text = (
+        f" On the keep set it kept {keep['num_kept']} of {keep['num_base_correct']} items the base model answered "
+        f"(answer-only few-shot: {_pct(paired['base_accuracy'])} to {_pct(paired['final_accuracy'])}"
+    )
+    if keep.get("trained_format"):
+        text += f"; {_pct(keep['trained_format']['final_accuracy'])} in its trained format"
+    return text + ")."
+
+
+def _keep_section(data: dict) -> list[str]:
+    """The keep set: base and run's model side by side per category, the categories that fell, with the model's
+    own answers."""
+    keep = data.get("keep")
+    if not keep:
+        return []
+    paired, trained = keep["answer_only"], keep.get("trained_format")
+    low, high = paired["difference_ci95"]
+    lines = ["", "### Keep set: what the base model knew", ""]
+    lines += [
+        f"{keep['num_items']} general items, the base model and the run's model both prompted answer-only "
+        f"few-shot: {_pct(paired['base_accuracy'])} to {_pct(paired['final_accuracy'])} "
+        f"({_points(paired['difference'])} points, 95% CI {_points(low)} to {_points(high)}); kept "
+        f"{keep['num_kept']} of {keep['num_base_correct']} items the base model answered."
+        + (f" In its trained format the run's model scores {_pct(trained['final_accuracy'])}." if trained else ""),
+        "",
+    ]
+    rows = [
+        [
+            name,
+            c["num_items"],
+            _pct(c["base"] / c["num_items"]),
+            _pct(c["final"] / c["num_items"]),
+            len(c.get("lost_ids", [])),
+        ]
+        for name, c in sorted(keep["by_category"].items())
+    ]
+    lines += _table(["category", "items", "base", "run's model", "lost"], rows)
+    final = {r["id"]: r for r in data["keep_predictions"]["answer_only"]}
+    fell = [(n, c) for n, c in sorted(keep["by_category"].items()) if c["final"] < c["base"]]
+    for name, category in fell:
+        lines += [
+            "",
+            f"Fell: **{name}** ({category['base']} to {category['final']} of {category['num_items']}), e.g.:",
+            "",
+        ]
+        for item_id in category.get("lost_ids", [])[:3]:
+            row = final.get(item_id, {})
+            lines += [f"- `{item_id}` {row.get('prompt', '')!r}: expected `{row.get('expected_answer')}`, "
+                      f"now `{row.get('extracted_answer')}`"]  # fmt: skip
+    return lines
 
 
 def _batch_sentence(final: dict | None) -> str:
@@ -391,7 +453,7 @@ def write_summary(run_dir: Path, data: dict) -> str:
         "",
     ]
     lines += _configuration_section(data) + _training_section(data) + _stages_section(data)
-    lines += _evaluation_section(data) + _gates_section(data)
+    lines += _evaluation_section(data) + _keep_section(data) + _gates_section(data)
     lines += ["", "## Artifacts", "", f"Besides {', '.join(REPORT_OUTPUTS)}, written after this list:", ""]
     lines += _table(["file", "size"], _artifacts(run_dir))
     text = "\n".join(lines) + "\n"
