@@ -109,7 +109,9 @@ def test_fine_tuning_on_one_of_two_skills_trips_the_keep_gate_and_on_both_keeps(
     ]
     keep = write_jsonl(tmp_path / "keep.jsonl", keep_items)
     eval_file = write_jsonl(tmp_path / "eval.jsonl", keep_items[:8])
+    # No instruction: a 2-layer model answers a few-shot prompt only in the exact format it was trained on.
     common = [f"eval.eval_file={eval_file}", "eval.baselines=[zero_shot]", "eval.max_new_tokens=12"]
+    common += ['data.instruction=""']
     assert _run(tmp_path, "base", f"data.train_file={both}", *common, "eval.run_base=false", "train.max_steps=60") == 0
     base = [f"model.source={tmp_path / 'base' / 'final_model'}", f"eval.keep_file={keep}", *common]
     narrow = _skill_traces(tmp_path / "count.jsonl", ("count",))
