@@ -3,7 +3,8 @@
 Each commit runs in its own git worktree and process, A B A B ... (bench/ab_commits.py's harness), with this
 file's worker measuring both: the packaged base model at one precision, greedy generation of the quickstart's
 evaluation (one batch of `--items` prompts, 96 new tokens) and a 4-sample sampled generation of `--sampled-items`
-prompts, then the generation probe's verdict (batched against one-at-a-time logits) on 20 prompts.
+prompts, the same prompts again in batches of 7 (do the answers move with the batch?), then the generation
+probe's verdict (batched against one-at-a-time logits) on 20 prompts.
 
     python bench/invariance_cost.py --base 61a0cce --precision fp32 --repeats 2
 
@@ -46,6 +47,10 @@ def worker(args) -> None:
     started = time.perf_counter()
     out = generate_batch(model, tokenizer, prompts[: args.items], greedy, stops)
     greedy_s = time.perf_counter() - started
+    # The same prompts in batches of 7: another batch composition for every prompt; identical answers are what
+    # batch invariance promises.
+    chunks = [prompts[k : k + 7] for k in range(0, args.items, 7)]
+    small = [g for chunk in chunks for g in generate_batch(model, tokenizer, chunk, greedy, stops)]
     sampled_prompts = [p for p in prompts[: args.sampled_items] for _ in range(4)]
     sampled = greedy.model_copy(update={"do_sample": True, "temperature": 0.8, "top_p": 1.0})
     started = time.perf_counter()
@@ -56,6 +61,7 @@ def worker(args) -> None:
         "greedy_s": greedy_s,
         "greedy_new_tokens": sum(g.num_new_tokens for g in out),
         "sampled_s": sampled_s,
+        "identical_completions_batch_50_vs_7": sum(a == b for a, b in zip(out, small, strict=True)) / len(out),
         "batch_invariant": probe["batch_invariant"],
         "max_abs_logit_difference": probe["max_abs_logit_difference"],
         "completions": [g.completion for g in out],
@@ -94,6 +100,7 @@ def main() -> None:
             "greedy_s_median": statistics.median(r["greedy_s"] for r in rs),
             "sampled_s": [round(r["sampled_s"], 2) for r in rs],
             "sampled_s_median": statistics.median(r["sampled_s"] for r in rs),
+            "identical_completions_batch_50_vs_7": [r["identical_completions_batch_50_vs_7"] for r in rs],
             "batch_invariant": [r["batch_invariant"] for r in rs],
             "max_abs_logit_difference": [r["max_abs_logit_difference"] for r in rs],
         }

@@ -88,8 +88,10 @@ def _skip_unless_invariant(model, tokenizer, prompts, cfg, tmp_path):
     pytest.skip(f"batched bf16 logits differ from one-at-a-time ones on this machine ({cpu}); recorded as such")
 
 
-def test_bf16_greedy_answers_do_not_depend_on_the_batch(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_greedy_answers_do_not_depend_on_the_batch(tmp_path, dtype):
     tokenizer, model = _bf16_model_with_gemma3_270m_shapes()
+    model = model.to(dtype)
     items = load_eval_items("data/eval.jsonl").records[:20]
     prompts = [render_prompt(tokenizer, i.prompt, "Think step by step.") for i in items]
     cfg = EvalConfig(eval_file=None, max_new_tokens=40)
@@ -107,6 +109,7 @@ def test_bf16_greedy_answers_do_not_depend_on_the_batch(tmp_path):
     assert len({g.num_new_tokens for g in stopped}) > 2
     assert stopped == [generate_batch(model, tokenizer, [p], cfg, stops)[0] for p in prompts[:8]]
     assert stopped[2:5] == generate_batch(model, tokenizer, prompts[2:5], cfg, stops)
+    assert free[3:10] == generate_batch(model, tokenizer, prompts[3:10], cfg, [])  # 7 rows: past a block of 4
     assert model.config._attn_implementation == "sdpa"  # generation's attention is put back
 
 

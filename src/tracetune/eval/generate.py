@@ -9,10 +9,11 @@ evaluation's answers are those of one-at-a-time decoding, at batched speed. In b
   the same order as when the row runs alone (SDPA's kernel sums a padded row in a different order).
 - Alignment: prompts are left-padded to a multiple of `PAD_MULTIPLE` tokens, so each row's real positions fall
   on the same vector lanes whatever the batch's longest prompt.
-- At least `MIN_ROWS` rows: a matmul of a few rows takes another kernel than one of more rows (bf16 on AVX-512
-  BF16: 1 row against 2 or more; fp32 through MKL on AVX2: 1, 2-3 and 4 or more rows, measured), so a lone
-  prompt runs beside copies of itself, the last running rows keep finished rows beside them, and a prefill
-  group of fewer rows keeps enough last positions for its LM head to see `MIN_ROWS` rows.
+- Rows in multiples of `ROW_MULTIPLE`: a matmul computes its rows in blocks, and rows left over past the last
+  block take another kernel (bf16 on AVX-512 BF16: 1 row against 2 or more; fp32 through MKL on AVX2: rows past
+  a multiple of 4 in a matmul of 5-11 rows, measured), so every matmul of a generation step has a multiple of 4
+  rows: a batch is filled up with copies of its first prompt, finished rows stay beside running ones to keep
+  the count, and a prefill group keeps enough last positions for its LM head to see a multiple of 4 rows.
 Sampling draws each prompt's tokens from its own generator, so samples inherit the same property.
 
 On CPU, bf16 linear layers run on weights packed once for oneDNN (`packed_linears`) where that is bitwise
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,7 +40,7 @@ from tracetune.dist import cpu_has_bf16
 
 PAD_MULTIPLE = 16  # tokens; the vector width of fp32 (AVX-512) reductions over key positions
 VALUE_CHUNK = 256  # key positions per attention matmul: every one has this many keys, whatever the padding
-MIN_ROWS = 4  # rows in every matmul of a generation step; see the module docstring
+ROW_MULTIPLE = 4  # every matmul of a generation step has a multiple of this many rows; see the module docstring
 ATTENTION = "tracetune_batch_invariant"
 
 
@@ -317,7 +319,8 @@ def _prefill(model, input_ids, attention_mask, positions, cache_name: str):
             attention_mask=attention_mask[rows, -length:],
             position_ids=positions[rows, -length:],
             use_cache=True,
-            logits_to_keep=min(-(-MIN_ROWS // len(rows)), length),  # the LM head's matmul sees MIN_ROWS rows
+            # the LM head's matmul sees a multiple of ROW_MULTIPLE rows
+            logits_to_keep=min(ROW_MULTIPLE // math.gcd(len(rows), ROW_MULTIPLE), length),
             **{cache_name: cache},
         )
         logits.append(out.logits[:, -1:])
@@ -393,8 +396,8 @@ def greedy_compacting(
     With `sampling`, tokens are sampled (`Sampling.choose`) rather than the argmax.
     """
     rows = input_ids.shape[0]
-    if rows < MIN_ROWS:  # a few prompts run beside copies of the first, whose tokens are dropped
-        copies = [0] * (MIN_ROWS - rows)
+    if rows % ROW_MULTIPLE:  # the prompts run beside copies of the first, whose tokens are dropped
+        copies = [0] * (-rows % ROW_MULTIPLE)
         input_ids, attention_mask = (
             torch.cat([input_ids, input_ids[copies]]),
             torch.cat([attention_mask, attention_mask[copies]]),
@@ -433,8 +436,8 @@ def greedy_compacting(
             running = owner >= 0
             if step == max_new_tokens - 1 or not running.any():
                 break
-            keep, missing = running.clone(), MIN_ROWS - int(running.sum())
-            if missing > 0:  # keep finished rows beside the last running one
+            keep, missing = running.clone(), -int(running.sum()) % ROW_MULTIPLE
+            if missing > 0:  # finished rows stay beside the running ones: a multiple of ROW_MULTIPLE rows
                 keep[(~running).nonzero().squeeze(1)[:missing]] = True
             if not keep.all():
                 cache[name].batch_select_indices(keep.nonzero().squeeze(1))

@@ -6,7 +6,8 @@ oneDNN/MKL build, the dtype and the thread count, not of tracetune (docs/PERFORM
 on each CPU kind). So every evaluation probes instead of claiming:
 
 - `probe_kernels` checks the kernels alone, in the evaluation's dtype, at the shapes generation uses: every
-  linear layer's shape at decode and prefill row counts from `generate.MIN_ROWS` up, and attention for single
+  linear layer's shape at the row counts generation uses (multiples of `generate.ROW_MULTIPLE`, decode and
+  prefill sized), every row against the same row computed in a block of ROW_MULTIPLE, and attention for single
   queries (decoding) and whole prompts (prefill, queries = length) at `ATTENTION_LENGTHS` behind
   `PADDING_BLOCKS` of extra padding. A check that fails at any one shape says false, and names the shape.
 - `probe_generation` decodes a few of an evaluation's own prompts in one batch and each alone and compares the
@@ -30,8 +31,8 @@ PROBE_STEPS = 4
 # Prompt lengths (tokens) for the attention checks: past one 256-key chunk, and at its edges.
 ATTENTION_LENGTHS = (*range(1, 200, 7), 255, 256, 257, 300)
 PADDING_BLOCKS = (1, 3, 10, 25)  # extra left padding, in multiples of generate.PAD_MULTIPLE
-# Rows a linear layer sees: decode batches from MIN_ROWS, then prefill-sized (rows x prompt tokens).
-ROW_COUNTS = (generate.MIN_ROWS, 5, 8, 17, 64, 300, 1000)
+# Rows a linear layer sees, multiples of ROW_MULTIPLE: decode batches, then prefill-sized (rows x prompt tokens).
+ROW_COUNTS = tuple(generate.ROW_MULTIPLE * n for n in (1, 2, 3, 5, 16, 75, 250))
 LARGE_LAYER = 2**24  # weights with more elements (an LM head) are checked at decode row counts only
 
 
@@ -101,16 +102,17 @@ def probe_kernels(dtype: torch.dtype = torch.bfloat16, shapes: KernelShapes = Ke
 
 
 def matmul_row_failures(dtype: torch.dtype, linears, generator: torch.Generator) -> list[dict]:
-    """The (layer shape, row count) pairs at which a linear layer's first MIN_ROWS rows differ from the same rows
-    computed alone (as MIN_ROWS rows)."""
+    """The (layer shape, row count) pairs at which any row of a linear layer's product differs from the same row
+    computed in a block of ROW_MULTIPLE rows (as a lone prompt's copies run it)."""
+    block = generate.ROW_MULTIPLE
     failed = []
     for out_features, in_features in linears:
         weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
-        counts = ROW_COUNTS[:3] if out_features * in_features > LARGE_LAYER else ROW_COUNTS
+        counts = ROW_COUNTS[:4] if out_features * in_features > LARGE_LAYER else ROW_COUNTS
         x = torch.randn(max(counts), in_features, generator=generator).to(dtype)
-        alone = F.linear(x[: generate.MIN_ROWS], weight)
+        blocks = torch.cat([F.linear(x[i : i + block], weight) for i in range(0, max(counts), block)])
         for rows in counts[1:]:
-            if not torch.equal(F.linear(x[:rows], weight)[: generate.MIN_ROWS], alone):
+            if not torch.equal(F.linear(x[:rows], weight), blocks[:rows]):
                 failed.append({"shape": [out_features, in_features], "rows": rows})
     return failed
 
