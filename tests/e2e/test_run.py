@@ -123,9 +123,12 @@ def test_gates_are_computed_and_pass(run_dir):
         "eval_few_shot_answer_complete",
         "finetuned_beats_baseline",
         "finetuned_verified_beats_baseline",
+        "kept_what_base_knew",
         "evidence_complete",
     }
     assert by_name["gpu_used"]["status"] == "skip"
+    keep = by_name["kept_what_base_knew"]  # the tiny config sets no keep set: skipped, saying why
+    assert keep["status"] == "skip" and keep["detail"].startswith("eval.keep_file is not set")
     assert by_name["checkpoint_reloads"]["value"] == 0.0
     assert by_name["training_completed"]["value"] == 8
 

@@ -90,6 +90,7 @@ def _skip_unless_invariant(model, tokenizer, prompts, cfg, tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_greedy_answers_do_not_depend_on_the_batch(tmp_path, dtype):
+    _native_or_fp32(dtype)
     tokenizer, model = _bf16_model_with_gemma3_270m_shapes()
     model = model.to(dtype)
     items = load_eval_items("data/eval.jsonl").records[:20]
