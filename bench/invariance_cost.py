@@ -49,7 +49,7 @@ def worker(args) -> None:
     greedy_s = time.perf_counter() - started
     # The same prompts in batches of 7: another batch composition for every prompt; identical answers are what
     # batch invariance promises.
-    chunks = [prompts[k : k + 7] for k in range(0, args.items, 7)]
+    chunks = [prompts[k : min(k + 7, args.items)] for k in range(0, args.items, 7)]
     small = [g for chunk in chunks for g in generate_batch(model, tokenizer, chunk, greedy, stops)]
     sampled_prompts = [p for p in prompts[: args.sampled_items] for _ in range(4)]
     sampled = greedy.model_copy(update={"do_sample": True, "temperature": 0.8, "top_p": 1.0})
