@@ -207,14 +207,11 @@ def evaluate_model(
     from tracetune import dist
     from tracetune.eval.baselines import build_few_shot
     from tracetune.eval.evaluate import generate_predictions, write_scores
-    from tracetune.models.sources import is_chat_model
 
     tokenizer, model = loaded or _load_for_eval(cfg, model_source)
     few_shot = None
     if demonstrations is not None:
-        fmt = cfg.eval.few_shot_format
-        if fmt == "auto":
-            fmt = "chat" if is_chat_model(model_source) else "plain"
+        fmt = _few_shot_format(cfg, model_source)
         few_shot = build_few_shot(
             tokenizer, demonstrations, items, cfg.eval.num_shots, cfg.seed + draw, cfg.data.instruction, fmt, baseline
         )
@@ -238,6 +235,15 @@ def evaluate_baselines(cfg: Config, inputs: Inputs, eval_dir: Path) -> None:
             evaluate_model(cfg, cfg.model.source, inputs.eval_items, out_dir, demonstrations, loaded, name, draw)
 
 
+def _few_shot_format(cfg: Config, model_source: str) -> str:
+    """eval.few_shot_format, `auto` resolved: chat where `model_source` was chat-trained, else plain."""
+    from tracetune.models.sources import is_chat_model
+
+    if cfg.eval.few_shot_format != "auto":
+        return cfg.eval.few_shot_format
+    return "chat" if is_chat_model(model_source) else "plain"
+
+
 KEEP_ANSWER_TOKENS = 32  # an answer-only completion is one line
 
 
@@ -245,12 +251,9 @@ def evaluate_keep(cfg: Config, model_source: str, keep: Keep, run_dir: Path, whi
     """The keep set (greedy) under each of `which` (runfiles.KEEP_DIRS): `base` and `answer_only` prompt the
     model with the keep set's own question/answer demonstrations in the base model's format (the same prompt for
     both), `trained_format` asks in the run's format."""
-    from tracetune.models.sources import is_chat_model
     from tracetune.runfiles import KEEP_DIR, KEEP_DIRS
 
-    fmt = cfg.eval.few_shot_format
-    if fmt == "auto":
-        fmt = "chat" if is_chat_model(cfg.model.source) else "plain"
+    fmt = _few_shot_format(cfg, cfg.model.source)
     greedy = cfg.eval.model_copy(update={"do_sample": False, "num_samples": 1, "few_shot_format": fmt})
     for name in which:
         out_dir = run_dir / KEEP_DIR / KEEP_DIRS[name]

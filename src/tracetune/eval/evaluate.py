@@ -369,17 +369,18 @@ def compare_keep(keep_dir: Path, seed: int = 0) -> dict:
     base, after = rows["base"], rows["answer_only"]
     known = [i for i, r in base.items() if r["correct"]]
     by_category: dict[str, dict] = {}
+    kept = [i for i in known if after.get(i, {}).get("correct")]
     for item_id, row in base.items():
         category = by_category.setdefault(row.get("category") or "all", {"num_items": 0, "base": 0, "final": 0})
         category["num_items"] += 1
         category["base"] += bool(row["correct"])
         category["final"] += bool(after.get(item_id, {}).get("correct"))
-        if row["correct"] and not after.get(item_id, {}).get("correct"):
+        if row["correct"] and item_id not in kept:
             category.setdefault("lost_ids", []).append(item_id)
     return {
         "num_items": len(base),
         "num_base_correct": len(known),
-        "num_kept": sum(bool(after.get(i, {}).get("correct")) for i in known),
+        "num_kept": len(kept),
         "answer_only": compare_predictions(dirs["base"], dirs["answer_only"], seed),
         "trained_format": compare_predictions(dirs["base"], dirs["trained_format"], seed)
         if rows["trained_format"]
