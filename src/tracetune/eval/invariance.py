@@ -88,7 +88,7 @@ def probe_kernels(dtype: torch.dtype = torch.bfloat16, shapes: KernelShapes = Ke
         }
         checks = {name: not failed for name, failed in failures.items()}
         if dtype == torch.bfloat16:
-            linears = [torch.nn.Linear(i, o, bias=False) for o, i in shapes.linears]
+            linears = [torch.nn.Linear(i, o, bias=False, device="meta") for o, i in shapes.linears]  # shapes only
             checks["packed_linear"] = generate.can_pack() and generate.packs_exactly(linears)
         _probed[key] = {
             **describe_cpu(),
