@@ -86,7 +86,7 @@ def test_report_page_reads_as_a_page_offline(tiny_run_dir, tmp_path):
     assert text.index("gates passed") < text.index("Quality gates")  # the verdict comes first
     assert "|---" not in text and "| metric |" not in text  # tables are tables, not markdown
     assert ["gate", "status", "value", "threshold", "from"] in parsed.headers
-    assert ["metric", "zero-shot base", "few-shot base", "fine-tuned"] in parsed.headers
+    assert ["metric", "zero-shot base", "worked few-shot base", "answer-only few-shot base", "fine-tuned"] in parsed.headers
     assert "The model's own words" in text
 
 
