@@ -25,7 +25,7 @@ from tracetune.data.traces import (
 )
 from tracetune.errors import ConfigError, DataError, Issue
 from tracetune.rundir import close_run, new_run_dir, now, open_run, run_dir_of, run_lock
-from tracetune.runfiles import stage_eval_dir, write_json
+from tracetune.runfiles import KEEP_DIR, KEEP_DIRS, keep_model_dirs, stage_eval_dir, write_json
 
 log = logging.getLogger("tracetune")
 
@@ -247,16 +247,22 @@ def _few_shot_format(cfg: Config, model_source: str) -> str:
 KEEP_ANSWER_TOKENS = 32  # an answer-only completion is one line
 
 
-def evaluate_keep(cfg: Config, model_source: str, keep: Keep, run_dir: Path, which: tuple[str, ...], loaded) -> None:
-    """The keep set (greedy) under each of `which` (runfiles.KEEP_DIRS): `base` and `answer_only` prompt the
-    model with the keep set's own question/answer demonstrations in the base model's format (the same prompt for
-    both), `trained_format` asks in the run's format."""
-    from tracetune.runfiles import KEEP_DIR, KEEP_DIRS
-
+def evaluate_keep(
+    cfg: Config,
+    model_source: str,
+    keep: Keep,
+    run_dir: Path,
+    which: tuple[str, ...],
+    loaded,
+    dirs: dict[str, str] = KEEP_DIRS,
+) -> None:
+    """The keep set (greedy) under each of `which` into run_dir/KEEP_DIR/dirs[which]: `base` and `answer_only`
+    prompt the model with the keep set's own question/answer demonstrations in the base model's format (the
+    same prompt for both), `trained_format` asks in the run's format."""
     fmt = _few_shot_format(cfg, cfg.model.source)
     greedy = cfg.eval.model_copy(update={"do_sample": False, "num_samples": 1, "few_shot_format": fmt})
     for name in which:
-        out_dir = run_dir / KEEP_DIR / KEEP_DIRS[name]
+        out_dir = run_dir / KEEP_DIR / dirs[name]
         log.info("evaluating %s on the keep set (%s)", model_source, name.replace("_", " "))
         if name == "trained_format":
             evaluate_model(cfg.model_copy(update={"eval": greedy}), model_source, keep.items, out_dir, loaded=loaded)
@@ -363,7 +369,12 @@ def _train_stages(cfg: Config, inputs: Inputs, run_dir: Path, resume: bool) -> P
         if inputs.eval_items is not None and stage != cfg.stages[-1]:
             with log_to_file(run_dir / "logs" / "eval.log"):
                 log.info("evaluating the %s stage's model %s", stage, model_dir)
-                evaluate_model(cfg, str(model_dir), inputs.eval_items, run_dir / "eval" / stage)
+                loaded = _load_for_eval(cfg, str(model_dir))
+                evaluate_model(cfg, str(model_dir), inputs.eval_items, run_dir / "eval" / stage, loaded=loaded)
+                if inputs.keep is not None and cfg.eval.run_base:
+                    which, dirs = ("answer_only", "trained_format"), keep_model_dirs(stage)
+                    evaluate_keep(cfg, str(model_dir), inputs.keep, run_dir, which, loaded, dirs)
+                del loaded
         where = {
             "model": str(Path(model_dir).relative_to(run_dir)),
             "eval": f"eval/{stage_eval_dir(cfg.stages, stage)}",
@@ -383,7 +394,6 @@ def run_stage(cfg: Config, argv: list[str], resume: bool = False) -> tuple[Path,
     from tracetune.evidence.env import write_gpu_snapshot
     from tracetune.faults import STOP, Interrupted
     from tracetune.logs import log_to_file
-    from tracetune.runfiles import KEEP_DIR
 
     inputs, device = prepare(cfg)
     d = dist.current()
@@ -412,7 +422,8 @@ def run_stage(cfg: Config, argv: list[str], resume: bool = False) -> tuple[Path,
                 if evaluate and cfg.eval.run_base:
                     write_json(run_dir / "eval" / "comparison.json", compare_with_baselines(run_dir / "eval", cfg.seed))
                     if inputs.keep is not None:
-                        write_json(run_dir / KEEP_DIR / "comparison.json", compare_keep(run_dir / KEEP_DIR, cfg.seed))
+                        keep = compare_keep(run_dir / KEEP_DIR, cfg.seed, cfg.stages[:-1])
+                        write_json(run_dir / KEEP_DIR / "comparison.json", keep)
                 if cfg.export.gguf:
                     from tracetune.evidence.gguf_check import export_and_check
 

@@ -11,9 +11,16 @@ BASELINE_DIRS = {"zero_shot": "base", "few_shot": "few_shot", "few_shot_answer":
 
 
 KEEP_DIR = "eval/keep"  # the keep set's evaluations, relative to the run directory
-# keep-set evaluation -> directory under KEEP_DIR: the base model and the run's model prompted answer-only
-# few-shot, and the run's model in its trained format
-KEEP_DIRS = {"base": "base", "answer_only": "final", "trained_format": "final_format"}
+
+
+def keep_model_dirs(name: str) -> dict[str, str]:
+    """A trained model's keep-set evaluations -> directory under KEEP_DIR: prompted answer-only few-shot as the
+    base is, and in its trained format. `name` is the model's directory under eval/ (stage_eval_dir)."""
+    return {"answer_only": name, "trained_format": f"{name}_format"}
+
+
+# keep-set evaluation -> directory under KEEP_DIR: the base model, and the run's model (the last stage's)
+KEEP_DIRS = {"base": "base", **keep_model_dirs("final")}
 
 
 def draw_dirs(baseline_dir: Path) -> list[Path]:

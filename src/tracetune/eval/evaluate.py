@@ -30,6 +30,7 @@ from tracetune.runfiles import (
     BASELINE_DIRS,
     KEEP_DIRS,
     draw_dirs,
+    keep_model_dirs,
     read_json,
     read_predictions,
     trim_torn_line,
@@ -360,13 +361,14 @@ def compare_with_baselines(eval_dir: Path, seed: int = 0) -> dict:
     }
 
 
-def compare_keep(keep_dir: Path, seed: int = 0) -> dict:
+def compare_keep(keep_dir: Path, seed: int = 0, stages: list[str] | tuple[str, ...] = ()) -> dict:
     """eval/keep/comparison.json: what the run's model kept of what the base model answered on the keep set,
     both prompted answer-only few-shot (paired, the gate's), and what its trained format costs beside that;
-    per category, the accuracy before and after and the items lost."""
-    dirs = {name: keep_dir / sub for name, sub in KEEP_DIRS.items()}
-    rows = {name: {r["id"]: r for r in read_predictions(d / "predictions.jsonl")} for name, d in dirs.items()}
-    base, after = rows["base"], rows["answer_only"]
+    per category, the accuracy before and after and the items lost. `stages` are the run's earlier stages
+    (all but the last), each compared with the base the same way under `stages`."""
+    base_dir = keep_dir / KEEP_DIRS["base"]
+    base = {r["id"]: r for r in read_predictions(base_dir / "predictions.jsonl")}
+    after = {r["id"]: r for r in read_predictions(keep_dir / KEEP_DIRS["answer_only"] / "predictions.jsonl")}
     known = [i for i, r in base.items() if r["correct"]]
     by_category: dict[str, dict] = {}
     kept = [i for i in known if after.get(i, {}).get("correct")]
@@ -380,10 +382,25 @@ def compare_keep(keep_dir: Path, seed: int = 0) -> dict:
     return {
         "num_items": len(base),
         "num_base_correct": len(known),
-        "num_kept": len(kept),
-        "answer_only": compare_predictions(dirs["base"], dirs["answer_only"], seed),
-        "trained_format": compare_predictions(dirs["base"], dirs["trained_format"], seed)
-        if rows["trained_format"]
-        else None,
+        **_kept_by(keep_dir, KEEP_DIRS, known, seed),
         "by_category": by_category,
+        "stages": {stage: _kept_by(keep_dir, keep_model_dirs(stage), known, seed) for stage in stages},
+    }
+
+
+def _kept_by(keep_dir: Path, dirs: dict[str, str], known: list[str], seed: int) -> dict:
+    """One trained model on the keep set against the base: how many of the base's right answers it kept
+    (prompted answer-only), the paired change, and the change in its trained format (None where not evaluated)."""
+    base_dir, answer_only, trained = (
+        keep_dir / KEEP_DIRS["base"],
+        keep_dir / dirs["answer_only"],
+        keep_dir / dirs["trained_format"],
+    )
+    right = {r["id"] for r in read_predictions(answer_only / "predictions.jsonl") if r["correct"]}
+    return {
+        "num_kept": sum(i in right for i in known),
+        "answer_only": compare_predictions(base_dir, answer_only, seed),
+        "trained_format": compare_predictions(base_dir, trained, seed)
+        if read_predictions(trained / "predictions.jsonl")
+        else None,
     }

@@ -23,6 +23,7 @@ from tracetune.runfiles import (
     KEEP_DIR,
     KEEP_DIRS,
     final_model_path,
+    keep_model_dirs,
     read_metrics,
     read_predictions,
     stage_eval_dir,
@@ -353,7 +354,8 @@ def expected_files(cfg: Config) -> list[str]:
             ]
             files += ["eval/comparison.json"]
             if cfg.eval.keep_file is not None:
-                files += [f"{KEEP_DIR}/{d}/predictions.jsonl" for d in KEEP_DIRS.values()]
+                dirs = [*KEEP_DIRS.values(), *(d for s in cfg.stages[:-1] for d in keep_model_dirs(s).values())]
+                files += [f"{KEEP_DIR}/{d}/predictions.jsonl" for d in dirs]
                 files += [f"{KEEP_DIR}/comparison.json"]
     return files
 

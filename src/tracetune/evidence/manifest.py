@@ -99,11 +99,18 @@ def recheck_scores(run_dir: Path) -> list[str]:
         ]
     recorded = read_json(run_dir / KEEP_DIR / "comparison.json")
     if recorded is not None:
-        recomputed = compare_keep(run_dir / KEEP_DIR, read_json(run_dir / "run.json").get("seed", 0))
+        stages = list(recorded.get("stages", {}))
+        recomputed = compare_keep(run_dir / KEEP_DIR, read_json(run_dir / "run.json").get("seed", 0), stages)
         problems += [
             f"{KEEP_DIR}/comparison.json: {k} is {recorded.get(k)}, predictions give {recomputed[k]}"
             for k in ("num_items", "num_base_correct", "num_kept")
             if recorded.get(k) != recomputed[k]
+        ]
+        problems += [
+            f"{KEEP_DIR}/comparison.json: stage {stage} kept {recorded['stages'][stage]['num_kept']}, "
+            f"predictions give {recomputed['stages'][stage]['num_kept']}"
+            for stage in stages
+            if recorded["stages"][stage]["num_kept"] != recomputed["stages"][stage]["num_kept"]
         ]
     recorded = read_json(run_dir / "eval" / "comparison.json")
     if recorded is not None:

@@ -210,6 +210,15 @@ def _keep_section(data: dict) -> list[str]:
         for name, c in sorted(keep["by_category"].items())
     ]
     lines += _table(["category", "items", "base", "run's model", "lost"], rows)
+    if keep.get("stages"):
+        lines += ["", "Each stage's model on the keep set, against the base model:", ""]
+        stages = [*keep["stages"].items(), ("final", keep)]
+        lines += _table(["stage", "answer-only", "change (95% CI)", "kept", "trained format"], [
+            [name, _pct(k["answer_only"]["final_accuracy"]), _change(k["answer_only"]),
+             f"{k['num_kept']} of {keep['num_base_correct']}",
+             _pct(k["trained_format"]["final_accuracy"]) if k.get("trained_format") else "-"]
+            for name, k in stages
+        ])  # fmt: skip
     final = {r["id"]: r for r in data["keep_predictions"]["answer_only"]}
     fell = [(n, c) for n, c in sorted(keep["by_category"].items()) if c["final"] < c["base"]]
     for name, category in fell:
@@ -223,6 +232,11 @@ def _keep_section(data: dict) -> list[str]:
             lines += [f"- `{item_id}` {row.get('prompt', '')!r}: expected `{row.get('expected_answer')}`, "
                       f"now `{row.get('extracted_answer')}`"]  # fmt: skip
     return lines
+
+
+def _change(paired: dict) -> str:
+    low, high = paired["difference_ci95"]
+    return f"{_points(paired['difference'])} ({_points(low)} to {_points(high)})"
 
 
 def _batch_sentence(final: dict | None) -> str:
