@@ -11,7 +11,7 @@ GROUND = {
     "config",
     "errors",
     "dist",
-    "runfiles",
+    "layout",
     "hashing",
     "logs",
     "faults",
@@ -38,7 +38,7 @@ def _module(path: Path) -> str:
 
 def _layer(module: str) -> str:
     parts = module.split(".")[1:] or ["__init__"]
-    if parts[0] in ("cli", "pipeline", "rundir", "__main__"):
+    if parts[0] in ("cli", "pipeline", "lifecycle", "__main__"):
         return "face"
     if parts[0] in GROUND:
         return "ground"

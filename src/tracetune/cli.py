@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from tracetune.errors import ConfigError, TracetuneError
+from tracetune.layout import RunLayout
 from tracetune.logs import setup_console
 
 
@@ -72,19 +73,19 @@ def cmd_train(args) -> int:
     from tracetune.pipeline import train_stage
 
     cfg = load_config(args.config, args.overrides)
-    print(train_stage(cfg))
+    print(train_stage(cfg, sys.argv))
     return 0
 
 
 def cmd_eval(args) -> int:
     from tracetune.config import load_config
+    from tracetune.layout import run_dir_of_model
     from tracetune.pipeline import eval_stage
-    from tracetune.runfiles import run_dir_of_model
 
     config = args.config
     run_dir = run_dir_of_model(args.model) if config is None else None
     if run_dir is not None:  # a run's model is evaluated as its run evaluated it
-        config = run_dir / "config.yaml"
+        config = RunLayout(run_dir).config
     overrides = [f"model.source={args.model}", f"eval.eval_file={args.eval_set}", *args.overrides]
     if args.demos:
         overrides.insert(0, f"data.train_file={args.demos}")
@@ -117,7 +118,7 @@ def cmd_run(args) -> int:
     from tracetune.pipeline import run_stage
 
     if args.verb == "resume":
-        cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)
+        cfg = load_config(RunLayout(Path(args.run_dir)).config, args.overrides)
         run_dir = Path(args.run_dir).resolve()  # the directory may have moved since config.yaml was written
         cfg.output.root, cfg.output.run_name = run_dir.parent, run_dir.name
         resume = True
@@ -129,10 +130,11 @@ def cmd_run(args) -> int:
     run_dir, gates = run_stage(cfg, sys.argv, resume=resume)
     for gate in gates["gates"]:
         print(f"  {gate['status']:<4}  {gate['name']}")
-    print(f"run directory: {run_dir}\nsummary: {run_dir / 'summary.md'}\nreport: {run_dir / 'report.html'}")
+    files = RunLayout(run_dir)
+    print(f"run directory: {run_dir}\nsummary: {files.summary}\nreport: {files.report}")
     if not gates["passed"]:
         failed = [g["name"] for g in gates["gates"] if not g["passed"]]
-        raise GateFailure(f"quality gates failed: {', '.join(failed)} (see {run_dir / 'gates.json'})")
+        raise GateFailure(f"quality gates failed: {', '.join(failed)} (see {files.gates})")
     return 0
 
 
@@ -155,7 +157,7 @@ def cmd_report(args) -> int:
 
     write_report(Path(args.run_dir))
     write_card(Path(args.run_dir))
-    print(Path(args.run_dir) / "summary.md")
+    print(RunLayout(Path(args.run_dir)).summary)
     return 0
 
 

@@ -6,7 +6,6 @@ and before a run directory exists.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -24,8 +23,8 @@ from tracetune.data.traces import (
     split_train_val,
 )
 from tracetune.errors import ConfigError, DataError, Issue
-from tracetune.rundir import close_run, new_run_dir, now, open_run, run_dir_of, run_lock
-from tracetune.runfiles import KEEP_DIR, KEEP_DIRS, keep_model_dirs, stage_eval_dir, write_json
+from tracetune.layout import KEEP_DIRS, EvalDir, RunLayout, keep_model_dirs, stage_eval_dir, write_json
+from tracetune.lifecycle import close_run, end_training, run_dir_of, run_life
 
 log = logging.getLogger("tracetune")
 
@@ -147,15 +146,17 @@ def prepare(cfg: Config):
     return inputs, device
 
 
-def train_stage(cfg: Config) -> Path:
-    """`tracetune train`: validate inputs, create the run directory, fine-tune, write final_model/."""
+def train_stage(cfg: Config, argv: list[str]) -> Path:
+    """`tracetune train`: validate inputs, create the run directory (run.json, env.json, the trackers), fine-tune,
+    write final_model/; no evaluation, no gates."""
     from tracetune import dist
+    from tracetune.faults import STOP
 
-    inputs, _ = prepare(cfg)
+    inputs, device = prepare(cfg)
     run_dir = _agreed_run_dir(cfg)
-    with _main_lock(run_dir):
-        dist.on_main(lambda: new_run_dir(cfg))
+    with run_life(cfg, run_dir, argv, False, device, dist.describe(device)) as record, STOP:
         _train_stages(cfg, inputs, run_dir, resume=False)
+        dist.on_main(lambda: end_training(run_dir, record))
     return run_dir
 
 
@@ -165,13 +166,6 @@ def _agreed_run_dir(cfg: Config) -> Path:
 
     cfg.output.run_name = dist.broadcast_from_main(run_dir_of(cfg).name)
     return run_dir_of(cfg)
-
-
-def _main_lock(run_dir: Path):
-    """The run lock, held by rank 0 (the one process that writes the run directory)."""
-    from tracetune import dist
-
-    return run_lock(run_dir) if dist.current().is_main else contextlib.nullcontext()
 
 
 def _load_for_eval(cfg: Config, model_source: str):
@@ -221,8 +215,8 @@ def evaluate_model(
 
 def evaluate_baselines(cfg: Config, inputs: Inputs, eval_dir: Path) -> None:
     """The base model, loaded once, under every configured baseline: zero-shot into eval/base, few-shot into
-    eval/few_shot and eval/few_shot_answer (each eval.baseline_draws times, runfiles.draw_dir)."""
-    from tracetune.runfiles import BASELINE_DIRS, draw_dir
+    eval/few_shot and eval/few_shot_answer (each eval.baseline_draws times, layout.draw_dir)."""
+    from tracetune.layout import BASELINE_DIRS, draw_dir
 
     loaded = _load_for_eval(cfg, cfg.model.source)
     if inputs.keep is not None:
@@ -262,7 +256,7 @@ def evaluate_keep(
     fmt = _few_shot_format(cfg, cfg.model.source)
     greedy = cfg.eval.model_copy(update={"do_sample": False, "num_samples": 1, "few_shot_format": fmt})
     for name in which:
-        out_dir = run_dir / KEEP_DIR / dirs[name]
+        out_dir = RunLayout(run_dir).keep(dirs[name]).path
         log.info("evaluating %s on the keep set (%s)", model_source, name.replace("_", " "))
         if name == "trained_format":
             evaluate_model(cfg.model_copy(update={"eval": greedy}), model_source, keep.items, out_dir, loaded=loaded)
@@ -286,13 +280,13 @@ def eval_stage(cfg: Config, model_source: str, out_dir: Path | None, baseline: s
     out_dir = out_dir or cfg.output.root / dist.broadcast_from_main(datetime.now(UTC).strftime("eval-%Y%m%dT%H%M%SZ"))
     if dist.current().is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "eval_config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        EvalDir(out_dir).config.write_text(dump_config(cfg), encoding="utf-8")
     demonstrations = None
     if baseline != "zero_shot":
         train = load_traces(cfg.data.train_file, cfg.data.format)
         train.raise_on_errors()
         demonstrations = train.records
-    with log_to_file(out_dir / "logs" / "eval.log"):
+    with log_to_file(EvalDir(out_dir).logs / "eval.log"):
         device = dist.resolve_device(cfg.train.device)
         if warning := dist.emulated_bf16(device, {"eval.precision": cfg.eval.precision}):
             log.warning(warning)
@@ -310,14 +304,15 @@ def _train_or_resume(cfg: Config, inputs: Inputs, run_dir: Path, resume: bool):
     from tracetune.models.checkpoints import latest_good_checkpoint
     from tracetune.train.loop import fit
 
-    if resume and (run_dir / "training.json").is_file():
+    files = RunLayout(run_dir)
+    if resume and files.training.is_file():
         log.info("training already finished in %s", run_dir)
-        return run_dir / "final_model"
-    checkpoint = latest_good_checkpoint(run_dir / "checkpoints") if resume else None
+        return files.final_model
+    checkpoint = latest_good_checkpoint(files.checkpoints) if resume else None
     if resume and checkpoint is None and dist.current().is_main:  # nothing committed: start over
-        for name in ("metrics.jsonl", "example_ids.jsonl"):
-            (run_dir / name).unlink(missing_ok=True)
-    with log_to_file(run_dir / "logs" / "train.log"):
+        for path in (files.metrics, files.example_ids):
+            path.unlink(missing_ok=True)
+    with log_to_file(files.log("train")):
         tokenizer, model, train, val, counts = load_for_training(cfg, inputs)
         log.info("tokenized: %s", json.dumps(counts))
         result = fit(cfg, run_dir, model, tokenizer, train, val, resume_from=checkpoint)
@@ -333,12 +328,13 @@ def _rl_stage(cfg: Config, inputs: Inputs, run_dir: Path, stage: str, start: str
     from tracetune.models.checkpoints import latest_good_checkpoint
     from tracetune.models.sources import load_model, load_tokenizer
 
-    stage_dir = run_dir / stage
-    if resume and (stage_dir / "training.json").is_file():
+    files = RunLayout(run_dir)
+    stage_dir = files.stage(stage).path
+    if resume and files.stage(stage).training.is_file():
         log.info("stage %s already finished in %s", stage, stage_dir)
-        return stage_dir / "final_model"
+        return files.stage(stage).final_model
     stage_dir.mkdir(exist_ok=True)
-    with log_to_file(run_dir / "logs" / f"{stage}.log"):
+    with log_to_file(files.log(stage)):
         log.info("stage %s from %s", stage, start)
         tokenizer = load_tokenizer(start)
         if stage == "rft":
@@ -349,7 +345,7 @@ def _rl_stage(cfg: Config, inputs: Inputs, run_dir: Path, stage: str, start: str
         from tracetune.rl.grpo import fit_grpo
 
         model = load_model(start, tokenizer, cfg.seed, cfg.model.attn_implementation)
-        checkpoint = latest_good_checkpoint(stage_dir / "checkpoints") if resume else None
+        checkpoint = latest_good_checkpoint(files.stage(stage).checkpoints) if resume else None
         return fit_grpo(cfg, stage_dir, model, tokenizer, inputs.train, inputs.eval_items, checkpoint)
 
 
@@ -360,28 +356,28 @@ def _train_stages(cfg: Config, inputs: Inputs, run_dir: Path, resume: bool) -> P
     from tracetune import dist
     from tracetune.logs import log_to_file
 
-    model_dir, record = cfg.model.source, []
+    model_dir, record, files = cfg.model.source, [], RunLayout(run_dir)
     for stage in cfg.stages:
         if stage == "sft":
             model_dir = _train_or_resume(cfg, inputs, run_dir, resume)
         else:
             model_dir = _rl_stage(cfg, inputs, run_dir, stage, str(model_dir), resume)
         if inputs.eval_items is not None and stage != cfg.stages[-1]:
-            with log_to_file(run_dir / "logs" / "eval.log"):
+            with log_to_file(files.log("eval")):
                 log.info("evaluating the %s stage's model %s", stage, model_dir)
                 loaded = _load_for_eval(cfg, str(model_dir))
-                evaluate_model(cfg, str(model_dir), inputs.eval_items, run_dir / "eval" / stage, loaded=loaded)
+                evaluate_model(cfg, str(model_dir), inputs.eval_items, files.eval(stage).path, loaded=loaded)
                 if inputs.keep is not None and cfg.eval.run_base:
                     which, dirs = ("answer_only", "trained_format"), keep_model_dirs(stage)
                     evaluate_keep(cfg, str(model_dir), inputs.keep, run_dir, which, loaded, dirs)
                 del loaded
         where = {
             "model": str(Path(model_dir).relative_to(run_dir)),
-            "eval": f"eval/{stage_eval_dir(cfg.stages, stage)}",
+            "eval": str(files.eval(stage_eval_dir(cfg.stages, stage)).path.relative_to(run_dir)),
         }
         record.append({"stage": stage, **where})
     if cfg.stages != ["sft"]:
-        dist.on_main(lambda: write_json(run_dir / "stages.json", record))
+        dist.on_main(lambda: write_json(files.stages, record))
     return Path(model_dir)
 
 
@@ -389,53 +385,41 @@ def run_stage(cfg: Config, argv: list[str], resume: bool = False) -> tuple[Path,
     """`tracetune run`: baselines, train, final eval, comparison, gates, report, manifest. Returns (run_dir,
     gates record). With `resume`, continue the run directory the config names: finished items and steps are kept.
     """
-    from tracetune import dist, tracking
+    from tracetune import dist
     from tracetune.eval.evaluate import compare_keep, compare_with_baselines
     from tracetune.evidence.env import write_gpu_snapshot
-    from tracetune.faults import STOP, Interrupted
+    from tracetune.faults import STOP
     from tracetune.logs import log_to_file
 
     inputs, device = prepare(cfg)
     d = dist.current()
     run_dir = _agreed_run_dir(cfg)
-    topology = dist.describe(device)
+    files = RunLayout(run_dir)
     evaluate = inputs.eval_items is not None
-    with _main_lock(run_dir), STOP:
-        record = dist.on_main(lambda: open_run(cfg, run_dir, argv, resume, device, topology))
+    with run_life(cfg, run_dir, argv, resume, device, dist.describe(device)) as record, STOP:
+        if evaluate and cfg.eval.run_base:
+            with log_to_file(files.log("eval")):
+                evaluate_baselines(cfg, inputs, files.eval_root)
+        final_model = _train_stages(cfg, inputs, run_dir, resume)
+        if evaluate:
+            with log_to_file(files.log("eval")):
+                log.info("evaluating the fine-tuned model %s", final_model)
+                loaded = _load_for_eval(cfg, str(final_model))
+                evaluate_model(cfg, str(final_model), inputs.eval_items, files.eval().path, loaded=loaded)
+                if inputs.keep is not None and cfg.eval.run_base:
+                    keep = ("answer_only", "trained_format")
+                    evaluate_keep(cfg, str(final_model), inputs.keep, run_dir, keep, loaded)
+                del loaded
         if d.is_main:
-            tracking.start(cfg.output.report_to, run_dir, cfg.model_dump(mode="json"))
-        try:
             if evaluate and cfg.eval.run_base:
-                with log_to_file(run_dir / "logs" / "eval.log"):
-                    evaluate_baselines(cfg, inputs, run_dir / "eval")
-            final_model = _train_stages(cfg, inputs, run_dir, resume)
-            if evaluate:
-                with log_to_file(run_dir / "logs" / "eval.log"):
-                    log.info("evaluating the fine-tuned model %s", final_model)
-                    loaded = _load_for_eval(cfg, str(final_model))
-                    evaluate_model(cfg, str(final_model), inputs.eval_items, run_dir / "eval" / "final", loaded=loaded)
-                    if inputs.keep is not None and cfg.eval.run_base:
-                        keep = ("answer_only", "trained_format")
-                        evaluate_keep(cfg, str(final_model), inputs.keep, run_dir, keep, loaded)
-                    del loaded
-            if d.is_main:
-                if evaluate and cfg.eval.run_base:
-                    write_json(run_dir / "eval" / "comparison.json", compare_with_baselines(run_dir / "eval", cfg.seed))
-                    if inputs.keep is not None:
-                        keep = compare_keep(run_dir / KEEP_DIR, cfg.seed, cfg.stages[:-1])
-                        write_json(run_dir / KEEP_DIR / "comparison.json", keep)
-                if cfg.export.gguf:
-                    from tracetune.evidence.gguf_check import export_and_check
+                write_json(files.comparison, compare_with_baselines(files.eval_root, cfg.seed))
+                if inputs.keep is not None:
+                    write_json(files.keep_comparison, compare_keep(files.keep_root, cfg.seed, cfg.stages[:-1]))
+            if cfg.export.gguf:
+                from tracetune.evidence.gguf_check import export_and_check
 
-                    with log_to_file(run_dir / "logs" / "export.log"):
-                        export_and_check(run_dir, cfg.export.gguf)
-                write_gpu_snapshot(run_dir, device.type, "end")
-        except BaseException as exc:
-            if d.is_main:
-                tracking.finish({})
-                status = "interrupted" if isinstance(exc, Interrupted | KeyboardInterrupt) else "failed"
-                record.update(status=status, ended_at=now(), error=f"{type(exc).__name__}: {exc}")
-                write_json(run_dir / "run.json", record)
-            raise
+                with log_to_file(files.log("export")):
+                    export_and_check(run_dir, cfg.export.gguf)
+            write_gpu_snapshot(run_dir, device.type, "end")
         gates = dist.on_main(lambda: close_run(run_dir, record))
     return run_dir, gates

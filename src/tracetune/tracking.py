@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from tracetune.layout import ROUNDS
+
 log = logging.getLogger("tracetune")
 
 _active: list = []
@@ -143,7 +145,7 @@ def start(names: list[str], run_dir: Path, config: dict) -> None:
 def stream_of(path: Path, record: dict) -> str:
     """`train`/`val` for the run's own metrics.jsonl; else the file's directory in the run, with its split."""
     where = path.parent.relative_to(_run_dir).as_posix() if _run_dir else "."
-    if path.name == "rounds.jsonl":
+    if path.name == ROUNDS:
         return f"{where}/rounds"
     split = record.get("split")
     if where == ".":

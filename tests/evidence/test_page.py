@@ -4,6 +4,7 @@ The browser tests open the page in headless Chromium with no network at all (a f
 read the DOM after load, and save a screenshot as a test artifact (tests/.artifacts/, or
 $TRACETUNE_TEST_ARTIFACTS)."""
 
+import dataclasses
 import os
 import re
 import shutil
@@ -76,17 +77,24 @@ def _rendered(page: Path, tmp_path: Path, shot: str) -> _Text:
 
 @needs_chromium
 def test_report_page_reads_as_a_page_offline(tiny_run_dir, tmp_path):
-    from tracetune.evidence.report import load_run, verdict
+    from tracetune.evidence.report import verdict
+    from tracetune.evidence.view import read_run
 
     page = tiny_run_dir / "report.html"
     assert not re.search(r"(src|href)=\"https?://", page.read_text())  # nothing to fetch
     parsed = _rendered(page, tmp_path, "report.png")
     text = " ".join(" ".join(parsed.text).split())
-    assert verdict(load_run(tiny_run_dir)) in text
+    assert verdict(read_run(tiny_run_dir)) in text
     assert text.index("gates passed") < text.index("Quality gates")  # the verdict comes first
     assert "|---" not in text and "| metric |" not in text  # tables are tables, not markdown
     assert ["gate", "status", "value", "threshold", "from"] in parsed.headers
-    assert ["metric", "zero-shot base", "worked few-shot base", "answer-only few-shot base", "fine-tuned"] in parsed.headers
+    assert [
+        "metric",
+        "zero-shot base",
+        "worked few-shot base",
+        "answer-only few-shot base",
+        "fine-tuned",
+    ] in parsed.headers
     assert "The model's own words" in text
 
 
@@ -108,7 +116,7 @@ def test_verdict_colour_follows_the_gates_and_the_comparison():
     assert verdict_class(_data(_comparison(0.12, 0.31))) == "good"
     assert verdict_class(_data(_comparison(0.22, 0.07))) == "bad"
     assert verdict_class(_data(_comparison(0.12, 0.31), failed=("b",))) == "bad"
-    assert verdict_class({**_data(None), "comparison": None, "gates": None}) == "neutral"
+    assert verdict_class(dataclasses.replace(_data(None), gates=None)) == "neutral"
 
 
 def _row(item_id: str, correct: bool, completion: str = "Answer: 1", **extra) -> dict:
@@ -120,7 +128,7 @@ def test_outcomes_pair_each_final_answer_with_the_strongest_baseline_and_mark_th
     from tracetune.evidence.page import completion_html, examples_html, outcome_examples
 
     data = _data(_comparison(0.5, 0.5))
-    data["predictions"] = {
+    data.predictions = {
         "strongest_baseline": [_row("a", False), _row("b", True), _row("c", False), _row("d", False)],
         "final": [
             _row("a", True),
@@ -137,6 +145,6 @@ def test_outcomes_pair_each_final_answer_with_the_strongest_baseline_and_mark_th
         "right answer, invalid work": ["d"],
         "truncated": ["c"],
     }
-    marked = completion_html(data["predictions"]["final"][3])
+    marked = completion_html(data.predictions["final"][3])
     assert '<mark class="bad-step"' in marked and "1. 2 + 2 = 5</mark>" in marked and "2. 5 - 4 = 1\n" in marked
     assert "few-shot base model" in examples_html(data)

@@ -79,15 +79,18 @@ def _comparison(base: float, final: float) -> dict:
 
 
 def _data(comparison, failed=()):
-    from tracetune.evidence.report import load_run
+    import dataclasses
 
-    data = load_run(Path("/nonexistent"))
+    from tracetune.evidence.view import read_run
+
+    data = read_run(Path("/nonexistent"))
     gates = [
         {"name": n, "passed": n not in failed, "status": "fail" if n in failed else "pass", "value": 1}
         for n in ("a", "b", "c")
     ]
     gates = {"passed": not failed, "gates": [{**g, "threshold": 1, "source": "x"} for g in gates]}
-    return {**data, "final": _scores(0.3, 0.2), "comparison": comparison, "gates": gates}
+    scores = {**data.scores, "final": _scores(0.3, 0.2)}
+    return dataclasses.replace(data, scores=scores, comparison=comparison, gates=gates)
 
 
 def test_verdict_reads_the_interval_better_worse_or_no_detectable_difference():
@@ -112,11 +115,11 @@ def test_verdict_reads_the_interval_better_worse_or_no_detectable_difference():
     answer_only = {**_comparison(0.12, 0.31), "strongest_baseline": "few_shot_answer", "verified_baseline": "zero_shot"}
     text = verdict(_data(answer_only))
     assert "from 12.0% (answer-only few-shot base)" in text and "went from 12.0% (zero-shot base)" in text
-    assert verdict({**_data(None), "comparison": None}).startswith("The fine-tuned model scored 30.0% accuracy")
+    assert verdict(_data(None)).startswith("The fine-tuned model scored 30.0% accuracy")
     assert "eval.batch_size" not in better
     moving = _data(_comparison(0.12, 0.31))
     probe = {"batch_invariant": False, "dtype": "bfloat16", "cpu_capability": "AVX512", "amx": True}
-    moving["final"] = {**moving["final"], "batch_invariance": probe}
+    moving.scores["final"] = {**moving.final, "batch_invariance": probe}
     assert "(bfloat16, AVX512, AMX) batched logits differ from one-at-a-time ones, so answers may move with " in (
         verdict(moving)
     )
@@ -128,9 +131,9 @@ def test_summary_shows_sampled_scores_and_failure_examples(tmp_path):
     value = {"value": 0.5, "ci95": [0.3, 0.7]}
     sampled = {"num_samples": 4, "mean_at_k": value, "pass_at": {"1": value, "2": value, "4": value}, "maj_at_k": value}
     data = _data(_comparison(0.1, 0.3))
-    data["final"] = _scores(0.3, 0.2, sampled)
+    data.scores["final"] = _scores(0.3, 0.2, sampled)
     row = {"id": "x1", "expected_answer": "5", "extracted_answer": "5", "correct": True, "finish_reason": "eos"}
-    data["predictions"] = {"final": [{**row, "work_valid": False, "first_bad_step": 2, "completion": "1. 2 + 2 = 5"}]}
+    data.predictions = {"final": [{**row, "work_valid": False, "first_bad_step": 2, "completion": "1. 2 + 2 = 5"}]}
     text = write_summary(tmp_path, data)
     for line in (
         "| mean@4 [95% CI] | 50.0% [30.0%, 70.0%] |",

@@ -11,7 +11,7 @@ from tracetune.data import synth as synth_module
 from tracetune.data.render import end_of_turn_ids, tokenize_trace
 from tracetune.data.traces import find_leakage, load_eval_items, load_traces
 from tracetune.errors import Issue, TracetuneError
-from tracetune.runfiles import write_json
+from tracetune.layout import write_json
 
 
 def _load(path: str, fmt: str, is_eval: bool):

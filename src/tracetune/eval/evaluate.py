@@ -26,9 +26,10 @@ from tracetune.eval.score import answers_match, extract_answer, normalize_text
 from tracetune.eval.stats import bootstrap_interval, mcnemar_exact, paired_bootstrap, pass_at_k, wilson_interval
 from tracetune.eval.steps import check_steps
 from tracetune.faults import STOP, crash_point
-from tracetune.runfiles import (
+from tracetune.layout import (
     BASELINE_DIRS,
     KEEP_DIRS,
+    EvalDir,
     draw_dirs,
     keep_model_dirs,
     read_json,
@@ -75,7 +76,7 @@ def generate_predictions(
     appends them in eval-set order once all are done (so a distributed evaluation resumes per run, not per batch).
     """
     d = dist.current()
-    path = out_dir / "predictions.jsonl"
+    path = EvalDir(out_dir).predictions
     if d.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         trim_torn_line(path)
@@ -110,12 +111,12 @@ def _probe(model, tokenizer, items, instruction: str, out_dir: Path, few_shot) -
     baseline.json for a few-shot evaluation)."""
     model.eval()
     if few_shot is not None:
-        write_json(out_dir / "baseline.json", few_shot.evidence())
+        write_json(EvalDir(out_dir).baseline, few_shot.evidence())
         probe = {"batch_invariant": None, "reason": "few-shot prompts follow a shared cached prefix"}
     else:
         prompts = [render_prompt(tokenizer, item.prompt, instruction) for item in items]
         probe = probe_generation(model, tokenizer, prompts)
-    write_json(out_dir / "batch_invariance.json", probe)
+    write_json(EvalDir(out_dir).batch_invariance, probe)
     if probe["batch_invariant"] is False:
         hint = (
             " ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 keeps oneDNN off AMX, which rounds by batch." if probe["amx"] else ""
@@ -292,12 +293,13 @@ def sampled_scores(rows: list[dict]) -> dict:
 
 def write_scores(out_dir: Path, items: list[EvalItem], model_name: str) -> dict:
     """Score the predictions of exactly `items` (in their order) and write scores.json."""
-    by_id = {row["id"]: row for row in read_predictions(out_dir / "predictions.jsonl")}
+    files = EvalDir(out_dir)
+    by_id = {row["id"]: row for row in read_predictions(files.predictions)}
     rows = [by_id[item.id] for item in items if item.id in by_id]
     scores = {"model": model_name, **compute_scores(rows)}
-    scores["baseline"] = read_json(out_dir / "baseline.json")
-    scores["batch_invariance"] = read_json(out_dir / "batch_invariance.json")
-    write_json(out_dir / "scores.json", scores)
+    scores["baseline"] = read_json(files.baseline)
+    scores["batch_invariance"] = read_json(files.batch_invariance)
+    write_json(files.scores, scores)
     low, high = scores["ci95"]
     log.info(
         "%s: accuracy %.1f%% (95%% CI %.1f-%.1f) on %d items",
@@ -312,8 +314,8 @@ def write_scores(out_dir: Path, items: list[EvalItem], model_name: str) -> dict:
 
 def compare_predictions(base_dir: Path, final_dir: Path, seed: int = 0, key: str = "correct") -> dict:
     """Paired comparison of two prediction files on their shared ids, by `key` (correct or verified)."""
-    base = {r["id"]: r for r in read_predictions(base_dir / "predictions.jsonl")}
-    final = {r["id"]: r for r in read_predictions(final_dir / "predictions.jsonl")}
+    base = {r["id"]: r for r in read_predictions(EvalDir(base_dir).predictions)}
+    final = {r["id"]: r for r in read_predictions(EvalDir(final_dir).predictions)}
     ids = [i for i in final if i in base]
     a = [bool(base[i].get(key)) for i in ids]
     b = [bool(final[i].get(key)) for i in ids]
@@ -342,7 +344,7 @@ def compare_with_baselines(eval_dir: Path, seed: int = 0) -> dict:
     for name, sub in BASELINE_DIRS.items():
         draws = []
         for directory in draw_dirs(eval_dir / sub):
-            rows = read_predictions(directory / "predictions.jsonl")
+            rows = read_predictions(EvalDir(directory).predictions)
             if rows:
                 draws.append({"dir": directory.relative_to(eval_dir.parent).as_posix(), **_accuracy(rows)})
         if draws:  # the best draw stands for the baseline: conservative for the claim that fine-tuning helped
@@ -367,8 +369,8 @@ def compare_keep(keep_dir: Path, seed: int = 0, stages: list[str] | tuple[str, .
     per category, the accuracy before and after and the items lost. `stages` are the run's earlier stages
     (all but the last), each compared with the base the same way under `stages`."""
     base_dir = keep_dir / KEEP_DIRS["base"]
-    base = {r["id"]: r for r in read_predictions(base_dir / "predictions.jsonl")}
-    after = {r["id"]: r for r in read_predictions(keep_dir / KEEP_DIRS["answer_only"] / "predictions.jsonl")}
+    base = {r["id"]: r for r in read_predictions(EvalDir(base_dir).predictions)}
+    after = {r["id"]: r for r in read_predictions(EvalDir(keep_dir / KEEP_DIRS["answer_only"]).predictions)}
     known = [i for i, r in base.items() if r["correct"]]
     by_category: dict[str, dict] = {}
     kept = [i for i in known if after.get(i, {}).get("correct")]
@@ -396,11 +398,11 @@ def _kept_by(keep_dir: Path, dirs: dict[str, str], known: list[str], seed: int) 
         keep_dir / dirs["answer_only"],
         keep_dir / dirs["trained_format"],
     )
-    right = {r["id"] for r in read_predictions(answer_only / "predictions.jsonl") if r["correct"]}
+    right = {r["id"] for r in read_predictions(EvalDir(answer_only).predictions) if r["correct"]}
     return {
         "num_kept": sum(i in right for i in known),
         "answer_only": compare_predictions(base_dir, answer_only, seed),
         "trained_format": compare_predictions(base_dir, trained, seed)
-        if read_predictions(trained / "predictions.jsonl")
+        if read_predictions(EvalDir(trained).predictions)
         else None,
     }

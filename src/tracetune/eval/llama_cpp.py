@@ -20,6 +20,7 @@ from tracetune.data.render import render_prompt
 from tracetune.data.traces import EvalItem
 from tracetune.eval.evaluate import score_item
 from tracetune.eval.generate import finish
+from tracetune.layout import EvalDir
 
 
 def is_available() -> bool:
@@ -53,7 +54,7 @@ def llama_cpp_predictions(
         return llm.detokenize(ids).decode("utf-8", errors="replace")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "predictions.jsonl"
+    path = EvalDir(out_dir).predictions
     try:
         with open(path, "w", encoding="utf-8", newline="\n") as handle:
             for item, text, ids in zip(items, rendered, reference, strict=True):

@@ -11,19 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tracetune.evidence.report import _pct, baseline_columns, load_run, verdict
+from tracetune.evidence.report import _pct, baseline_columns, verdict
+from tracetune.evidence.view import RunView, read_run
+from tracetune.layout import RunLayout
 from tracetune.models.sources import PACKAGED
-from tracetune.runfiles import final_model_path
-
-CARD = "README.md"
-
-
-def final_model_dir(run_dir: Path) -> Path:
-    """The run's model: the last configured stage's final_model/."""
-    import yaml
-
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    return run_dir / final_model_path(cfg.get("stages", ["sft"]))
 
 
 def base_model(source: str) -> dict:
@@ -36,11 +27,11 @@ def base_model(source: str) -> dict:
     return {}
 
 
-def metadata(data: dict, run_id: str) -> str:
+def metadata(data: RunView, run_id: str) -> str:
     """The card's YAML metadata, through huggingface_hub's ModelCardData (which shapes `model-index`)."""
     from huggingface_hub import EvalResult, ModelCardData
 
-    cfg, final, comparison = data["config"], data["final"], data["comparison"]
+    cfg, final, comparison = data.config, data.final, data.comparison
     datasets = [str(f).removeprefix("hf:") for f in (cfg["data"]["train_file"],) if str(f).startswith("hf:")]
     results = []
     if final:
@@ -51,7 +42,7 @@ def metadata(data: dict, run_id: str) -> str:
             metrics += [(f"{name} base model verified accuracy", comparison["verified"]["base_accuracy"])]
         eval_name = Path(str(cfg["eval"]["eval_file"])).name
         sets = [(eval_name, "reasoning with checked steps", metrics)]
-        if keep := data.get("keep"):
+        if keep := data.keep:
             kept = [("keep-set accuracy (answer-only few-shot)", keep["answer_only"]["final_accuracy"])]
             kept += [("base model keep-set accuracy", keep["answer_only"]["base_accuracy"])]
             sets.append((Path(str(cfg["eval"]["keep_file"])).name, "what the base model knew (keep set)", kept))
@@ -92,8 +83,8 @@ def _interval(scores: dict, key: str, ci: str) -> str:
 
 def build_card(run_dir: Path) -> str:
     """The card's text, from config.yaml, run.json, training.json, stages.json, eval/ and gates.json."""
-    data = load_run(run_dir)
-    cfg, run, training = data["config"], data["run"], data["training"]
+    data = read_run(run_dir)
+    cfg, run, training = data.config, data.run, data.training
     run_id = run.get("run_id", run_dir.name)
     t = cfg["train"]
     lines = ["---", metadata(data, run_id).strip(), "---", ""]
@@ -111,7 +102,7 @@ def build_card(run_dir: Path) -> str:
             ["data sha256", ", ".join(f"`{Path(p).name}`: {d[:16]}" for p, d in run.get("data_sha256", {}).items())],
         ],
     )
-    columns = baseline_columns(data) + ([("fine-tuned", data["final"])] if data["final"] else [])
+    columns = baseline_columns(data) + ([("fine-tuned", data.final)] if data.final else [])
     if columns:
         lines += ["", "## Evaluation", "", f"On `{cfg['eval']['eval_file']}`, greedy, answers and steps checked:", ""]
         lines += _rows(
@@ -126,9 +117,9 @@ def build_card(run_dir: Path) -> str:
                 for n, s in columns
             ],
         )
-    if data["gates"]:
+    if data.gates:
         lines += ["", "## Quality gates", ""]
-        lines += _rows(["gate", "status"], [[g["name"], g["status"]] for g in data["gates"]["gates"]])
+        lines += _rows(["gate", "status"], [[g["name"], g["status"]] for g in data.gates["gates"]])
     lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", ""]
     lines += ['tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO")']
     lines += ['model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO")', "```", ""]
@@ -137,14 +128,14 @@ def build_card(run_dir: Path) -> str:
 
 
 def write_card(run_dir: Path) -> Path:
-    path = final_model_dir(run_dir) / CARD
+    path = RunLayout(run_dir).card
     path.write_text(build_card(run_dir), encoding="utf-8")
     return path
 
 
 def check_card(run_dir: Path) -> list[str]:
     """The card on disk against the card the files give now."""
-    path = final_model_dir(run_dir) / CARD
+    path = RunLayout(run_dir).card
     if not path.is_file():
         return [f"{path.relative_to(run_dir)} missing"]
     if path.read_text(encoding="utf-8") != build_card(run_dir):

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from tracetune.config import flatten
-from tracetune.evidence.report import _pct, load_run, training_totals, verdict
+from tracetune.evidence.report import _pct, training_totals, verdict
+from tracetune.evidence.view import read_run
 
 
 def _differences(dicts: list[dict]) -> dict[str, list]:
@@ -17,23 +18,23 @@ def _differences(dicts: list[dict]) -> dict[str, list]:
 
 
 def compare_runs(run_dirs: list[Path]) -> dict:
-    runs = [load_run(d) for d in run_dirs]
-    envs = [{k: v for k, v in r["env"].items() if k not in ("packages", "hostname")} for r in runs]
-    packages = [r["env"].get("packages", {}) for r in runs]
+    runs = [read_run(d) for d in run_dirs]
+    envs = [{k: v for k, v in r.env.items() if k not in ("packages", "hostname")} for r in runs]
+    packages = [r.env.get("packages", {}) for r in runs]
     rows = {}
     for r in runs:
         totals = training_totals(r)
         for key, value in totals.items():
             rows.setdefault(key, []).append(value)
         for which in ("base", "final"):
-            scores = r[which]
+            scores = r.scores.get(which)
             rows.setdefault(f"{which}_accuracy", []).append(scores["accuracy"] if scores else None)
             rows.setdefault(f"{which}_accuracy_ci95", []).append(scores["ci95"] if scores else None)
-        gates = r["gates"]
+        gates = r.gates
         rows.setdefault("gates_passed", []).append(gates["passed"] if gates else None)
     return {
         "runs": [str(d) for d in run_dirs],
-        "config_differences": _differences([flatten(r["config"]) for r in runs]),
+        "config_differences": _differences([flatten(r.config) for r in runs]),
         "environment_differences": _differences(envs),
         "package_differences": _differences(packages),
         "metrics": rows,
@@ -73,7 +74,7 @@ def to_markdown(result: dict) -> str:
 
 def best_run_sentence(run_dirs: list[Path], runs: list[dict]) -> str:
     """Which run's fine-tuned model scored the highest verified accuracy (then accuracy), from its scores."""
-    scored = [(d.name, r["final"]) for d, r in zip(run_dirs, runs, strict=True) if r["final"]]
+    scored = [(d.name, r.final) for d, r in zip(run_dirs, runs, strict=True) if r.final]
     if not scored:
         return f"{len(run_dirs)} runs compared; none has a final evaluation."
     name, best = max(scored, key=lambda x: (x[1].get("verified_accuracy", 0.0), x[1]["accuracy"]))
@@ -93,7 +94,7 @@ def write_compare_html(run_dirs: list[Path], result: dict, path: Path) -> None:
     from tracetune.evidence import page
     from tracetune.evidence.plots import plot_runs
 
-    runs = [load_run(d) for d in run_dirs]
+    runs = [read_run(d) for d in run_dirs]
     verdicts = "".join(
         f"<li><strong>{html.escape(d.name)}</strong>: {html.escape(verdict(r))}</li>"
         for d, r in zip(run_dirs, runs, strict=True)

@@ -15,7 +15,7 @@ import torch
 
 from tracetune import allocator
 from tracetune.eval.invariance import probe_kernels
-from tracetune.runfiles import write_json
+from tracetune.layout import RunLayout, write_json
 
 
 def cpu_model() -> str:
@@ -68,10 +68,10 @@ def environment(device: str, eval_precision: str = "bf16") -> dict:
 
 def write_env(run_dir: Path, device: str, eval_precision: str) -> dict:
     env = environment(device, eval_precision)
-    write_json(run_dir / "env.json", env)
+    write_json(RunLayout(run_dir).env, env)
     lines = [f"{k}: {v}" for k, v in env.items() if k != "packages"]
     lines += ["", "packages:"] + [f"  {name}=={version}" for name, version in env["packages"].items()]
-    (run_dir / "env_snapshot.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    RunLayout(run_dir).env_snapshot.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return env
 
 
@@ -86,7 +86,7 @@ def _nvidia_smi() -> str:
 
 def write_gpu_snapshot(run_dir: Path, device: str, phase: str) -> None:
     """Append the GPU state at `phase` (start or end) to gpu_snapshot.txt; a CPU run says so plainly."""
-    path = run_dir / "gpu_snapshot.txt"
+    path = RunLayout(run_dir).gpu_snapshot
     with open(path, "a", encoding="utf-8", newline="\n") as handle:
         if device != "cuda":
             visible = (

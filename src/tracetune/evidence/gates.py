@@ -17,18 +17,23 @@ import torch
 from tracetune.config import Config, load_config
 from tracetune.data.traces import load_eval_items
 from tracetune.eval.stats import difference_outcome
-from tracetune.models.checkpoints import latest_good_checkpoint, load_sharded_model
-from tracetune.runfiles import (
+from tracetune.layout import (
     BASELINE_DIRS,
-    KEEP_DIR,
-    KEEP_DIRS,
+    CHECKPOINTS,
+    CONFIG,
+    ENV,
+    METRICS,
+    TRAINING,
+    RunLayout,
+    expected_files,
     final_model_path,
-    keep_model_dirs,
+    read_json,
     read_metrics,
     read_predictions,
     stage_eval_dir,
     write_json,
 )
+from tracetune.models.checkpoints import latest_good_checkpoint, load_sharded_model
 
 
 @dataclass
@@ -50,7 +55,8 @@ def _mean(values: list[float]) -> float:
 
 
 def gate_training_completed(name: str, run_dir: Path, cfg: Config) -> Gate:
-    training = json.loads((run_dir / "training.json").read_text(encoding="utf-8"))
+    files = RunLayout(run_dir)
+    training = read_json(files.training)
     train, _ = read_metrics(run_dir)
     last = train[-1]["step"] if train else 0
     return Gate(
@@ -58,7 +64,7 @@ def gate_training_completed(name: str, run_dir: Path, cfg: Config) -> Gate:
         last == training["planned_steps"],
         last,
         training["planned_steps"],
-        "metrics.jsonl, training.json",
+        f"{METRICS}, {TRAINING}",
     )
 
 
@@ -72,13 +78,13 @@ def gate_loss_decreased(name: str, run_dir: Path, cfg: Config) -> Gate:
         value.update(first_val_loss=val[0]["loss"], last_val_loss=val[-1]["loss"])
         passed = passed and len(val) >= 2 and val[-1]["loss"] < val[0]["loss"]
     threshold = f"first - last > {cfg.gates.min_loss_drop}" + ("; last val < first val" if val else "")
-    return Gate(name, passed, value, threshold, "metrics.jsonl")
+    return Gate(name, passed, value, threshold, METRICS)
 
 
 def gate_no_nan_or_inf(name: str, run_dir: Path, cfg: Config) -> Gate:
     train, val = read_metrics(run_dir)
     bad = [r["step"] for r in train + val for k in ("loss", "grad_norm") if k in r and not math.isfinite(r[k])]
-    return Gate(name, not bad, len(bad), 0, "metrics.jsonl", detail=f"steps {bad[:10]}" if bad else "")
+    return Gate(name, not bad, len(bad), 0, METRICS, detail=f"steps {bad[:10]}" if bad else "")
 
 
 def _load_checkpoint_model(path: Path, cfg: Config):
@@ -107,14 +113,14 @@ def _load_checkpoint_model(path: Path, cfg: Config):
 def gate_checkpoint_reloads(name: str, run_dir: Path, cfg: Config) -> Gate:
     from tracetune.models.probe import probe_difference, probe_outputs
 
-    path = latest_good_checkpoint(run_dir / "checkpoints")
+    path = latest_good_checkpoint(RunLayout(run_dir).checkpoints)
     if path is None:
         return Gate(
             name,
             False,
             None,
             f"max |diff| <= {cfg.gates.probe_atol}",
-            "checkpoints/",
+            f"{CHECKPOINTS}/",
             detail="no committed, intact checkpoint",
         )
     expected = json.loads((path / "probe.json").read_text(encoding="utf-8"))
@@ -124,7 +130,7 @@ def gate_checkpoint_reloads(name: str, run_dir: Path, cfg: Config) -> Gate:
     exact = device == recorded and expected.get("exact", True)
     diff = probe_difference(expected, actual, compare_argmax=exact)
     atol = cfg.gates.probe_atol if exact else cfg.gates.probe_cross_device_atol
-    source = f"checkpoints/{path.name}/probe.json"
+    source = f"{RunLayout(run_dir).relative(path)}/probe.json"
     detail = f"probe recorded on {recorded}, reloaded on {device}" + (
         "" if expected.get("exact", True) else " (inexact)"
     )
@@ -155,18 +161,21 @@ def stage_start_eval(cfg: Config, stage: str) -> str | None:
 
 
 def gate_stage_completed(name: str, run_dir: Path, cfg: Config, stage: str) -> Gate:
-    training = json.loads((run_dir / stage / "training.json").read_text(encoding="utf-8"))
+    files = RunLayout(run_dir)
+    training = read_json(files.stage(stage).training)
     done, planned = training["num_steps"], training["planned_steps"]
     unit = "rounds" if stage == "rft" else "steps"
-    return Gate(name, done == planned, done, planned, f"{stage}/training.json", detail=f"{unit} done of planned")
+    source = files.relative(files.stage(stage).training)
+    return Gate(name, done == planned, done, planned, source, detail=f"{unit} done of planned")
 
 
 def gate_stage_finite(name: str, run_dir: Path, cfg: Config, stage: str) -> Gate:
-    paths = [run_dir / stage / "metrics.jsonl"] + sorted((run_dir / stage).glob("round-*/metrics.jsonl"))
-    rows = [r for path in paths for r in read_metrics(path.parent)[0]]
+    stage_dir = RunLayout(run_dir).stage(stage)
+    dirs = [stage_dir.path, *sorted(p.parent for p in stage_dir.path.glob(f"round-*/{METRICS}"))]
+    rows = [r for path in dirs for r in read_metrics(path)[0]]
     bad = [r["step"] for r in rows for k in ("loss", "grad_norm") if k in r and not math.isfinite(r[k])]
     bad += [r["step"] for r in rows if r.get("finite") is False]
-    return Gate(name, not bad, len(bad), 0, f"{stage}/**/metrics.jsonl", detail=f"steps {bad[:10]}" if bad else "")
+    return Gate(name, not bad, len(bad), 0, f"{stage}/**/{METRICS}", detail=f"steps {bad[:10]}" if bad else "")
 
 
 def gate_stage_not_below_start(name: str, run_dir: Path, cfg: Config, stage: str) -> Gate:
@@ -176,11 +185,12 @@ def gate_stage_not_below_start(name: str, run_dir: Path, cfg: Config, stage: str
     start, end = stage_start_eval(cfg, stage), stage_eval_dir(cfg.stages, stage)
     if start is None:
         reason = "nothing evaluated where the stage started (first stage, and eval.run_base is false)"
-        return Gate(name, True, None, "difference >= 0", "config.yaml", status="skip", detail=reason)
-    paired = compare_predictions(run_dir / "eval" / start, run_dir / "eval" / end, cfg.seed, key="verified")
+        return Gate(name, True, None, "difference >= 0", CONFIG, status="skip", detail=reason)
+    files = RunLayout(run_dir)
+    paired = compare_predictions(files.eval(start).path, files.eval(end).path, cfg.seed, key="verified")
     value = {k: paired[k] for k in ("base_accuracy", "final_accuracy", "difference", "difference_ci95")}
     detail = f"verified accuracy, eval/{start} -> eval/{end}, {paired['num_paired_items']} paired items"
-    source = f"eval/{start}, eval/{end}"
+    source = f"{files.relative(files.eval(start).path)}, {files.relative(files.eval(end).path)}"
     return Gate(
         name,
         paired["num_paired_items"] > 0 and paired["difference"] >= 0,
@@ -193,18 +203,19 @@ def gate_stage_not_below_start(name: str, run_dir: Path, cfg: Config, stage: str
 
 def gate_stage_truncation(name: str, run_dir: Path, cfg: Config, stage: str) -> Gate:
     end = stage_eval_dir(cfg.stages, stage)
-    scores = json.loads((run_dir / "eval" / end / "scores.json").read_text(encoding="utf-8"))
+    files = RunLayout(run_dir)
+    scores = read_json(files.eval(end).scores)
     rate, limit = scores["format"]["truncation_rate"], cfg.gates.max_truncation_rate
-    return Gate(
-        name, rate <= limit, rate, f"<= {limit}", f"eval/{end}/scores.json", detail="held-out completions cut off"
-    )
+    source = files.relative(files.eval(end).scores)
+    return Gate(name, rate <= limit, rate, f"<= {limit}", source, detail="held-out completions cut off")
 
 
 def gate_reward_agrees_with_heldout(name: str, run_dir: Path, cfg: Config) -> Gate:
     """A rising reward with a falling held-out verified accuracy fails: the policy learned the reward, not the task."""
-    from tracetune.runfiles import read_jsonl
+    from tracetune.layout import read_jsonl
 
-    rows = read_jsonl(run_dir / "grpo" / "metrics.jsonl")
+    files = RunLayout(run_dir)
+    rows = read_jsonl(files.stage("grpo").metrics)
     steps = [r for r in rows if "reward" in r]
     held = [r for r in rows if r.get("split") == "heldout"]
     k = max(1, len(steps) // 4)
@@ -217,31 +228,33 @@ def gate_reward_agrees_with_heldout(name: str, run_dir: Path, cfg: Config) -> Ga
         if failed
         else "reward and held-out verified accuracy do not diverge"
     )
-    return Gate(name, not failed, value, "not (reward up and held-out down)", "grpo/metrics.jsonl", detail=detail)
+    source = files.relative(files.stage("grpo").metrics)
+    return Gate(name, not failed, value, "not (reward up and held-out down)", source, detail=detail)
 
 
 def gate_gpu_used(name: str, run_dir: Path, cfg: Config) -> Gate:
-    env = json.loads((run_dir / "env.json").read_text(encoding="utf-8"))
+    env = read_json(RunLayout(run_dir).env)
     if cfg.train.device != "cuda":
         return Gate(
             name,
             True,
             env["device"],
             "cuda (only when asked)",
-            "env.json",
+            ENV,
             status="skip",
             detail=f"train.device is {cfg.train.device}",
         )
     train, _ = read_metrics(run_dir)
     on_gpu = env["device"] == "cuda" and all("cuda_allocated_mb" in r for r in train)
-    return Gate(name, on_gpu, env.get("device_name"), "cuda", "env.json, metrics.jsonl")
+    return Gate(name, on_gpu, env.get("device_name"), "cuda", f"{ENV}, {METRICS}")
 
 
 def gate_eval_complete(name: str, run_dir: Path, cfg: Config, which: str) -> Gate:
     items = load_eval_items(cfg.eval.eval_file).records[: cfg.eval.max_items]
-    done = {r["id"] for r in read_predictions(run_dir / "eval" / which / "predictions.jsonl")}
+    files = RunLayout(run_dir)
+    done = {r["id"] for r in read_predictions(files.eval(which).predictions)}
     missing = [i.id for i in items if i.id not in done]
-    source = f"eval/{which}/predictions.jsonl"
+    source = files.relative(files.eval(which).predictions)
     return Gate(
         name,
         not missing,
@@ -264,8 +277,9 @@ def gate_beats_baseline(name: str, run_dir: Path, cfg: Config) -> Gate:
     threshold = f"95% CI of the difference against {margin}: {wanted}"
     if not cfg.eval.run_base:
         reason = "eval.run_base is false: no baseline was evaluated to compare with"
-        return Gate(name, True, None, threshold, "config.yaml", status="skip", detail=reason)
-    comparison = json.loads((run_dir / "eval" / "comparison.json").read_text(encoding="utf-8"))
+        return Gate(name, True, None, threshold, CONFIG, status="skip", detail=reason)
+    files = RunLayout(run_dir)
+    comparison = read_json(files.comparison)
     verified = COMPARISON_GATES[name] != "accuracy"
     paired = comparison["verified"] if verified else comparison
     baseline = (
@@ -284,13 +298,14 @@ def gate_beats_baseline(name: str, run_dir: Path, cfg: Config) -> Gate:
     }
     detail = f"{COMPARISON_GATES[name]} against the {baseline.replace('_', '-')} base model: {outcome}"
     passed = outcome == "better" or (outcome == "unclear" and not cfg.gates.require_gain)
-    return Gate(name, passed, value, threshold, "eval/comparison.json", detail=detail)
+    return Gate(name, passed, value, threshold, files.relative(files.comparison), detail=detail)
 
 
 def gate_gguf_export(name: str, run_dir: Path, cfg: Config) -> Gate:
-    check = json.loads((run_dir / "export" / "gguf_check.json").read_text(encoding="utf-8"))
+    files = RunLayout(run_dir)
+    check, source = read_json(files.gguf_check), files.relative(files.gguf_check)
     if "passed" not in check:
-        return Gate(name, True, check["file"], check.get("gate"), "export/gguf_check.json", status="skip",
+        return Gate(name, True, check["file"], check.get("gate"), source, status="skip",
                     detail="no eval set: the file was written but not evaluated")  # fmt: skip
     value = {k: check[k] for k in ("identical_answer_share", "accuracy_difference", "accuracy_difference_ci95")}
     detail = f"{check['file']} ({check['type']}) against {check.get('compared_with', 'the trained model')} on {check['num_items']} items"
@@ -298,7 +313,7 @@ def gate_gguf_export(name: str, run_dir: Path, cfg: Config) -> Gate:
     if llama.get("ran"):
         value["llama_cpp_identical_answer_share"] = llama["identical_answer_share"]
         detail += f"; under llama.cpp too ({llama['identical_prompt_tokens_share']:.0%} identical prompt tokens)"
-    return Gate(name, check["passed"], value, check["gate"], "export/gguf_check.json", detail=detail)
+    return Gate(name, check["passed"], value, check["gate"], source, detail=detail)
 
 
 def gate_kept_what_base_knew(name: str, run_dir: Path, cfg: Config) -> Gate:
@@ -307,13 +322,12 @@ def gate_kept_what_base_knew(name: str, run_dir: Path, cfg: Config) -> Gate:
     -gates.max_keep_drop, i.e. the model surely lost more than that of what the base model knew."""
     limit = cfg.gates.max_keep_drop
     threshold = f"95% CI upper end of the keep-set change >= -{limit}"
-    source = f"{KEEP_DIR}/comparison.json"
+    files = RunLayout(run_dir)
+    source = files.relative(files.keep_comparison)
     if cfg.eval.keep_file is None or not cfg.eval.run_base:
         why = "eval.keep_file is not set" if cfg.eval.keep_file is None else "eval.run_base is false"
-        return Gate(
-            name, True, None, threshold, "config.yaml", status="skip", detail=f"{why}: no keep set was evaluated"
-        )
-    keep = json.loads((run_dir / source).read_text(encoding="utf-8"))
+        return Gate(name, True, None, threshold, CONFIG, status="skip", detail=f"{why}: no keep set was evaluated")
+    keep = read_json(files.keep_comparison)
     paired = keep["answer_only"]
     low, high = paired["difference_ci95"]
     value = {
@@ -328,41 +342,9 @@ def gate_kept_what_base_knew(name: str, run_dir: Path, cfg: Config) -> Gate:
     return Gate(name, high >= -limit, value, threshold, source, detail=detail)
 
 
-def expected_files(cfg: Config) -> list[str]:
-    """Files every complete run directory holds when the gates are computed."""
-    files = ["config.yaml", "run.json", "env.json", "env_snapshot.txt", "gpu_snapshot.txt"]
-    if "sft" in cfg.stages:
-        files += ["logs/train.log", "metrics.jsonl", "training.json"]
-    final = final_model_path(cfg.stages)
-    files += [f"{final}/config.json", f"{final}/tokenizer_config.json", f"{final}/generation_config.json"]
-    if cfg.train.method == "lora":
-        files += ["adapter/adapter_config.json"]
-    if cfg.stages != ["sft"]:
-        files += ["stages.json"]
-    if cfg.export.gguf:
-        files += [f"export/model-{cfg.export.gguf}.gguf", "export/Modelfile", "export/gguf_check.json"]
-    for stage in cfg.stages[1:] if cfg.stages[0] == "sft" else cfg.stages:
-        files += [f"logs/{stage}.log", f"{stage}/training.json"]
-        files += [f"{stage}/rounds.jsonl"] if stage == "rft" else [f"{stage}/metrics.jsonl"]
-        if cfg.eval.eval_file is not None and stage != cfg.stages[-1]:
-            files += [f"eval/{stage}/predictions.jsonl", f"eval/{stage}/scores.json"]
-    if cfg.eval.eval_file is not None:
-        files += ["logs/eval.log", "eval/final/predictions.jsonl", "eval/final/scores.json"]
-        if cfg.eval.run_base:
-            files += [
-                f"eval/{BASELINE_DIRS[b]}/{f}" for b in cfg.eval.baselines for f in ("predictions.jsonl", "scores.json")
-            ]
-            files += ["eval/comparison.json"]
-            if cfg.eval.keep_file is not None:
-                dirs = [*KEEP_DIRS.values(), *(d for s in cfg.stages[:-1] for d in keep_model_dirs(s).values())]
-                files += [f"{KEEP_DIR}/{d}/predictions.jsonl" for d in dirs]
-                files += [f"{KEEP_DIR}/comparison.json"]
-    return files
-
-
 def gate_evidence_complete(name: str, run_dir: Path, cfg: Config) -> Gate:
     missing = [f for f in expected_files(cfg) if not (run_dir / f).is_file()]
-    if not list((run_dir / final_model_path(cfg.stages)).glob("*.safetensors")):
+    if not list(RunLayout(run_dir).model(cfg.stages).glob("*.safetensors")):
         missing.append(f"{final_model_path(cfg.stages)}/*.safetensors")
     return Gate(name, not missing, missing, [], "run directory", detail=", ".join(missing))
 
@@ -406,7 +388,7 @@ def gate_table(cfg: Config) -> list[tuple[str, Callable[[str, Path, Config], Gat
 
 def compute_gates(run_dir: Path) -> list[Gate]:
     """Every gate, from files; a gate whose inputs are missing fails rather than raising."""
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(RunLayout(run_dir).config)
     gates = []
     for name, check in gate_table(cfg):
         try:
@@ -418,5 +400,5 @@ def compute_gates(run_dir: Path) -> list[Gate]:
 
 def write_gates(run_dir: Path, gates: list[Gate]) -> dict:
     record = {"passed": all(g.passed for g in gates), "gates": [asdict(g) for g in gates]}
-    write_json(run_dir / "gates.json", record)
+    write_json(RunLayout(run_dir).gates, record)
     return record

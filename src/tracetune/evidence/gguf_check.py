@@ -16,7 +16,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from tracetune.runfiles import write_json
+from tracetune.layout import EvalDir, RunLayout, write_json
 
 log = logging.getLogger("tracetune")
 
@@ -78,7 +78,7 @@ def _llama_cpp_check(
 
     from tracetune.eval.evaluate import compare_predictions, write_scores
     from tracetune.eval.llama_cpp import is_available, llama_cpp_predictions
-    from tracetune.runfiles import read_predictions
+    from tracetune.layout import read_predictions
 
     if not is_available():
         return {"ran": False, "reason": "llama-cpp-python is not installed (pip install llama-cpp-python)"}
@@ -88,21 +88,25 @@ def _llama_cpp_check(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)  # the trained tokenizer: its ids are the reference
     llama_cpp_predictions(gguf, tokenizer, items, cfg.eval, cfg.data.instruction, eval_dir)
     write_scores(eval_dir, items, f"{gguf.name} under llama.cpp")
-    paired = compare_predictions(run_dir / "eval" / "final", eval_dir, cfg.seed)
-    rows = read_predictions(eval_dir / "predictions.jsonl")
+    paired = compare_predictions(RunLayout(run_dir).eval().path, eval_dir, cfg.seed)
+    rows = read_predictions(EvalDir(eval_dir).predictions)
     same_prompt = sum(r["prompt_tokens_match"] for r in rows) / max(len(rows), 1)
     check = gguf_check(reference_rows, rows, kind, paired, None)  # llama.cpp's logits are its own kernels'
     return {"ran": True, "identical_prompt_tokens_share": same_prompt, **check}
 
 
+def _llama_cpp_dir(files: RunLayout, kind: str) -> EvalDir:
+    return EvalDir(files.export / f"{files.export_eval(kind).path.name}-llama-cpp")
+
+
 def _evaluate(model, tokenizer, items, cfg, out_dir: Path, name: str) -> list[dict]:
     """`model` evaluated on `items` into out_dir as the run evaluates; its prediction rows."""
     from tracetune.eval.evaluate import generate_predictions, write_scores
-    from tracetune.runfiles import read_predictions
+    from tracetune.layout import read_predictions
 
     generate_predictions(model, tokenizer, items, cfg.eval, cfg.data.instruction, out_dir, cfg.seed)
     write_scores(out_dir, items, name)
-    return read_predictions(out_dir / "predictions.jsonl")
+    return read_predictions(EvalDir(out_dir).predictions)
 
 
 def export_and_check(run_dir: Path, kind: str) -> dict:
@@ -119,22 +123,21 @@ def export_and_check(run_dir: Path, kind: str) -> dict:
     from tracetune.data.render import render_prompt, user_message
     from tracetune.data.traces import load_eval_items
     from tracetune.eval.evaluate import compare_predictions
-    from tracetune.evidence.card import final_model_dir
     from tracetune.models.export import export_gguf, ollama_modelfile, round_as_exported, source_gguf
 
-    cfg = load_config(run_dir / "config.yaml")
-    out_dir = run_dir / "export"
-    name = f"model-{kind}.gguf"
-    model_dir = final_model_dir(run_dir)
-    log.info("exporting %s to %s", model_dir, out_dir / name)
-    info = export_gguf(model_dir, out_dir / name, kind, source_gguf(cfg.model.source))
+    files = RunLayout(run_dir)
+    cfg = load_config(files.config)
+    out_dir, name = files.export, files.gguf(kind).name
+    model_dir = files.run_model
+    log.info("exporting %s to %s", model_dir, files.gguf(kind))
+    info = export_gguf(model_dir, files.gguf(kind), kind, source_gguf(cfg.model.source))
     tokenizer = AutoTokenizer.from_pretrained(out_dir, gguf_file=name)
     user_turn = user_message("{{ .Prompt }}", cfg.data.instruction)
-    (out_dir / "Modelfile").write_text(ollama_modelfile(name, tokenizer.chat_template, user_turn), encoding="utf-8")
+    files.modelfile.write_text(ollama_modelfile(name, tokenizer.chat_template, user_turn), encoding="utf-8")
     check = dict(info)
-    if cfg.eval.eval_file is not None and (run_dir / "eval" / "final" / "predictions.jsonl").is_file():
-        for stale in (f"eval-{kind}-reference", f"eval-{kind}", f"eval-{kind}-llama-cpp"):  # an earlier file's
-            shutil.rmtree(out_dir / stale, ignore_errors=True)
+    if cfg.eval.eval_file is not None and files.eval().predictions.is_file():
+        for stale in (files.export_eval(kind, True), files.export_eval(kind), _llama_cpp_dir(files, kind)):
+            shutil.rmtree(stale.path, ignore_errors=True)  # an earlier file's
         items = load_eval_items(cfg.eval.eval_file).records[: cfg.eval.max_items]
         reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         round_as_exported(reference, kind, source_gguf(cfg.model.source))
@@ -145,21 +148,21 @@ def export_and_check(run_dir: Path, kind: str) -> dict:
         prompts = [render_prompt(trained_tokenizer, i.prompt, cfg.data.instruction) for i in items[:LOGIT_PROMPTS]]
         error = logit_error(reference, model, trained_tokenizer, prompts)
         reference_rows = _evaluate(
-            reference, trained_tokenizer, items, cfg, out_dir / f"eval-{kind}-reference",
+            reference, trained_tokenizer, items, cfg, files.export_eval(kind, reference=True).path,
             f"{model_dir.name} rounded as {name}",
         )  # fmt: skip
         del reference
-        eval_dir = out_dir / f"eval-{kind}"
+        eval_dir = files.export_eval(kind).path
         rows = _evaluate(model, tokenizer, items, cfg, eval_dir, name)
-        paired = compare_predictions(run_dir / "eval" / "final", eval_dir, cfg.seed)
+        paired = compare_predictions(files.eval().path, eval_dir, cfg.seed)
         check |= gguf_check(reference_rows, rows, kind, paired, error)
         llama = _llama_cpp_check(
-            out_dir / name, model_dir, items, cfg, out_dir / f"eval-{kind}-llama-cpp", reference_rows, kind, run_dir
+            files.gguf(kind), model_dir, items, cfg, _llama_cpp_dir(files, kind).path, reference_rows, kind, run_dir
         )
         check["llama_cpp"] = llama
         if llama["ran"]:
             check["gate"] += ", under transformers and under llama.cpp"
             check["passed"] = check["passed"] and llama["passed"]
-        write_json(eval_dir / "gguf_check.json", check)  # kept when another type is exported after this one
-    write_json(out_dir / "gguf_check.json", check)
+        write_json(EvalDir(eval_dir).gguf_check, check)  # kept when another type is exported after this one
+    write_json(files.gguf_check, check)
     return check

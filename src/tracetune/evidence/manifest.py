@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tracetune.hashing import hash_mismatches, sha256_file
-
-MANIFEST = "MANIFEST.sha256"
+from tracetune.layout import MANIFEST, RunLayout, read_json
 
 
 def write_manifest(run_dir: Path) -> int:
@@ -42,10 +40,10 @@ def verify_run(run_dir: Path) -> tuple[list[str], list[dict]]:
 
     problems = check_manifest(run_dir)
     recorded = {}
-    if (run_dir / "gates.json").is_file():
-        recorded = {g["name"]: g for g in json.loads((run_dir / "gates.json").read_text(encoding="utf-8"))["gates"]}
+    if (gates_json := read_json(RunLayout(run_dir).gates)) is not None:
+        recorded = {g["name"]: g for g in gates_json["gates"]}
     else:
-        problems.append("gates.json missing")
+        problems.append(f"{RunLayout(run_dir).gates.name} missing")
     problems += recheck_scores(run_dir)
     problems += check_card(run_dir)
     gates = [asdict(g) for g in compute_gates(run_dir)]
@@ -70,53 +68,45 @@ def recheck_scores(run_dir: Path) -> list[str]:
     with the files is a problem."""
     from tracetune.data.traces import EvalItem
     from tracetune.eval.evaluate import compare_keep, compare_with_baselines, compute_scores, score_item
-    from tracetune.runfiles import KEEP_DIR, read_json, read_predictions
+    from tracetune.layout import read_predictions
 
-    problems = []
-    held_out = [
-        *run_dir.glob("grpo/heldout/*/predictions.jsonl"),
-        *run_dir.glob("rft/round-*/heldout/predictions.jsonl"),
-    ]
-    evaluations = [
-        *run_dir.glob("eval/*/predictions.jsonl"),
-        *run_dir.glob("eval/*/draw-*/predictions.jsonl"),
-        *run_dir.glob(f"{KEEP_DIR}/*/predictions.jsonl"),
-    ]
-    for path in sorted(evaluations) + sorted(held_out):
-        name = path.parent.relative_to(run_dir).as_posix()
-        rows = read_predictions(path)
+    problems, files = [], RunLayout(run_dir)
+    seed = (read_json(files.run) or {}).get("seed", 0)
+    for evaluation in files.evaluations():
+        rows = read_predictions(evaluation.predictions)
         for row in rows:
             again = score_item(EvalItem(row["id"], row["prompt"], row["expected_answer"]), row["completion"])
             changed = sorted(k for k, v in again.items() if row.get(k) != v)
             if changed:
-                problems.append(f"{name}/predictions.jsonl: item {row['id']}: rescoring changes {', '.join(changed)}")
-        recorded = read_json(path.parent / "scores.json") or {}
+                where = files.relative(evaluation.predictions)
+                problems.append(f"{where}: item {row['id']}: rescoring changes {', '.join(changed)}")
+        recorded = read_json(evaluation.scores) or {}
         recomputed = compute_scores(rows)
         problems += [
-            f"{name}/scores.json: {k} is {recorded.get(k)}, predictions give {recomputed[k]}"
+            f"{files.relative(evaluation.scores)}: {k} is {recorded.get(k)}, predictions give {recomputed[k]}"
             for k in SCORE_KEYS
             if recorded.get(k) != recomputed[k]
         ]
-    recorded = read_json(run_dir / KEEP_DIR / "comparison.json")
+    recorded, where = read_json(files.keep_comparison), files.relative(files.keep_comparison)
     if recorded is not None:
         stages = list(recorded.get("stages", {}))
-        recomputed = compare_keep(run_dir / KEEP_DIR, read_json(run_dir / "run.json").get("seed", 0), stages)
+        recomputed = compare_keep(files.keep_root, seed, stages)
         problems += [
-            f"{KEEP_DIR}/comparison.json: {k} is {recorded.get(k)}, predictions give {recomputed[k]}"
+            f"{where}: {k} is {recorded.get(k)}, predictions give {recomputed[k]}"
             for k in ("num_items", "num_base_correct", "num_kept")
             if recorded.get(k) != recomputed[k]
         ]
         problems += [
-            f"{KEEP_DIR}/comparison.json: stage {stage} kept {recorded['stages'][stage]['num_kept']}, "
+            f"{where}: stage {stage} kept {recorded['stages'][stage]['num_kept']}, "
             f"predictions give {recomputed['stages'][stage]['num_kept']}"
             for stage in stages
             if recorded["stages"][stage]["num_kept"] != recomputed["stages"][stage]["num_kept"]
         ]
-    recorded = read_json(run_dir / "eval" / "comparison.json")
+    recorded = read_json(files.comparison)
     if recorded is not None:
-        recomputed = compare_with_baselines(run_dir / "eval", read_json(run_dir / "run.json").get("seed", 0))
+        recomputed = compare_with_baselines(files.eval_root, seed)
         problems += [
-            f"eval/comparison.json: {k} is {recorded.get(k)}, predictions give {recomputed[k]}"
+            f"{files.relative(files.comparison)}: {k} is {recorded.get(k)}, predictions give {recomputed[k]}"
             for k in COMPARISON_KEYS
             if recorded.get(k) != recomputed[k]
         ]

@@ -56,8 +56,8 @@ OUTCOMES = {
 
 def outcome_examples(data: dict, per_kind: int = 2) -> dict[str, list[tuple[dict | None, dict]]]:
     """For each kind of outcome, up to `per_kind` (baseline row, final row) pairs in eval-set order."""
-    final = data["predictions"]["final"]
-    base_rows = data["predictions"].get("strongest_baseline", [])
+    final = data.predictions["final"]
+    base_rows = data.predictions.get("strongest_baseline", [])
     base = {r["id"]: r for r in base_rows}
     return {
         kind: [(base.get(r["id"]), r) for r in final if matches(base.get(r["id"]), r)][:per_kind]
@@ -89,7 +89,7 @@ def examples_html(data: dict) -> str:
     kinds = outcome_examples(data)
     if not any(kinds.values()):
         return ""
-    strongest = (data.get("comparison") or {}).get("strongest_baseline", "")
+    strongest = (data.comparison or {}).get("strongest_baseline", "")
     base_name = strongest.replace("_", "-") + " base model" if strongest else "baseline"
     parts = ["<h2>The model's own words</h2>"]
     for kind, pairs in kinds.items():

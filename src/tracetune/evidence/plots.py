@@ -1,4 +1,4 @@
-"""The report's plots as PNG bytes, from the data `report.load_run` reads (files only)."""
+"""The report's plots as PNG bytes, from the `RunView` (evidence/view.py) the report reads (files only)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ def _png(fig) -> bytes:
 
 def plot_loss(data: dict) -> bytes:
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in data["train"]], [r["loss"] for r in data["train"]], label="train")
-    if data["val"]:
-        ax.plot([r["step"] for r in data["val"]], [r["loss"] for r in data["val"]], "o-", label="validation")
+    ax.plot([r["step"] for r in data.train], [r["loss"] for r in data.train], label="train")
+    if data.val:
+        ax.plot([r["step"] for r in data.val], [r["loss"] for r in data.val], "o-", label="validation")
     ax.set(xlabel="optimizer step", ylabel="loss (per loss token)", title="Loss")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -30,14 +30,14 @@ def plot_loss(data: dict) -> bytes:
 
 def plot_series(data: dict, key: str, title: str) -> bytes:
     fig, ax = plt.subplots(figsize=(7, 3))
-    ax.plot([r["step"] for r in data["train"]], [r.get(key) for r in data["train"]])
+    ax.plot([r["step"] for r in data.train], [r.get(key) for r in data.train])
     ax.set(xlabel="optimizer step", ylabel=key, title=title)
     ax.grid(alpha=0.3)
     return _png(fig)
 
 
 def plot_grpo(data: dict) -> bytes:
-    rows = data["stages"]["grpo"]
+    rows = data.grpo_rows
     steps, held = [r for r in rows if "reward" in r], [r for r in rows if r.get("split") == "heldout"]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot([r["step"] for r in steps], [r["reward"]["mean"] for r in steps], label="mean reward (train samples)")
@@ -76,7 +76,7 @@ def plot_runs(names: list[str], runs: list[dict]) -> bytes:
     for k, (key, ci, label) in enumerate(
         (("accuracy", "ci95", "accuracy"), ("verified_accuracy", "verified_ci95", "verified"))
     ):
-        finals = [r["final"] or {} for r in runs]
+        finals = [r.final or {} for r in runs]
         values = [f.get(key, 0.0) for f in finals]
         errors = [[v - f.get(ci, [v, v])[0] for v, f in zip(values, finals, strict=True)],
                   [f.get(ci, [v, v])[1] - v for v, f in zip(values, finals, strict=True)]]  # fmt: skip

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from tracetune.eval.stats import difference_outcome, items_to_tell
 from tracetune.evidence.plots import plot_accuracy, plot_grpo, plot_loss, plot_series
-from tracetune.runfiles import BASELINE_DIRS, KEEP_DIR, KEEP_DIRS, read_json, read_jsonl, read_metrics, read_predictions
+from tracetune.evidence.view import RunView, read_run
+from tracetune.layout import BASELINE_DIRS, CARD, LOSS_PLOT, MANIFEST, REPORT, SUMMARY, RunLayout
 
 
 def _pct(x: float) -> str:
@@ -32,47 +33,9 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
-def load_run(run_dir: Path) -> dict:
-    """Every file the report reads, parsed."""
-    train, val = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else ([], [])
-    comparison = read_json(run_dir / "eval" / "comparison.json")
-    strongest = comparison["baselines"][comparison["strongest_baseline"]]["dir"] if comparison else None
-    return {
-        "run": read_json(run_dir / "run.json") or {},
-        "config": _config(run_dir),
-        "training": read_json(run_dir / "training.json") or {},
-        "env": read_json(run_dir / "env.json") or {},
-        "train": train,
-        "val": val,
-        **{which: read_json(run_dir / "eval" / which / "scores.json") for which in (*BASELINE_DIRS.values(), "final")},
-        "predictions": {
-            which: read_predictions(run_dir / "eval" / which / "predictions.jsonl")
-            for which in (*BASELINE_DIRS.values(), "final")
-        }
-        | {"strongest_baseline": read_predictions(run_dir / strongest / "predictions.jsonl") if strongest else []},
-        "comparison": comparison,
-        "keep": read_json(run_dir / KEEP_DIR / "comparison.json"),
-        "keep_predictions": {
-            name: read_predictions(run_dir / KEEP_DIR / sub / "predictions.jsonl") for name, sub in KEEP_DIRS.items()
-        },
-        "gates": read_json(run_dir / "gates.json"),
-        "stages": {
-            "rft": read_jsonl(run_dir / "rft" / "rounds.jsonl"),
-            "grpo": read_jsonl(run_dir / "grpo" / "metrics.jsonl"),
-        },
-    }
-
-
-def _config(run_dir: Path) -> dict:
-    import yaml
-
-    path = run_dir / "config.yaml"
-    return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def training_totals(data: dict) -> dict:
-    train = data["train"]
-    seconds = data["training"].get("elapsed_s") or (train[-1]["elapsed_s"] if train else 0)
+def training_totals(data: RunView) -> dict:
+    train = data.train
+    seconds = data.training.get("elapsed_s") or (train[-1]["elapsed_s"] if train else 0)
     tokens = sum(r["num_tokens"] for r in train)
     samples = sum(r.get("num_samples", 0) for r in train)
     return {
@@ -81,16 +44,16 @@ def training_totals(data: dict) -> dict:
         "tokens_per_s": tokens / seconds if seconds else 0.0,
         "samples_per_s": samples / seconds if seconds else 0.0,
         "final_loss": train[-1]["loss"] if train else None,
-        "final_val_loss": data["val"][-1]["loss"] if data["val"] else None,
+        "final_val_loss": data.val[-1]["loss"] if data.val else None,
     }
 
 
-def loss_by_epoch(data: dict) -> list[list]:
+def loss_by_epoch(data: RunView) -> list[list]:
     groups = defaultdict(list)
-    for row in data["train"]:
+    for row in data.train:
         groups[max(0, int(row["epoch"] - 1e-9))].append(row["loss"])
     vals = {}
-    for row in data["val"]:
+    for row in data.val:
         vals[max(0, int(row["epoch"] - 1e-9))] = row["loss"]
     return [
         [e + 1, f"{sum(v) / len(v):.4f}", f"{v[0]:.4f}", f"{v[-1]:.4f}", f"{vals[e]:.4f}" if e in vals else "-"]
@@ -99,7 +62,7 @@ def loss_by_epoch(data: dict) -> list[list]:
 
 
 # Written after the summary, so they are not listed in it (and regenerating it gives the same text).
-REPORT_OUTPUTS = ("summary.md", "report.html", "loss.png", "README.md", "MANIFEST.sha256")  # README.md: the model card
+REPORT_OUTPUTS = (SUMMARY, REPORT, LOSS_PLOT, CARD, MANIFEST)  # CARD: the model card, README.md
 
 
 def _artifacts(run_dir: Path) -> list[list]:
@@ -116,19 +79,21 @@ BASELINE_NAMES = {
 }
 
 
-def baseline_columns(data: dict) -> list[tuple[str, dict]]:
+def baseline_columns(data: RunView) -> list[tuple[str, dict]]:
     """(name, scores) of every baseline the run evaluated, in a fixed order."""
-    return [(BASELINE_NAMES[name], data[which]) for name, which in BASELINE_DIRS.items() if data.get(which)]
+    return [
+        (BASELINE_NAMES[name], data.scores[which]) for name, which in BASELINE_DIRS.items() if data.scores.get(which)
+    ]
 
 
 def _points(x: float) -> str:
     return f"{100 * x:+.1f}"
 
 
-def verdict(data: dict) -> str:
+def verdict(data: RunView) -> str:
     """One or two sentences, from the files, saying whether fine-tuning beat the strongest baseline and how
     the gates came out."""
-    final, comp, gates = data["final"], data["comparison"], data["gates"]
+    final, comp, gates = data.final, data.comparison, data.gates
     if not final:
         text = "No evaluation was run."
     elif not comp:
@@ -136,7 +101,7 @@ def verdict(data: dict) -> str:
     else:
         name = BASELINE_NAMES.get(comp.get("strongest_baseline"), "base")
         low, high = comp["difference_ci95"]
-        margin = (data["config"].get("gates") or {}).get("min_accuracy_gain", 0.0)
+        margin = (data.config.get("gates") or {}).get("min_accuracy_gain", 0.0)
         outcome = difference_outcome(low, high, margin)
         change = (
             f"from {_pct(comp['base_accuracy'])} ({name}) to {_pct(comp['final_accuracy'])} "
@@ -158,7 +123,7 @@ def verdict(data: dict) -> str:
             )
         text += "."
     text += "".join(f" {sentence}" for sentence in _stage_sentences(gates))
-    text += _keep_sentence(data.get("keep"))
+    text += _keep_sentence(data.keep)
     text += _batch_sentence(final)
     if gates:
         failed = [g["name"] for g in gates["gates"] if not g["passed"]]
@@ -182,10 +147,10 @@ def _keep_sentence(keep: dict | None) -> str:
     return text + ")."
 
 
-def _keep_section(data: dict) -> list[str]:
+def _keep_section(data: RunView) -> list[str]:
     """The keep set: base and run's model side by side per category, the categories that fell, with the model's
     own answers."""
-    keep = data.get("keep")
+    keep = data.keep
     if not keep:
         return []
     paired, trained = keep["answer_only"], keep.get("trained_format")
@@ -219,7 +184,7 @@ def _keep_section(data: dict) -> list[str]:
              _pct(k["trained_format"]["final_accuracy"]) if k.get("trained_format") else "-"]
             for name, k in stages
         ])  # fmt: skip
-    final = {r["id"]: r for r in data["keep_predictions"]["answer_only"]}
+    final = {r["id"]: r for r in data.keep_predictions["answer_only"]}
     fell = [(n, c) for n, c in sorted(keep["by_category"].items()) if c["final"] < c["base"]]
     for name, category in fell:
         lines += [
@@ -268,10 +233,10 @@ def _stage_sentences(gates: dict | None) -> list[str]:
     return out
 
 
-def _stages_section(data: dict) -> list[str]:
+def _stages_section(data: RunView) -> list[str]:
     """Each rft round and the grpo stage's steps and held-out points, from rft/rounds.jsonl and grpo/metrics.jsonl."""
     lines: list[str] = []
-    rounds = data["stages"]["rft"]
+    rounds = data.rft_rounds
     if rounds:
         lines += ["", "## Rejection-sampling fine-tuning (rft)", ""]
         header = [
@@ -303,7 +268,7 @@ def _stages_section(data: dict) -> list[str]:
             ],
         )
         lines += ["", "Kept traces of round N: `rft/round-N/kept.jsonl`; every sample and its score: `sampled.jsonl`."]
-    rows = data["stages"]["grpo"]
+    rows = data.grpo_rows
     steps, held = [r for r in rows if "reward" in r], [r for r in rows if r.get("split") == "heldout"]
     if steps:
         lines += ["", "## GRPO", ""]
@@ -327,9 +292,9 @@ def _stages_section(data: dict) -> list[str]:
     return lines
 
 
-def _configuration_section(data: dict) -> list[str]:
+def _configuration_section(data: RunView) -> list[str]:
     """The run's settings, from config.yaml and env.json."""
-    cfg, t = data["config"], data["config"].get("train", {})
+    cfg, t = data.config, data.config.get("train", {})
     lines: list[str] = []
     lines += ["## Configuration", ""]
     lines += _table(
@@ -342,17 +307,17 @@ def _configuration_section(data: dict) -> list[str]:
             ["epochs / max steps", f"{t.get('num_epochs')} / {t.get('max_steps')}"],
             ["max sequence length", cfg.get("data", {}).get("max_seq_length")],
             ["seed", cfg.get("seed")],
-            ["device", f"{data['env'].get('device')} ({data['env'].get('device_name')})"],
+            ["device", f"{data.env.get('device')} ({data.env.get('device_name')})"],
             [
                 "train data",
-                f"{cfg.get('data', {}).get('train_file')} ({data['training'].get('num_train_examples')} train / {data['training'].get('num_val_examples')} val examples)",
+                f"{cfg.get('data', {}).get('train_file')} ({data.training.get('num_train_examples')} train / {data.training.get('num_val_examples')} val examples)",
             ],
         ],
     )
     return lines
 
 
-def _training_section(data: dict) -> list[str]:
+def _training_section(data: RunView) -> list[str]:
     """Steps, throughput and losses, from metrics.jsonl and training.json."""
     totals = training_totals(data)
     lines: list[str] = []
@@ -375,12 +340,12 @@ def _training_section(data: dict) -> list[str]:
     return lines
 
 
-def _evaluation_section(data: dict) -> list[str]:
+def _evaluation_section(data: RunView) -> list[str]:
     """Every evaluated model side by side, per category, examples of failures, and the comparison."""
-    final, comp = data["final"], data["comparison"]
+    final, comp = data.final, data.comparison
     lines: list[str] = []
     lines += ["", "## Evaluation", ""]
-    final, comp = data["final"], data["comparison"]
+    final, comp = data.final, data.comparison
     if final:
         columns = [*baseline_columns(data), ("fine-tuned", final)]
         pick = [scores for _, scores in columns]
@@ -400,9 +365,9 @@ def _evaluation_section(data: dict) -> list[str]:
         ]
         lines += _table(["metric", *(n for n, _ in columns)], rows)
         for which, kind in (("few_shot", "worked"), ("few_shot_answer", "answer-only")):
-            if not (data.get(which) and data[which].get("baseline")):
+            if not (data.scores.get(which) and data.scores[which].get("baseline")):
                 continue
-            shot = data[which]["baseline"]
+            shot = data.scores[which]["baseline"]
             lines += [
                 "",
                 f"Few-shot prompt ({kind}): {shot['num_shots']} training traces as demonstrations ({shot['format']} format; "
@@ -420,7 +385,7 @@ def _evaluation_section(data: dict) -> list[str]:
                         for n in names
                     ],
                 )
-        lines += _failure_examples(data["predictions"]["final"])
+        lines += _failure_examples(data.predictions["final"])
     if comp:
         low, high = comp["difference_ci95"]
         name = BASELINE_NAMES.get(comp.get("strongest_baseline"), "base")
@@ -433,9 +398,9 @@ def _evaluation_section(data: dict) -> list[str]:
     return lines
 
 
-def _draws_sentence(data: dict, baseline: str) -> str:
+def _draws_sentence(data: RunView, baseline: str) -> str:
     """The spread of a few-shot baseline's accuracy over its draws of demonstrations, where there were several."""
-    found = ((data["comparison"] or {}).get("baselines") or {}).get(baseline) or {}
+    found = ((data.comparison or {}).get("baselines") or {}).get(baseline) or {}
     draws = found.get("draws", [])
     if len(draws) < 2:
         return ""
@@ -443,24 +408,24 @@ def _draws_sentence(data: dict, baseline: str) -> str:
     return f" Accuracy over {len(draws)} draws of demonstrations: {scores}; the best ({found['dir']}) is compared with."
 
 
-def _gates_section(data: dict) -> list[str]:
+def _gates_section(data: RunView) -> list[str]:
     """The gate table, from gates.json."""
     lines: list[str] = []
-    if data["gates"]:
-        lines += ["", "## Quality gates", "", f"All passed: **{data['gates']['passed']}**", ""]
+    if data.gates:
+        lines += ["", "## Quality gates", "", f"All passed: **{data.gates['passed']}**", ""]
         lines += _table(
             ["gate", "status", "value", "threshold", "from"],
             [
                 [g["name"], g["status"], _short(g["value"]), _short(g["threshold"]), g["source"]]
-                for g in data["gates"]["gates"]
+                for g in data.gates["gates"]
             ],
         )
     return lines
 
 
-def write_summary(run_dir: Path, data: dict) -> str:
+def write_summary(run_dir: Path, data: RunView) -> str:
     """summary.md: the verdict first, then configuration, training, evaluation, gates and the file list."""
-    run = data["run"]
+    run = data.run
     lines = [f"# tracetune run `{run.get('run_id', run_dir.name)}`", "", f"**{verdict(data)}**", ""]
     lines += [
         f"Status: **{run.get('status', 'unknown')}**; started {run.get('started_at')}, ended {run.get('ended_at')}.",
@@ -471,7 +436,7 @@ def write_summary(run_dir: Path, data: dict) -> str:
     lines += ["", "## Artifacts", "", f"Besides {', '.join(REPORT_OUTPUTS)}, written after this list:", ""]
     lines += _table(["file", "size"], _artifacts(run_dir))
     text = "\n".join(lines) + "\n"
-    (run_dir / "summary.md").write_text(text, encoding="utf-8")
+    RunLayout(run_dir).summary.write_text(text, encoding="utf-8")
     return text
 
 
@@ -547,10 +512,10 @@ def _short(value) -> str:
     return str(value).replace("|", "\\|")[:80]
 
 
-def verdict_class(data: dict) -> str:
+def verdict_class(data: RunView) -> str:
     """good: the gates passed and fine-tuning beat the strongest baseline; bad: a gate failed or it did worse;
     neutral: nothing was compared, or no difference could be detected."""
-    gates, comparison = data["gates"], data["comparison"]
+    gates, comparison = data.gates, data.comparison
     outcome = difference_outcome(*comparison["difference_ci95"]) if comparison else None
     if (gates and not gates["passed"]) or outcome == "worse":
         return "bad"
@@ -561,28 +526,28 @@ def write_report(run_dir: Path) -> None:
     """Regenerate summary.md, loss.png and report.html from the run directory's files."""
     from tracetune.evidence import page
 
-    data = load_run(run_dir)
+    data = read_run(run_dir)
     summary = write_summary(run_dir, data)
     plots = []
-    if data["train"]:
+    if data.train:
         loss_png = plot_loss(data)
-        (run_dir / "loss.png").write_bytes(loss_png)
+        RunLayout(run_dir).loss_plot.write_bytes(loss_png)
         plots += [
             ("Training and validation loss", loss_png),
             ("Learning rate", plot_series(data, "lr", "Learning rate")),
         ]
         plots.append(("Throughput", plot_series(data, "tokens_per_s", "Training tokens/s")))
-    if any(r.get("split") == "heldout" for r in data["stages"]["grpo"]):
+    if any(r.get("split") == "heldout" for r in data.grpo_rows):
         plots.append(("GRPO reward and held-out verified accuracy", plot_grpo(data)))
-    if data["final"]:
-        plots.append(("Accuracy per category", plot_accuracy([*baseline_columns(data), ("fine-tuned", data["final"])])))
+    if data.final:
+        plots.append(("Accuracy per category", plot_accuracy([*baseline_columns(data), ("fine-tuned", data.final)])))
     body = "\n".join(
         [
-            page.gates_html(data["gates"]),
+            page.gates_html(data.gates),
             page.examples_html(data),
             page.plots_html(plots),
             page.markdown_html(page.without_sections(summary, ("Quality gates",))),
         ]
     )
     html_text = page.page(f"tracetune run {run_dir.name}", verdict(data), verdict_class(data), body, len(plots))
-    (run_dir / "report.html").write_text(html_text, encoding="utf-8")
+    RunLayout(run_dir).report.write_text(html_text, encoding="utf-8")

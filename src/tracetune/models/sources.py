@@ -19,7 +19,7 @@ from pathlib import Path
 from tracetune.chat import CHATML_TEMPLATE, GEMMA_CHAT_TEMPLATE, end_of_turn_ids
 from tracetune.errors import SourceError
 from tracetune.hashing import sha256_file
-from tracetune.runfiles import write_json
+from tracetune.layout import write_json
 
 
 def cache_root() -> Path:

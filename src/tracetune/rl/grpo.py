@@ -29,9 +29,9 @@ from tracetune.data.batching import collate
 from tracetune.data.render import Example, end_of_turn_ids
 from tracetune.data.traces import EvalItem, Trace
 from tracetune.faults import STOP, crash_point
+from tracetune.layout import TrainingDir, write_json
 from tracetune.rl.rewards import TERMS, group_advantages, reward_terms, total_reward
 from tracetune.rl.rollout import Rollout, Sampler, as_item
-from tracetune.runfiles import write_json
 from tracetune.train.checkpoint import Progress
 from tracetune.train.loop import NonFiniteLossError, RunContext, append_on_main, restore, save, save_final_model
 from tracetune.train.loss import PolicySettings, token_logprobs
@@ -176,7 +176,7 @@ def log_heldout(ctx: RunContext, sampler: Sampler, items: list[EvalItem] | None,
     if not items:
         return
     sampler.refresh()
-    result = heldout(sampler, ctx.cfg, items, ctx.run_dir / "heldout" / f"step-{step}")
+    result = heldout(sampler, ctx.cfg, items, TrainingDir(ctx.run_dir).heldout(step).path)
     append_on_main(ctx.metrics_path, {"split": "heldout", "step": step, **result})
     log.info(
         "grpo step %d: held-out accuracy %.3f, verified %.3f", step, result["accuracy"], result["verified_accuracy"]
@@ -279,7 +279,7 @@ def fit_grpo(
     bar.close()
     final_dir = save_final_model(state.model, tokenizer, stage_dir, "full")
     if d.is_main:
-        write_json(stage_dir / "training.json", stage_record(ctx, progress, state))
+        write_json(TrainingDir(stage_dir).training, stage_record(ctx, progress, state))
     return final_dir
 
 

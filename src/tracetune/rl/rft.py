@@ -30,8 +30,8 @@ from tracetune.data.render import parse_completion, tokenize_traces
 from tracetune.data.traces import EvalItem, Trace, load_traces
 from tracetune.errors import DataError
 from tracetune.faults import crash_point
+from tracetune.layout import TrainingDir, append_jsonl, read_json, read_jsonl, write_json
 from tracetune.rl.rollout import Rollout, Sampler, as_item
-from tracetune.runfiles import append_jsonl, read_jsonl, write_json
 
 log = logging.getLogger("tracetune")
 
@@ -153,21 +153,22 @@ def _write_round_samples(round_dir: Path, kept: list[dict], rows: list[dict], su
     """sampled.jsonl and sampling.json, then kept.jsonl through a rename: a round with kept.jsonl has finished
     sampling and has every file of it."""
     round_dir.mkdir(parents=True, exist_ok=True)
-    (round_dir / "sampled.jsonl").unlink(missing_ok=True)
+    files = TrainingDir(round_dir)
+    files.sampled.unlink(missing_ok=True)
     for row in rows:
-        append_jsonl(round_dir / "sampled.jsonl", row)
-    write_json(round_dir / "sampling.json", summary)
-    staging = round_dir / "kept.jsonl.tmp"
+        append_jsonl(files.sampled, row)
+    write_json(files.sampling, summary)
+    staging = files.kept.with_suffix(".jsonl.tmp")
     staging.write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in kept), encoding="utf-8")
-    staging.rename(round_dir / "kept.jsonl")
+    staging.rename(files.kept)
 
 
 def round_examples(cfg: Config, tokenizer, round_dir: Path, prompts: list[Trace]):
     """Tokenized kept traces of a round (read back from kept.jsonl), plus the round prompts' originals."""
     d = cfg.data
     traces = list(prompts) if cfg.rft.include_original else []
-    if (round_dir / "kept.jsonl").stat().st_size:  # an empty file: nothing was verified
-        kept = load_traces(round_dir / "kept.jsonl", "native")
+    if TrainingDir(round_dir).kept.stat().st_size:  # an empty file: nothing was verified
+        kept = load_traces(TrainingDir(round_dir).kept, "native")
         kept.raise_on_errors()
         traces = kept.records + traces
     if not traces:
@@ -184,10 +185,11 @@ def run_round(cfg, stage_dir: Path, model, tokenizer, train, val, heldout_items,
     from tracetune.rl.grpo import heldout
     from tracetune.train.loop import fit
 
-    round_dir = stage_dir / f"round-{round_number}"
+    files = TrainingDir(stage_dir).round(round_number)
+    round_dir = files.path
     prompts = round_prompts(train, round_number, cfg.rft.prompts_per_round, cfg.seed)
     sampler = Sampler(model, tokenizer, cfg)
-    summary = json.loads((round_dir / "sampling.json").read_text()) if (round_dir / "kept.jsonl").is_file() else None
+    summary = read_json(files.sampling) if files.kept.is_file() else None
     if summary is None:
         kept, rows, summary = sample_round(sampler, cfg, prompts, round_number)
         if dist.current().is_main:
@@ -198,12 +200,12 @@ def run_round(cfg, stage_dir: Path, model, tokenizer, train, val, heldout_items,
              summary["num_sampled"], summary["yield"])  # fmt: skip
     examples = round_examples(cfg, tokenizer, round_dir, prompts)
     if examples:
-        checkpoint = latest_good_checkpoint(round_dir / "checkpoints") if resume else None
+        checkpoint = latest_good_checkpoint(files.checkpoints) if resume else None
         fit(round_config(cfg), round_dir, model, tokenizer, examples, val, resume_from=checkpoint)
     record = {"round": round_number, **summary, "num_train_examples": len(examples)}
     if heldout_items:
         sampler.refresh()
-        record["heldout"] = heldout(sampler, cfg, heldout_items, round_dir / "heldout")
+        record["heldout"] = heldout(sampler, cfg, heldout_items, files.heldout().path)
     del sampler
     return record
 
@@ -214,19 +216,20 @@ def fit_rft(cfg: Config, stage_dir: Path, start_model: Path | str, tokenizer, tr
     from tracetune.models.sources import load_model
     from tracetune.train.loop import save_final_model
 
-    done = [row["round"] for row in read_jsonl(stage_dir / "rounds.jsonl")]
-    source = stage_dir / f"round-{max(done)}" / "final_model" if done else start_model
+    stage = TrainingDir(stage_dir)
+    done = [row["round"] for row in read_jsonl(stage.rounds)]
+    source = stage.round(max(done)).final_model if done else start_model
     model = load_model(str(source), tokenizer, cfg.seed, cfg.model.attn_implementation)
-    started = time.perf_counter() - (read_jsonl(stage_dir / "rounds.jsonl") or [{"elapsed_s": 0.0}])[-1]["elapsed_s"]
+    started = time.perf_counter() - (read_jsonl(stage.rounds) or [{"elapsed_s": 0.0}])[-1]["elapsed_s"]
     for number in range(len(done) + 1, cfg.rft.num_rounds + 1):
         record = run_round(cfg, stage_dir, model, tokenizer, train, val, heldout_items, number, resume)
         record["elapsed_s"] = round(time.perf_counter() - started, 3)
         if dist.current().is_main:
-            append_jsonl(stage_dir / "rounds.jsonl", record)
-            tracking.mirror(stage_dir / "rounds.jsonl", record)
+            append_jsonl(stage.rounds, record)
+            tracking.mirror(stage.rounds, record)
     final_dir = save_final_model(model, tokenizer, stage_dir, "full")
     if dist.current().is_main:
-        rounds = read_jsonl(stage_dir / "rounds.jsonl")
+        rounds = read_jsonl(stage.rounds)
         record = {"stage": "rft", "planned_steps": cfg.rft.num_rounds, "num_steps": len(rounds)}
-        write_json(stage_dir / "training.json", record | {"elapsed_s": rounds[-1]["elapsed_s"], "rounds": rounds})
+        write_json(stage.training, record | {"elapsed_s": rounds[-1]["elapsed_s"], "rounds": rounds})
     return final_dir

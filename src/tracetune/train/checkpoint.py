@@ -27,6 +27,7 @@ from tracetune.dist import barrier, current
 from tracetune.errors import TracetuneError
 from tracetune.faults import crash_point
 from tracetune.hashing import sha256_file
+from tracetune.layout import CONFIG
 from tracetune.models.checkpoints import COMMIT_MARKER, MANIFEST, committed_checkpoints
 
 
@@ -118,7 +119,7 @@ def _write_committed(root, step, write_weights, trainer_state, config_yaml, prob
         barrier()
         if main:
             torch.save(trainer_state, staging / "trainer_state.pt")
-            (staging / "config.yaml").write_text(config_yaml, encoding="utf-8")
+            (staging / CONFIG).write_text(config_yaml, encoding="utf-8")
             (staging / "probe.json").write_text(json.dumps(probe, indent=1) + "\n", encoding="utf-8")
             files = sorted(p for p in staging.rglob("*") if p.is_file())
             manifest = {str(p.relative_to(staging)): sha256_file(p) for p in files}

@@ -23,9 +23,9 @@ from tracetune.data.batching import collate, plan_batches
 from tracetune.data.render import Example
 from tracetune.errors import TracetuneError
 from tracetune.faults import STOP, crash_point
+from tracetune.layout import METRICS, TrainingDir, append_jsonl, trim_jsonl, write_json
 from tracetune.models.checkpoints import verify_checkpoint
 from tracetune.models.probe import probe_outputs
-from tracetune.runfiles import append_jsonl, trim_jsonl, write_json
 from tracetune.train import distributed
 from tracetune.train.checkpoint import (
     Progress,
@@ -95,7 +95,7 @@ def append_on_main(path: Path, record: dict) -> None:
     configured trackers."""
     if dist.current().is_main:
         append_jsonl(path, record)
-        if path.name == "metrics.jsonl":
+        if path.name == METRICS:
             tracking.mirror(path, record)
 
 
@@ -119,11 +119,11 @@ class RunContext:
 
     @property
     def metrics_path(self) -> Path:
-        return self.run_dir / "metrics.jsonl"
+        return TrainingDir(self.run_dir).metrics
 
     @property
     def ids_path(self) -> Path:
-        return self.run_dir / "example_ids.jsonl"
+        return TrainingDir(self.run_dir).example_ids
 
 
 def save(ctx: RunContext, state: TrainState, progress: Progress) -> None:
@@ -137,7 +137,7 @@ def save(ctx: RunContext, state: TrainState, progress: Progress) -> None:
         "rng": rng_state(),
     }
     common = (trainer_state, dump_config(ctx.cfg))
-    keep, root = ctx.cfg.train.keep_last_checkpoints, ctx.run_dir / "checkpoints"
+    keep, root = ctx.cfg.train.keep_last_checkpoints, TrainingDir(ctx.run_dir).checkpoints
     if state.sharded_checkpoints:  # every rank runs the probe: FSDP gathers each layer's weights as it goes
         probe = probe_outputs(state.net, ctx.probe_ids, exact=state.strategy != "fsdp")
         path = save_sharded_checkpoint(root, progress.step, state.model, state.optimizer, *common, probe, keep)
@@ -330,7 +330,7 @@ def fit(
     final_dir = save_final_model(state.model, tokenizer, run_dir, tc.method, state.strategy == "fsdp")
     record = _training_record(ctx, state, progress, len(train), steps_per_epoch)  # a collective: every rank
     if d.is_main:
-        write_json(run_dir / "training.json", record)
+        write_json(TrainingDir(run_dir).training, record)
     log.info("training done: %d steps in %.1f s; final model in %s", progress.step, elapsed, final_dir)
     return FitResult(progress.step, total_steps, elapsed, final_dir)
 
@@ -389,7 +389,7 @@ def save_final_model(model, tokenizer, run_dir: Path, method: str, fsdp: bool = 
     A LoRA run also writes adapter/ and merges it into final_model/. An FSDP model is gathered to rank 0's
     CPU first, then saved from a plain model of the same architecture.
     """
-    final_dir = run_dir / "final_model"
+    final_dir = TrainingDir(run_dir).final_model
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         from transformers import AutoModelForCausalLM

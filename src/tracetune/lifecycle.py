@@ -1,5 +1,7 @@
-"""The run directory's life: its name, its lock, creating it, the checks before a resume, and the records
-opened at the start of a run and closed at its end (gates, report, model card, manifest, trackers)."""
+"""The run directory's life, for every verb that writes one (`run`, `resume`, `train`): its name, its lock,
+creating it, the checks before a resume, and the records opened at the start of a run (run.json, env.json, the
+trackers) and closed at its end (gates, report, model card, manifest). Where each file lives is
+tracetune.layout's."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 
 from tracetune.config import Config, dump_config, flatten
 from tracetune.errors import RunDirError
-from tracetune.runfiles import write_json
+from tracetune.layout import RunLayout, read_json, write_json
 
 
 def run_dir_of(cfg: Config) -> Path:
@@ -46,18 +48,17 @@ def check_resumable(run_dir: Path, cfg: Config, world_size: int = 1) -> None:
     The world size may change when the global batch (micro-batch x accumulation x ranks) does not: a run
     of 2 ranks x 2 accumulation continues on 1 process with train.grad_accum_steps=4.
     """
-    import json
-
     from tracetune.config import load_config
     from tracetune.data.sources import describe as describe_source
     from tracetune.hashing import sha256_file
 
-    if not (run_dir / "config.yaml").is_file():
+    files = RunLayout(run_dir)
+    if not files.config.is_file():
         raise RunDirError(f"nothing to resume: {run_dir} is not a run directory (no config.yaml)")
     # Where the run lives (output.*) may change, e.g. a moved directory; nothing else may, except the
     # accumulation when the world size changes (checked below as part of the global batch).
-    saved_cfg = load_config(run_dir / "config.yaml")
-    run = json.loads((run_dir / "run.json").read_text(encoding="utf-8")) if (run_dir / "run.json").is_file() else {}
+    saved_cfg = load_config(files.config)
+    run = read_json(files.run) or {}
     saved_world = run.get("world_size", 1)
 
     def shaping(c: Config) -> dict:
@@ -104,9 +105,9 @@ def new_run_dir(cfg: Config) -> Path:
             f"run directory {run_dir} already exists; fix: choose another output.run_name, or continue it with "
             f"`tracetune resume {run_dir}`"
         )
-    run_dir.mkdir(parents=True)
-    (run_dir / "logs").mkdir()
-    (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    files = RunLayout(run_dir)
+    files.logs.mkdir(parents=True)
+    files.config.write_text(dump_config(cfg), encoding="utf-8")
     return run_dir
 
 
@@ -136,15 +137,15 @@ def open_run(cfg: Config, run_dir: Path, argv: list[str], resume: bool, device, 
     from tracetune.data.sources import is_hub
     from tracetune.evidence.env import write_env, write_gpu_snapshot
     from tracetune.hashing import sha256_file
-    from tracetune.runfiles import read_json
 
+    files = RunLayout(run_dir)
     if resume:
         check_resumable(run_dir, cfg, topology["world_size"])
-        record = read_json(run_dir / "run.json")
+        record = read_json(files.run)
         record.setdefault("resumed_at", []).append(now())
         record.update(status="running", ended_at=None)
         record.pop("error", None)
-        (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")  # accumulation may differ
+        files.config.write_text(dump_config(cfg), encoding="utf-8")  # accumulation may differ
     else:
         new_run_dir(cfg)
         data = [cfg.data.train_file] + ([cfg.eval.eval_file] if cfg.eval.eval_file else [])
@@ -162,8 +163,8 @@ def open_run(cfg: Config, run_dir: Path, argv: list[str], resume: bool, device, 
         if any(is_hub(p) for p in data):  # a Hub dataset has no file to hash: its name, fingerprint, rows
             record["datasets"] = {str(p): describe_source(p) for p in data if is_hub(p)}
     record.update(topology)
-    write_json(run_dir / "run.json", record)
-    if not (run_dir / "env.json").is_file():
+    write_json(files.run, record)
+    if not files.env.is_file():
         write_env(run_dir, device.type, cfg.eval.precision)
     write_gpu_snapshot(run_dir, device.type, "start")
     return record
@@ -171,12 +172,8 @@ def open_run(cfg: Config, run_dir: Path, argv: list[str], resume: bool, device, 
 
 def final_numbers(run_dir: Path, gates: dict) -> dict[str, float]:
     """What the trackers get at the end: the final and strongest-baseline accuracies, the gates."""
-    from tracetune.runfiles import read_json
-
-    final, comparison = (
-        read_json(run_dir / "eval" / "final" / "scores.json"),
-        read_json(run_dir / "eval" / "comparison.json"),
-    )
+    files = RunLayout(run_dir)
+    final, comparison = read_json(files.eval().scores), read_json(files.comparison)
     numbers = {"gates_passed": float(gates["passed"])}
     if final:
         numbers |= {"accuracy": final["accuracy"], "verified_accuracy": final["verified_accuracy"]}
@@ -196,8 +193,41 @@ def close_run(run_dir: Path, record: dict) -> dict:
     gates = write_gates(run_dir, compute_gates(run_dir))
     tracking.finish(final_numbers(run_dir, gates))
     record.update(status="completed" if gates["passed"] else "gates_failed", ended_at=now())
-    write_json(run_dir / "run.json", record)
+    write_json(RunLayout(run_dir).run, record)
     write_report(run_dir)
     write_card(run_dir)
     write_manifest(run_dir)
     return gates
+
+
+@contextlib.contextmanager
+def run_life(cfg: Config, run_dir: Path, argv: list[str], resume: bool, device, topology: dict):
+    """The run directory held for one verb: rank 0 takes the lock, opens run.json (and env.json) and starts the
+    trackers of output.report_to; an exception ends the run as interrupted or failed in run.json and finishes
+    the trackers. Yields run.json's record (None on other ranks); end with close_run or end_training."""
+    from tracetune import dist, tracking
+    from tracetune.faults import Interrupted
+
+    main = dist.current().is_main
+    with run_lock(run_dir) if main else contextlib.nullcontext():
+        record = dist.on_main(lambda: open_run(cfg, run_dir, argv, resume, device, topology))
+        if main:
+            tracking.start(cfg.output.report_to, run_dir, cfg.model_dump(mode="json"))
+        try:
+            yield record
+        except BaseException as exc:
+            if main:
+                tracking.finish({})
+                status = "interrupted" if isinstance(exc, Interrupted | KeyboardInterrupt) else "failed"
+                record.update(status=status, ended_at=now(), error=f"{type(exc).__name__}: {exc}")
+                write_json(RunLayout(run_dir).run, record)
+            raise
+
+
+def end_training(run_dir: Path, record: dict) -> None:
+    """Rank 0, `tracetune train`: the run trained (no evaluation, no gates); run.json and the trackers say so."""
+    from tracetune import tracking
+
+    tracking.finish({})
+    record.update(status="trained", ended_at=now())
+    write_json(RunLayout(run_dir).run, record)
