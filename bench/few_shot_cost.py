@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from tracetune.config import load_config
-from tracetune.eval import evaluate
+from tracetune.eval import evaluate, scoring
 from tracetune.eval.baselines import build_few_shot
 from tracetune.models.sources import is_chat_model, load_model, load_tokenizer
 from tracetune.pipeline import load_inputs
@@ -32,7 +32,7 @@ def _evaluate(model, tokenizer, items, cfg, few_shot) -> dict:
         started = time.perf_counter()
         evaluate.generate_predictions(model, tokenizer, items, cfg.eval, cfg.data.instruction, out, cfg.seed, few_shot)
         seconds = time.perf_counter() - started
-        scores = evaluate.write_scores(out, items, "base")
+        scores = scoring.write_scores(out, items, "base")
     return {
         "seconds": seconds,
         "accuracy": scores["accuracy"],

@@ -86,7 +86,7 @@ def worker_trl(args, tmp: Path) -> dict:
 
     from tracetune.data.render import user_message
     from tracetune.data.traces import EvalItem
-    from tracetune.eval.evaluate import score_item
+    from tracetune.eval.scoring import score_item
     from tracetune.models.sources import load_model, load_tokenizer
     from tracetune.rl.rewards import reward_terms, total_reward
 

@@ -95,7 +95,7 @@ def control_curve(run_dir: Path, root: Path) -> list[dict]:
 
 
 def paired(a: Path, b: Path, key: str) -> dict:
-    from tracetune.eval.evaluate import compare_predictions
+    from tracetune.eval.scoring import compare_predictions
 
     result = compare_predictions(a, b, key=key)
     return {

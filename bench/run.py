@@ -138,7 +138,8 @@ def _summarise(per_step: list[dict], warmup: int, losses: list[float], val_loss:
 
 
 def worker_tracetune(args, tmp: Path) -> dict:
-    from tracetune.pipeline import load_for_training, load_inputs, new_run_dir
+    from tracetune.lifecycle import new_run_dir
+    from tracetune.pipeline import load_for_training, load_inputs
     from tracetune.train.loop import fit
 
     cfg = _config(args.source, args.steps, tmp, "tt", args.precision, args.compile)

@@ -18,7 +18,8 @@ import tempfile
 from pathlib import Path
 
 from tracetune.config import load_config
-from tracetune.pipeline import load_for_training, load_inputs, new_run_dir
+from tracetune.lifecycle import new_run_dir
+from tracetune.pipeline import load_for_training, load_inputs
 from tracetune.train.loop import fit
 
 MODES = ["full/fp32", "full/bf16-autocast", "lora/fp32", "lora/bf16-autocast"]

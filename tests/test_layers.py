@@ -102,3 +102,22 @@ def test_report_and_compare_do_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_scoring_and_verifys_rescoring_run_with_torch_blocked(tiny_run_dir):
+    """eval/scoring.py and what `verify` rescores import neither torch nor transformers: with both made
+    unimportable, every prediction of a finished run is rescored and its scores and comparisons recomputed."""
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+        "import tracetune.eval.scoring\n"
+        "from pathlib import Path\n"
+        "from tracetune.evidence.manifest import recheck_scores\n"
+        "from tracetune.layout import RunLayout\n"
+        f"run = Path({str(tiny_run_dir)!r})\n"
+        "print(recheck_scores(run), len(RunLayout(run).evaluations()))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    problems, evaluations = result.stdout.split()
+    assert problems == "[]" and int(evaluations) >= 4  # the baselines and the final evaluation, rescored

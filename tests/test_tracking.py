@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import tiny_run_args
-from tracetune import tracking
+from tracetune import layout, tracking
 
 needs = {name: importlib.util.find_spec(module) is not None for name, module in
          (("tensorboard", "tensorboard"), ("mlflow", "mlflow"), ("wandb", "wandb"))}  # fmt: skip
@@ -42,9 +42,30 @@ def test_tensorboard_events_equal_metrics_jsonl(tracked_run):
     logged = {e.step: e.value for e in events.Scalars("train/loss")}
     assert sorted(logged) == [r["step"] for r in lines]
     assert all(logged[r["step"]] == pytest.approx(r["loss"], rel=1e-6) for r in lines)
+    listed = [p.relative_to(tracked_run).as_posix() for p in tracked_run.rglob("*") if p.is_file()]
+    assert [f for f in listed if layout.describe(f) is None] == []  # the trackers' files are the layout's too
     val = [json.loads(x) for x in (tracked_run / "metrics.jsonl").read_text().splitlines() if '"val"' in x]
     assert [e.step for e in events.Scalars("val/loss")] == [r["step"] for r in val]
     assert "final/accuracy" in events.Tags()["scalars"]
+
+
+@pytest.mark.skipif(not needs["tensorboard"], reason="tensorboard is not installed")
+def test_train_verb_honours_report_to_and_records_its_run(tmp_path):
+    """`tracetune train` opens its run directory as `run` does: run.json, env.json and the trackers."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tracetune.cli import main
+
+    args = tiny_run_args(tmp_path, "output.run_name=tr", "output.report_to=[tensorboard]", "train.max_steps=3")
+    assert main(["train", *args[1:]]) == 0
+    run_dir = tmp_path / "tr"
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert sorted(e.step for e in events.Scalars("train/loss")) == [r["step"] for r in _train_lines(run_dir)]
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "trained" and run["ended_at"] and (run_dir / "env.json").is_file()
+    listed = [p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()]
+    assert [f for f in listed if layout.describe(f) is None] == []
 
 
 @pytest.mark.skipif(not needs["mlflow"], reason="mlflow is not installed")

@@ -270,6 +270,10 @@ class RunLayout(TrainingDir):
         """The model card, in the run's model directory."""
         return self.run_model / CARD
 
+    def tracker(self, name: str) -> Path:
+        """Where a tracker writes inside the run: tensorboard/, mlruns/ (MLflow's file store), wandb/."""
+        return self.path / name
+
     @property
     def export(self) -> Path:
         return self.path / "export"
@@ -349,6 +353,7 @@ FILES: list[tuple[str, str]] = [
     (f"{_RL}/heldout/**", "an rl stage's held-out points (grpo: step-<n>/, rft: per round)"),
     ("rft/round-*/**", "an rft round: sampled.jsonl, sampling.json, kept.jsonl, its training and model"),
     ("export/**", "GGUF export: model-<type>.gguf, Modelfile, gguf_check.json, eval-<type>[-reference]/"),
+    ("{tensorboard,mlruns,wandb}/**", "output.report_to's trackers, where they write into the run"),
     (GATES, "every quality gate: status, value, threshold, the file it read"),
     (SUMMARY, "the summary: verdict, tables"),
     (REPORT, "the same as a page, with plots"),

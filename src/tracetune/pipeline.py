@@ -200,7 +200,8 @@ def evaluate_model(
     (eval/baselines.py)."""
     from tracetune import dist
     from tracetune.eval.baselines import build_few_shot
-    from tracetune.eval.evaluate import generate_predictions, write_scores
+    from tracetune.eval.evaluate import generate_predictions
+    from tracetune.eval.scoring import write_scores
 
     tokenizer, model = loaded or _load_for_eval(cfg, model_source)
     few_shot = None
@@ -386,7 +387,7 @@ def run_stage(cfg: Config, argv: list[str], resume: bool = False) -> tuple[Path,
     gates record). With `resume`, continue the run directory the config names: finished items and steps are kept.
     """
     from tracetune import dist
-    from tracetune.eval.evaluate import compare_keep, compare_with_baselines
+    from tracetune.eval.scoring import compare_keep, compare_with_baselines
     from tracetune.evidence.env import write_gpu_snapshot
     from tracetune.faults import STOP
     from tracetune.logs import log_to_file

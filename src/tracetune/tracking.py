@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from tracetune.layout import ROUNDS
+from tracetune.layout import ROUNDS, RunLayout
 
 log = logging.getLogger("tracetune")
 
@@ -37,7 +37,7 @@ class TensorBoard:
     def __init__(self, run_dir: Path, name: str, config: dict):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.writer = SummaryWriter(str(RunLayout(run_dir).tracker("tensorboard")))
         self.writer.add_text("config", "```\n" + _yaml(config) + "\n```")
 
     def log(self, stream: str, step: int, values: dict[str, float]) -> None:
@@ -63,7 +63,7 @@ class MLflow:
 
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:  # the local file store: MLflow 3 keeps it in maintenance mode behind this opt-in
-            uri = (run_dir / "mlruns").resolve().as_uri()
+            uri = RunLayout(run_dir).tracker("mlruns").resolve().as_uri()
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment("tracetune")
@@ -87,7 +87,7 @@ class Wandb:
         import wandb
 
         self.wandb = wandb
-        self.run = wandb.init(project="tracetune", name=name, config=config, dir=str(run_dir))
+        self.run = wandb.init(project="tracetune", name=name, config=config, dir=str(run_dir))  # writes RUN/wandb/
 
     def log(self, stream: str, step: int, values: dict[str, float]) -> None:
         self.run.log({f"{stream}/{k}": v for k, v in values.items()} | {f"{stream}/step": step})

@@ -7,15 +7,11 @@ import torch
 from tracetune.config import EvalConfig
 from tracetune.data.render import end_of_turn_ids, render_prompt
 from tracetune.data.traces import EvalItem, load_eval_items
-from tracetune.eval import evaluate, generate, invariance
-from tracetune.eval.evaluate import (
-    compare_predictions,
-    compute_scores,
-    generate_predictions,
-    read_predictions,
-    write_scores,
-)
+from tracetune.eval import generate, invariance, scoring
+from tracetune.eval.evaluate import generate_predictions
 from tracetune.eval.generate import _cut, generate_batch, greedy_compacting
+from tracetune.eval.scoring import compare_predictions, compute_scores, write_scores
+from tracetune.layout import read_predictions
 from tracetune.models.sources import load_model, load_tokenizer, tiny_model
 
 
@@ -139,7 +135,7 @@ def test_sampled_answers_do_not_depend_on_the_batch(tmp_path):
         }
     assert runs[18] == runs[3]
     assert all(len(set(samples)) > 1 for samples in runs[3].values())  # three seeds, three different samples
-    alone = generate_batch(model, tokenizer, [prompts[0]], cfg, [], seeds=[evaluate.sample_seed(5, items[0].id, 1)])
+    alone = generate_batch(model, tokenizer, [prompts[0]], cfg, [], seeds=[scoring.sample_seed(5, items[0].id, 1)])
     assert alone[0].completion == runs[3][items[0].id][1]
 
 
@@ -152,7 +148,7 @@ def test_sampled_scores_count_truncations_as_wrong_and_vote_on_answers():
         {"expected_answer": "9", "samples": [sample("8", False), sample("8", False), sample("9", True)]},
         {"expected_answer": "2", "samples": [sample("2", True), sample(" 2.", True), sample("3", False)]},
     ]
-    scores = evaluate.sampled_scores(rows)
+    scores = scoring.sampled_scores(rows)
     assert scores["num_samples"] == 3 and scores["truncation_rate"] == pytest.approx(1 / 9)
     assert scores["mean_at_k"]["value"] == pytest.approx((1 / 3 + 1 / 3 + 2 / 3) / 3)
     assert scores["pass_at"]["1"]["value"] == pytest.approx(scores["mean_at_k"]["value"])

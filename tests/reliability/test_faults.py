@@ -194,7 +194,7 @@ def test_resume_refuses_a_changed_run_and_lists_the_changes(reference, tmp_path,
 
 def test_a_locked_run_directory_is_refused(tmp_path, capsys):
     from tracetune.cli import main
-    from tracetune.pipeline import run_lock
+    from tracetune.lifecycle import run_lock
 
     with run_lock(tmp_path / "busy"):
         assert main(run_args(tmp_path, "busy")) == 2

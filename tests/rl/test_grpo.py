@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from tracetune.data.traces import EvalItem
-from tracetune.eval.evaluate import score_item
 from tracetune.eval.generate import Generation
+from tracetune.eval.scoring import score_item
 from tracetune.models.sources import load_model, load_tokenizer
 from tracetune.rl.grpo import add_logprobs, learn, policy_batches, score_groups, stage_config, step_prompts
 from tracetune.rl.rollout import Rollout

@@ -4,7 +4,7 @@ import pytest
 
 from tracetune.config import RewardWeights
 from tracetune.data.traces import EvalItem
-from tracetune.eval.evaluate import score_item
+from tracetune.eval.scoring import score_item
 from tracetune.rl.rewards import group_advantages, reward_terms, total_reward
 
 ITEM = EvalItem("q1", "Jun buys 2 notebooks at $5 each. How many dollars?", "10")

@@ -3,8 +3,8 @@
 import json
 
 from tracetune.data.traces import EvalItem, load_traces
-from tracetune.eval.evaluate import score_item
 from tracetune.eval.generate import Generation
+from tracetune.eval.scoring import score_item
 from tracetune.rl.rft import as_trace, keep_verified, round_prompts
 from tracetune.rl.rollout import Rollout
 

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from tracetune.data.batching import collate
-from tracetune.pipeline import load_for_training, load_inputs, new_run_dir
+from tracetune.lifecycle import new_run_dir
+from tracetune.pipeline import load_for_training, load_inputs
 from tracetune.train.loop import fit
 from tracetune.train.step import build_state, train_step
 

@@ -18,8 +18,8 @@ from tracetune.chat import end_of_turn_ids
 from tracetune.config import EvalConfig
 from tracetune.data.render import render_prompt
 from tracetune.data.traces import EvalItem
-from tracetune.eval.evaluate import score_item
 from tracetune.eval.generate import finish
+from tracetune.eval.scoring import score_item
 from tracetune.layout import EvalDir
 
 

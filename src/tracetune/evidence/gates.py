@@ -180,7 +180,7 @@ def gate_stage_finite(name: str, run_dir: Path, cfg: Config, stage: str) -> Gate
 
 def gate_stage_not_below_start(name: str, run_dir: Path, cfg: Config, stage: str) -> Gate:
     """Held-out verified accuracy after the stage minus where it started, paired over items: at least 0."""
-    from tracetune.eval.evaluate import compare_predictions
+    from tracetune.eval.scoring import compare_predictions
 
     start, end = stage_start_eval(cfg, stage), stage_eval_dir(cfg.stages, stage)
     if start is None:

@@ -76,8 +76,8 @@ def _llama_cpp_check(
     evaluation is greedy; otherwise why it did not run."""
     from transformers import AutoTokenizer
 
-    from tracetune.eval.evaluate import compare_predictions, write_scores
     from tracetune.eval.llama_cpp import is_available, llama_cpp_predictions
+    from tracetune.eval.scoring import compare_predictions, write_scores
     from tracetune.layout import read_predictions
 
     if not is_available():
@@ -101,7 +101,8 @@ def _llama_cpp_dir(files: RunLayout, kind: str) -> EvalDir:
 
 def _evaluate(model, tokenizer, items, cfg, out_dir: Path, name: str) -> list[dict]:
     """`model` evaluated on `items` into out_dir as the run evaluates; its prediction rows."""
-    from tracetune.eval.evaluate import generate_predictions, write_scores
+    from tracetune.eval.evaluate import generate_predictions
+    from tracetune.eval.scoring import write_scores
     from tracetune.layout import read_predictions
 
     generate_predictions(model, tokenizer, items, cfg.eval, cfg.data.instruction, out_dir, cfg.seed)
@@ -122,7 +123,7 @@ def export_and_check(run_dir: Path, kind: str) -> dict:
     from tracetune.config import load_config
     from tracetune.data.render import render_prompt, user_message
     from tracetune.data.traces import load_eval_items
-    from tracetune.eval.evaluate import compare_predictions
+    from tracetune.eval.scoring import compare_predictions
     from tracetune.models.export import export_gguf, ollama_modelfile, round_as_exported, source_gguf
 
     files = RunLayout(run_dir)

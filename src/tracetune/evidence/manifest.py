@@ -67,7 +67,7 @@ def recheck_scores(run_dir: Path) -> list[str]:
     points of rft and grpo stages), then scores.json and comparison.json from those rows; each disagreement
     with the files is a problem."""
     from tracetune.data.traces import EvalItem
-    from tracetune.eval.evaluate import compare_keep, compare_with_baselines, compute_scores, score_item
+    from tracetune.eval.scoring import compare_keep, compare_with_baselines, compute_scores, score_item
     from tracetune.layout import read_predictions
 
     problems, files = [], RunLayout(run_dir)

@@ -162,7 +162,8 @@ def step_record(groups: list[Group], policy_stats: dict, results: list, step: in
 
 def heldout(sampler: Sampler, cfg: Config, items: list[EvalItem], out_dir: Path) -> dict:
     """Greedy accuracy on the held-out items by the evaluation's own code (predictions and scores in out_dir)."""
-    from tracetune.eval.evaluate import generate_predictions, write_scores
+    from tracetune.eval.evaluate import generate_predictions
+    from tracetune.eval.scoring import write_scores
 
     if dist.current().is_main:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -85,7 +85,7 @@ def as_trace(item: EvalItem, completion: str, round_number: int, sample: int | N
 
 def rationalize(sampler: Sampler, item: EvalItem, cfg: Config, round_number: int) -> dict | None:
     """One greedy try with the expected answer as a hint; its trace if the checkers verify it."""
-    from tracetune.eval.evaluate import score_item
+    from tracetune.eval.scoring import score_item
 
     hint = f"(Hint: the answer is {item.expected_answer}. Show the work that reaches it.)"
     generation = sampler.hinted(item, hint, cfg.rft.sampling.max_new_tokens)

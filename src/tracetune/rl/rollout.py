@@ -17,8 +17,8 @@ import torch
 from tracetune.config import Config, EvalConfig, SamplingConfig
 from tracetune.data.render import end_of_turn_ids, render_prompt
 from tracetune.data.traces import EvalItem, Trace
-from tracetune.eval.evaluate import sample_seed, score_item
 from tracetune.eval.generate import Generation, generate_batch
+from tracetune.eval.scoring import sample_seed, score_item
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Rollout:
     index: int  # sample number within its prompt
     prompt_ids: tuple[int, ...]
     generation: Generation
-    score: dict  # eval.evaluate.score_item's row
+    score: dict  # eval.scoring.score_item's row
 
 
 def as_item(trace: Trace) -> EvalItem:
