@@ -121,11 +121,22 @@ class StepClock:
         self._last = now
 
 
-def _summarise(per_step: list[dict], warmup: int, losses: list[float], val_loss: float) -> dict:
+def matmul_params(model) -> int:
+    """Parameters that do a matmul per token: all but the input embedding, plus the LM head (tied or not)."""
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    tied = head.data_ptr() == embedding.data_ptr()
+    return sum(p.numel() for p in model.parameters()) - embedding.numel() + (head.numel() if tied else 0)
+
+
+def _summarise(per_step: list[dict], warmup: int, losses: list[float], val_loss: float, model) -> dict:
     timed = per_step[warmup:]
     seconds = sum(s["seconds"] for s in timed)
+    real_tokens_per_s = sum(s["tokens"] for s in timed) / seconds
     return {
-        "real_tokens_per_s": sum(s["tokens"] for s in timed) / seconds,
+        "real_tokens_per_s": real_tokens_per_s,
+        # forward and backward: 6 FLOPs per matmul parameter per real token (attention's own products left out)
+        "achieved_gflops": 6 * matmul_params(model) * real_tokens_per_s / 1e9,
         "loss_tokens_per_s": sum(s["loss_tokens"] for s in timed) / seconds,
         "samples_per_s": sum(s["samples"] for s in timed) / seconds,
         "seconds_per_step": seconds / len(timed),
@@ -160,7 +171,7 @@ def worker_tracetune(args, tmp: Path) -> dict:
         for r in steps
     ]
     val_loss = [r for r in rows if r.get("split") == "val"][-1]["loss"]
-    return _summarise(per_step, args.warmup, [r["loss"] for r in steps], val_loss)
+    return _summarise(per_step, args.warmup, [r["loss"] for r in steps], val_loss, model)
 
 
 def _hf_pieces(args, tmp: Path):
@@ -252,7 +263,7 @@ def worker_trl(args, tmp: Path) -> dict:
     trainer.add_callback(_clock_callback(clock))
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return _summarise(clock.per_step, args.warmup, losses, _val_loss(model, cfg, tokenizer, val))
+    return _summarise(clock.per_step, args.warmup, losses, _val_loss(model, cfg, tokenizer, val), model)
 
 
 def worker_old(args, tmp: Path) -> dict:
@@ -284,7 +295,7 @@ def worker_old(args, tmp: Path) -> dict:
     trainer.add_callback(_clock_callback(clock))
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return _summarise(clock.per_step, args.warmup, losses, _val_loss(model, cfg, tokenizer, val))
+    return _summarise(clock.per_step, args.warmup, losses, _val_loss(model, cfg, tokenizer, val), model)
 
 
 def worker_generate(args, tmp: Path) -> dict:
@@ -398,6 +409,7 @@ def _table(result: dict) -> str:
     med = result["training_median"]
     keys = [
         ("real_tokens_per_s", "real tokens/s", ".1f"),
+        ("achieved_gflops", "achieved GFLOP/s (6 x matmul params x real tokens/s)", ".1f"),
         ("loss_tokens_per_s", "loss tokens/s", ".1f"),
         ("samples_per_s", "samples/s", ".3f"),
         ("seconds_per_step", "s / optimizer step", ".2f"),
@@ -414,6 +426,10 @@ def _table(result: dict) -> str:
         values = [med[s][key] for s in SYSTEMS]
         ratios = [f"{values[0] / v:.2f}x" if v else "-" for v in values[1:]]
         lines.append(f"| {label} | " + " | ".join(format(v, fmt) for v in values) + " | " + " | ".join(ratios) + " |")
+    peak = result["matmul_peak"]
+    share = [f"{100 * med[s]['achieved_gflops'] / peak['gflops']:.1f}%" for s in SYSTEMS]
+    lines.append(f"| share of the measured {peak['dtype']} matmul peak ({peak['gflops']:.1f} GFLOP/s) | "
+                 + " | ".join(share) + " | | |")  # fmt: skip
     lines.append("| memory allocator | " + " | ".join("/".join(result["allocators"][s]) for s in SYSTEMS) + " | | |")
     gen = result["generation"]
     if gen is None:
@@ -439,6 +455,35 @@ def _table(result: dict) -> str:
         f"| identical answers (completions) vs one at a time, same settings | {same:.0f}% ({whole:.0f}%) | | |"
     )
     return "\n".join(lines) + "\n"
+
+
+def matmul_peak(dtype: str, size: int = 512, seconds: float = 2.0) -> dict:
+    """This machine's square-matmul throughput in the training's matmul dtype, measured in this invocation after
+    the workers (so it never runs beside them), on the same threads: the ceiling the achieved FLOP/s is read
+    against."""
+    import torch
+
+    a = torch.randn(size, size, dtype=torch.float32 if dtype == "fp32" else torch.bfloat16)
+    b = torch.randn_like(a)
+    a @ b
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        count += 1
+    elapsed = time.perf_counter() - started
+    return {
+        "dtype": dtype,
+        "size": size,
+        "gflops": 2 * size**3 * count / elapsed / 1e9,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def medians(rows: list[dict]) -> dict:
+    """The median of every numeric field over the repeats (any number of them); text fields (the allocator) are
+    reported apart."""
+    numeric = [k for k, v in rows[0].items() if isinstance(v, int | float) and not isinstance(v, bool)]
+    return {k: statistics.median(r[k] for r in rows) for k in numeric}
 
 
 def main() -> None:
@@ -474,7 +519,7 @@ def main() -> None:
         run_worker(WORKERS[args.worker], args)
         return
     runs = interleave(SYSTEMS, args.repeats, lambda system: _spawn(system, args))
-    median = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in runs.items()}
+    median = {s: medians(rs) for s, rs in runs.items()}
     result = {
         "machine": {"processor": platform.processor(), "cores": os.cpu_count(), "python": platform.python_version()},
         "source": args.source,
@@ -486,6 +531,7 @@ def main() -> None:
         "tracetune_options": {"precision": args.precision, "compile": args.compile},
         "allocators": {s: sorted({r["allocator"] for r in rs}) for s, rs in runs.items()},
         "generation": None if args.no_generation else _spawn("generate", args),
+        "matmul_peak": matmul_peak("fp32" if args.precision == "fp32" else "bf16"),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.out}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -163,8 +163,8 @@ def cmd_report(args) -> int:
 
 def cmd_export(args) -> int:
     from tracetune.errors import GateFailure
-    from tracetune.evidence.gguf_check import export_and_check
     from tracetune.evidence.manifest import write_manifest
+    from tracetune.export_stage import export_and_check
 
     run_dir = Path(args.run_dir)
     if not args.gguf:
@@ -191,6 +191,8 @@ def cmd_compare(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tracetune.data.traces import FORMATS
+
     parser = argparse.ArgumentParser(prog="tracetune", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
 
@@ -203,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("data", help="validate, describe or generate data")
     p.add_argument("action", choices=["validate", "stats", "synth"])
     p.add_argument("file", nargs="?", help="JSONL file (validate, stats)")
-    p.add_argument("--format", default="auto", choices=["auto", "native", "eval", "gsm8k", "chat", "alpaca"])
+    p.add_argument("--format", default="auto", choices=["auto", *FORMATS])
     p.add_argument("--eval", action="store_true", help="the file is (validate) or should be (synth) an eval set")
     p.add_argument("--against", help="validate: training file to check an eval set against for leakage")
     p.add_argument("--tokenizer", help="model source whose tokenizer measures lengths (validate, stats)")

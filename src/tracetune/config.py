@@ -83,6 +83,11 @@ class LoraConfig(Section):
     )
 
 
+# data.format: auto, or a record format a training file may be in (data/traces.py adapts each and adds `eval`,
+# the eval set's own format; the CLI's --format lists them).
+TraceFormat = Literal["auto", "native", "gsm8k", "chat", "alpaca"]
+
+
 class DataConfig(Section):
     train_file: DataSource | None = Field(
         Path("data/train.jsonl"),
@@ -91,7 +96,7 @@ class DataConfig(Section):
             "(e.g. hf:openai/gsm8k:main:train); needed by train and run, not by eval."
         ),
     )
-    format: Literal["auto", "native", "gsm8k", "chat", "alpaca"] = Field(
+    format: TraceFormat = Field(
         "auto", description="Record format of train_file; auto detects it from the first record."
     )
     val_fraction: float = Field(

@@ -1,20 +1,8 @@
 """The run directory's layout, in one place: every file and directory a run writes is named here and nowhere
-else (`RunLayout`, `TrainingDir`, `EvalDir`), and JSON is written one way everywhere (indented, UTF-8, a final
-newline), JSONL read tolerating a torn last line.
-
-    RUN/                       RunLayout (the sft stage's TrainingDir too)
-      config.yaml run.json env.json env_snapshot.txt gpu_snapshot.txt
-      metrics.jsonl example_ids.jsonl training.json checkpoints/ final_model/
-      logs/<name>.log
-      eval/<baseline>/ [draw-<n>/]  eval/final/  eval/<stage>/     EvalDirs
-      eval/comparison.json
-      eval/keep/base/ final/ final_format/ <stage>/ <stage>_format/ comparison.json
-      <rft|grpo>/                TrainingDir: grpo/heldout/step-<n>/; rft/rounds.jsonl,
-                                 rft/round-<n>/ (sampled.jsonl sampling.json kept.jsonl heldout/, a TrainingDir)
-      stages.json                where each stage's model and evaluation are
-      export/model-<type>.gguf Modelfile gguf_check.json eval-<type>/ eval-<type>-reference/
-      gates.json summary.md report.html loss.png MANIFEST.sha256
-"""
+else. `RunLayout` (the run), `TrainingDir` (what a training stage writes), `EvalDir` (one evaluation) give the
+paths; `FILES` lists every file with what it is (docs/ARCHITECTURE.md shows it); `expected_files` is what a
+complete run holds. JSON is written one way everywhere (indented, UTF-8, a final newline) and JSONL read
+tolerating a torn last line."""
 
 from __future__ import annotations
 

@@ -417,7 +417,7 @@ def run_stage(cfg: Config, argv: list[str], resume: bool = False) -> tuple[Path,
                 if inputs.keep is not None:
                     write_json(files.keep_comparison, compare_keep(files.keep_root, cfg.seed, cfg.stages[:-1]))
             if cfg.export.gguf:
-                from tracetune.evidence.gguf_check import export_and_check
+                from tracetune.export_stage import export_and_check
 
                 with log_to_file(files.log("export")):
                     export_and_check(run_dir, cfg.export.gguf)

@@ -13,7 +13,7 @@ from tests.conftest import REPO
 from tests.hf_models import TINY_EXPORTABLE, tiny_model_dir
 from tracetune.chat import GEMMA_CHAT_TEMPLATE
 from tracetune.errors import ExportError
-from tracetune.evidence.gguf_check import gguf_check
+from tracetune.export_stage import gguf_check
 from tracetune.models.export import _to_gguf_layout, export_gguf, ollama_modelfile, source_gguf
 
 

@@ -12,13 +12,15 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import get_args
 
+from tracetune.config import TraceFormat
 from tracetune.data import sources
 from tracetune.data.render import parse_completion
 from tracetune.errors import DataError, Issue
 
 TRACE_VERSION = "1.0"
-FORMATS = ("native", "eval", "gsm8k", "chat", "alpaca")
+FORMATS = (*get_args(TraceFormat)[1:], "eval")  # the one list: the config, the CLI and the readers use it
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,7 @@ def _from_eval(obj: dict) -> dict:
 
 
 ADAPTERS = {"native": dict, "gsm8k": _from_gsm8k, "chat": _from_chat, "alpaca": _from_alpaca, "eval": _from_eval}
+assert set(ADAPTERS) == set(FORMATS), "every format has an adapter"
 
 
 # ---------------------------------------------------------------- validation of one native record

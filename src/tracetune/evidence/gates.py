@@ -12,8 +12,6 @@ from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
-import torch
-
 from tracetune.config import Config, load_config
 from tracetune.data.traces import load_eval_items
 from tracetune.eval.stats import difference_outcome
@@ -33,7 +31,7 @@ from tracetune.layout import (
     stage_eval_dir,
     write_json,
 )
-from tracetune.models.checkpoints import latest_good_checkpoint, load_sharded_model
+from tracetune.models.checkpoints import latest_good_checkpoint
 
 
 @dataclass
@@ -87,30 +85,10 @@ def gate_no_nan_or_inf(name: str, run_dir: Path, cfg: Config) -> Gate:
     return Gate(name, not bad, len(bad), 0, METRICS, detail=f"steps {bad[:10]}" if bad else "")
 
 
-def _load_checkpoint_model(path: Path, cfg: Config):
-    """A checkpoint's model from its files, built the way training built it (fp32 load, the same attention,
-    then bf16 for bf16-weights, buffers included), so that a reload on the same device is bit-exact."""
-    from transformers import AutoModelForCausalLM
-
-    if (path / "dcp").is_dir():
-        return load_sharded_model(path)
-    if cfg.train.method == "lora":
-        from peft import PeftModel
-
-        from tracetune.models.sources import load_model, load_tokenizer
-
-        base = load_model(cfg.model.source, load_tokenizer(cfg.model.source), cfg.seed, cfg.model.attn_implementation)
-        model = PeftModel.from_pretrained(base, path / "model")
-    else:
-        from tracetune.models.sources import attention_kernel
-
-        model = AutoModelForCausalLM.from_pretrained(
-            path / "model", dtype=torch.float32, attn_implementation=attention_kernel(cfg.model.attn_implementation)
-        )
-    return model.to(torch.bfloat16) if cfg.train.precision == "bf16-weights" else model
-
-
 def gate_checkpoint_reloads(name: str, run_dir: Path, cfg: Config) -> Gate:
+    import torch
+
+    from tracetune.models.checkpoints import load_checkpoint_model
     from tracetune.models.probe import probe_difference, probe_outputs
 
     path = latest_good_checkpoint(RunLayout(run_dir).checkpoints)
@@ -126,7 +104,7 @@ def gate_checkpoint_reloads(name: str, run_dir: Path, cfg: Config) -> Gate:
     expected = json.loads((path / "probe.json").read_text(encoding="utf-8"))
     recorded = expected.get("device", "cpu")
     device = recorded if recorded == "cpu" or (recorded == "cuda" and torch.cuda.is_available()) else "cpu"
-    actual = probe_outputs(_load_checkpoint_model(path, cfg).to(device), expected["input_ids"])
+    actual = probe_outputs(load_checkpoint_model(path, cfg).to(device), expected["input_ids"])
     exact = device == recorded and expected.get("exact", True)
     diff = probe_difference(expected, actual, compare_argmax=exact)
     atol = cfg.gates.probe_atol if exact else cfg.gates.probe_cross_device_atol
@@ -140,8 +118,9 @@ def gate_checkpoint_reloads(name: str, run_dir: Path, cfg: Config) -> Gate:
 def gate_final_model_loads(name: str, run_dir: Path, cfg: Config) -> Gate:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    final = run_dir / final_model_path(cfg.stages)
-    source = f"{final_model_path(cfg.stages)}/"
+    files = RunLayout(run_dir)
+    final = files.model(cfg.stages)
+    source = f"{files.relative(final)}/"
     try:
         AutoTokenizer.from_pretrained(final)
         model = AutoModelForCausalLM.from_pretrained(final)

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tracetune.hashing import hash_mismatches
+
+if TYPE_CHECKING:
+    from tracetune.config import Config
 
 COMMIT_MARKER = "COMMITTED"
 MANIFEST = "MANIFEST.json"
@@ -51,3 +55,27 @@ def load_sharded_model(path: Path):
     dcp.load(state, checkpoint_id=path / "dcp", no_dist=True)  # rank 0 alone, even inside a process group
     set_model_state_dict(model, state["model"])
     return model
+
+
+def load_checkpoint_model(path: Path, cfg: Config):
+    """A checkpoint's model from its files, built the way training built it (fp32 load, the same attention,
+    then bf16 for bf16-weights, buffers included), so that a reload on the same device is bit-exact."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if (path / "dcp").is_dir():
+        return load_sharded_model(path)
+    if cfg.train.method == "lora":
+        from peft import PeftModel
+
+        from tracetune.models.sources import load_model, load_tokenizer
+
+        base = load_model(cfg.model.source, load_tokenizer(cfg.model.source), cfg.seed, cfg.model.attn_implementation)
+        model = PeftModel.from_pretrained(base, path / "model")
+    else:
+        from tracetune.models.sources import attention_kernel
+
+        model = AutoModelForCausalLM.from_pretrained(
+            path / "model", dtype=torch.float32, attn_implementation=attention_kernel(cfg.model.attn_implementation)
+        )
+    return model.to(torch.bfloat16) if cfg.train.precision == "bf16-weights" else model

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from tracetune import dist
 from tracetune.config import Config
@@ -29,11 +28,19 @@ from tracetune.data.batching import collate
 from tracetune.data.render import Example, end_of_turn_ids
 from tracetune.data.traces import EvalItem, Trace
 from tracetune.faults import STOP, crash_point
-from tracetune.layout import TrainingDir, write_json
+from tracetune.layout import TrainingDir
 from tracetune.rl.rewards import TERMS, group_advantages, reward_terms, total_reward
-from tracetune.rl.rollout import Rollout, Sampler, as_item
+from tracetune.rl.rollout import Rollout, Sampler, as_item, heldout
 from tracetune.train.checkpoint import Progress
-from tracetune.train.loop import NonFiniteLossError, RunContext, append_on_main, restore, save, save_final_model
+from tracetune.train.loop import (
+    NonFiniteLossError,
+    RunContext,
+    after_step,
+    append_on_main,
+    finish_training,
+    open_bar,
+    restore,
+)
 from tracetune.train.loss import PolicySettings, token_logprobs
 from tracetune.train.step import TrainState, autocast_context, build_state, to_device, train_step
 
@@ -160,22 +167,7 @@ def step_record(groups: list[Group], policy_stats: dict, results: list, step: in
     return record | {k: round(v, 3) for k, v in seconds.items()}
 
 
-def heldout(sampler: Sampler, cfg: Config, items: list[EvalItem], out_dir: Path) -> dict:
-    """Greedy accuracy on the held-out items by the evaluation's own code (predictions and scores in out_dir)."""
-    from tracetune.eval.evaluate import generate_predictions
-    from tracetune.eval.scoring import write_scores
-
-    if dist.current().is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    generate_predictions(sampler.model, sampler.tokenizer, items, cfg.eval, cfg.data.instruction, out_dir, cfg.seed)
-    scores = dist.on_main(lambda: write_scores(out_dir, items, str(out_dir)))
-    keys = ("accuracy", "ci95", "verified_accuracy", "verified_ci95")
-    return {k: scores[k] for k in keys} | {"truncation_rate": scores["format"]["truncation_rate"]}
-
-
-def log_heldout(ctx: RunContext, sampler: Sampler, items: list[EvalItem] | None, step: int) -> None:
-    if not items:
-        return
+def log_heldout(ctx: RunContext, sampler: Sampler, items: list[EvalItem], step: int) -> None:
     sampler.refresh()
     result = heldout(sampler, ctx.cfg, items, TrainingDir(ctx.run_dir).heldout(step).path)
     append_on_main(ctx.metrics_path, {"split": "heldout", "step": step, **result})
@@ -229,7 +221,7 @@ def fit_grpo(
     resume_from: Path | None = None,
 ) -> Path:
     """The GRPO stage on `model`; returns its final_model directory."""
-    staged, g, d = stage_config(cfg), cfg.grpo, dist.current()
+    staged, g = stage_config(cfg), cfg.grpo
     device = dist.rank_device(dist.resolve_device(cfg.train.device))
     torch.manual_seed(cfg.seed)
     ref = copy.deepcopy(model).eval().requires_grad_(False).to(device) if g.kl_coef else None
@@ -237,12 +229,13 @@ def fit_grpo(
     state = build_state(staged, model, device, staged.train.max_steps, policy)
     end_id = end_of_turn_ids(tokenizer)[0]  # the sampler stopped at it; the SFT traces end with it too
     probe = [list(tokenizer(train[0].prompt, add_special_tokens=False).input_ids[:32])]
-    ctx = RunContext(staged, stage_dir, [], tokenizer.pad_token_id, probe, 1, g.num_steps)
+    ctx = RunContext(staged, stage_dir, probe, g.num_steps, name="grpo")
     progress = restore(state, resume_from, ctx) if resume_from is not None else Progress()
     sampler = Sampler(state.model, tokenizer, cfg)
-    if progress.step == 0:
-        log_heldout(ctx, sampler, heldout_items, 0)
-    bar = tqdm(total=g.num_steps, initial=progress.step, desc="grpo", unit="step", disable=not d.is_main)
+    evaluate = (lambda: log_heldout(ctx, sampler, heldout_items, progress.step)) if heldout_items else None
+    if evaluate and progress.step == 0:
+        evaluate()
+    open_bar(ctx, progress)
     with STOP:
         while progress.step < g.num_steps:
             started = time.perf_counter()
@@ -260,39 +253,12 @@ def fit_grpo(
             }
             record = step_record(groups, stats, results, progress.step, seconds)
             append_on_main(ctx.metrics_path, record | {"lr": state.scheduler.get_last_lr()[0]})
-            bar.set_postfix(reward=f"{record['reward']['mean']:.2f}")
-            bar.update(1)
+            ctx.bar.set_postfix(reward=f"{record['reward']['mean']:.2f}")
+            ctx.bar.update(1)
             if results and not record["finite"]:
                 raise NonFiniteLossError(
                     f"non-finite policy loss or gradient at grpo step {progress.step}; no update was applied; "
                     "fix: lower grpo.lr"
                 )
-            done = progress.step >= g.num_steps
-            if done or (g.eval_every_steps and progress.step % g.eval_every_steps == 0):
-                log_heldout(ctx, sampler, heldout_items, progress.step)
-            if done or (g.save_every_steps and progress.step % g.save_every_steps == 0):
-                save(ctx, state, progress)
-            STOP.requested = dist.stop_agreed(STOP.requested)
-            if STOP.requested is not None:
-                if ctx.last_saved != progress.step:
-                    save(ctx, state, progress)
-                STOP.check(f"after grpo step {progress.step}")
-    bar.close()
-    final_dir = save_final_model(state.model, tokenizer, stage_dir, "full")
-    if d.is_main:
-        write_json(TrainingDir(stage_dir).training, stage_record(ctx, progress, state))
-    return final_dir
-
-
-def stage_record(ctx: RunContext, progress: Progress, state: TrainState) -> dict:
-    return {
-        "stage": "grpo",
-        "planned_steps": ctx.total_steps,
-        "num_steps": progress.step,
-        "elapsed_s": round(time.perf_counter() - ctx.started, 3),
-        "resumed": ctx.resumed,
-        "num_trainable_params": state.num_trainable_params,
-        "strategy": state.strategy,
-        "device": state.device.type,
-        "world_size": dist.current().world_size,
-    }
+            after_step(ctx, state, progress, evaluate, g.eval_every_steps, g.save_every_steps)
+    return finish_training(ctx, state, progress, tokenizer, "full", stage="grpo")

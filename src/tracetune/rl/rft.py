@@ -31,7 +31,7 @@ from tracetune.data.traces import EvalItem, Trace, load_traces
 from tracetune.errors import DataError
 from tracetune.faults import crash_point
 from tracetune.layout import TrainingDir, append_jsonl, read_json, read_jsonl, write_json
-from tracetune.rl.rollout import Rollout, Sampler, as_item
+from tracetune.rl.rollout import Rollout, Sampler, as_item, heldout
 
 log = logging.getLogger("tracetune")
 
@@ -182,7 +182,6 @@ def round_examples(cfg: Config, tokenizer, round_dir: Path, prompts: list[Trace]
 def run_round(cfg, stage_dir: Path, model, tokenizer, train, val, heldout_items, round_number: int, resume: bool):
     """One round: sample and keep (unless kept.jsonl exists), fine-tune (resuming a checkpoint), evaluate."""
     from tracetune.models.checkpoints import latest_good_checkpoint
-    from tracetune.rl.grpo import heldout
     from tracetune.train.loop import fit
 
     files = TrainingDir(stage_dir).round(round_number)
@@ -214,7 +213,7 @@ def fit_rft(cfg: Config, stage_dir: Path, start_model: Path | str, tokenizer, tr
     """Every round not yet finished (rounds.jsonl has a line per finished one), from `start_model` or the
     newest finished round's weights; returns the stage's final_model directory (the last round's weights)."""
     from tracetune.models.sources import load_model
-    from tracetune.train.loop import save_final_model
+    from tracetune.train.loop import save_final_model, write_training
 
     stage = TrainingDir(stage_dir)
     done = [row["round"] for row in read_jsonl(stage.rounds)]
@@ -228,8 +227,7 @@ def fit_rft(cfg: Config, stage_dir: Path, start_model: Path | str, tokenizer, tr
             append_jsonl(stage.rounds, record)
             tracking.mirror(stage.rounds, record)
     final_dir = save_final_model(model, tokenizer, stage_dir, "full")
-    if dist.current().is_main:
-        rounds = read_jsonl(stage.rounds)
-        record = {"stage": "rft", "planned_steps": cfg.rft.num_rounds, "num_steps": len(rounds)}
-        write_json(stage.training, record | {"elapsed_s": rounds[-1]["elapsed_s"], "rounds": rounds})
+    rounds = read_jsonl(stage.rounds)
+    record = {"stage": "rft", "planned_steps": cfg.rft.num_rounds, "num_steps": len(rounds)}
+    write_training(stage_dir, record | {"elapsed_s": rounds[-1]["elapsed_s"], "rounds": rounds})
     return final_dir

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -87,3 +88,17 @@ class Sampler:
         gen_cfg = EvalConfig(eval_file=None, max_new_tokens=max_new_tokens, batch_size=1)
         text = render_prompt(self.tokenizer, f"{item.prompt}\n\n{hint}", self.instruction)
         return generate_batch(self.model, self.tokenizer, [text], gen_cfg, self.stop_ids)[0]
+
+
+def heldout(sampler: Sampler, cfg: Config, items: list[EvalItem], out_dir: Path) -> dict:
+    """Greedy accuracy on the held-out items by the evaluation's own code (predictions and scores in out_dir)."""
+    from tracetune import dist
+    from tracetune.eval.evaluate import generate_predictions
+    from tracetune.eval.scoring import write_scores
+
+    if dist.current().is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    generate_predictions(sampler.model, sampler.tokenizer, items, cfg.eval, cfg.data.instruction, out_dir, cfg.seed)
+    scores = dist.on_main(lambda: write_scores(out_dir, items, str(out_dir)))
+    keys = ("accuracy", "ci95", "verified_accuracy", "verified_ci95")
+    return {k: scores[k] for k in keys} | {"truncation_rate": scores["format"]["truncation_rate"]}

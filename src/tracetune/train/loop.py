@@ -101,16 +101,14 @@ def append_on_main(path: Path, record: dict) -> None:
 
 @dataclass
 class RunContext:
-    """What logging, saving and validating need besides the state: where to write, what goes beside each
-    checkpoint, and the clocks behind metrics.jsonl's throughput."""
+    """The loop shell's state, shared by SFT and GRPO: where to write, what goes beside each checkpoint, the
+    step counts, and the clocks behind metrics.jsonl's throughput."""
 
     cfg: Config
     run_dir: Path
-    val: list[Example]
-    pad_id: int
     probe_ids: list[list[int]]
-    num_batches: int  # micro-batches per epoch
     total_steps: int
+    name: str = "train"  # the stage, as the progress bar and a stop message name it
     started: float = field(default_factory=time.perf_counter)  # moved back by the elapsed time of a resume
     last_log_time: float = field(default_factory=time.perf_counter)
     last_saved: int = -1
@@ -151,10 +149,11 @@ def save(ctx: RunContext, state: TrainState, progress: Progress) -> None:
     log.info("saved checkpoint %s", path.name)
 
 
-def run_validation(ctx: RunContext, state: TrainState, progress: Progress) -> None:
-    """One validation line in metrics.jsonl."""
-    val_loss, n = validate(state.net, ctx.val, ctx.cfg.train.batch_size, ctx.pad_id, state.device, state.autocast)
-    epoch = round(progress.epoch + progress.next_batch / max(1, ctx.num_batches), 4)
+def run_validation(ctx: RunContext, state: TrainState, progress: Progress, val: list[Example], pad_id: int,
+                   num_batches: int) -> None:  # fmt: skip
+    """One validation line in metrics.jsonl (num_batches: micro-batches per epoch, for the epoch it is in)."""
+    val_loss, n = validate(state.net, val, ctx.cfg.train.batch_size, pad_id, state.device, state.autocast)
+    epoch = round(progress.epoch + progress.next_batch / max(1, num_batches), 4)
     record = {"split": "val", "step": progress.step, "epoch": epoch, "loss": val_loss, "num_loss_tokens": n}
     append_on_main(ctx.metrics_path, record)
     log.info("step %d val_loss %.4f", progress.step, val_loss)
@@ -246,17 +245,21 @@ def log_step(ctx: RunContext, state: TrainState, progress: Progress, micro, resu
         crash_point(f"step-{progress.step}/logged")
 
 
-def validate_and_save(ctx: RunContext, state: TrainState, progress: Progress, done: bool) -> None:
-    """Validation and checkpoint when due, then a stop signal honoured (after a save) if any rank saw one.
+def after_step(
+    ctx: RunContext, state: TrainState, progress: Progress, evaluate, eval_every: int | None, save_every: int | None
+) -> None:
+    """The loop shell, after every optimizer step of SFT and GRPO: `evaluate` (validation loss, held-out
+    accuracy; None for none) and a checkpoint when due, then a stop signal honoured (after a save) if any rank
+    saw one.
 
-    Validation comes before the save, so a checkpoint at step N follows every line of step N. Their time is
-    kept out of the next line's tokens/s, which measures training alone.
+    The evaluation comes before the save, so a checkpoint at step N follows every line of step N. Their time is
+    kept out of the next line's throughput, which measures training alone.
     """
-    tc = ctx.cfg.train
+    done = progress.step >= ctx.total_steps
     paused = time.perf_counter()
-    if ctx.val and (done or (tc.eval_every_steps and progress.step % tc.eval_every_steps == 0)):
-        run_validation(ctx, state, progress)
-    if done or (tc.save_every_steps and progress.step % tc.save_every_steps == 0):
+    if evaluate is not None and (done or (eval_every and progress.step % eval_every == 0)):
+        evaluate()
+    if done or (save_every and progress.step % save_every == 0):
         save(ctx, state, progress)
     ctx.last_log_time += time.perf_counter() - paused
     STOP.requested = dist.stop_agreed(STOP.requested)
@@ -264,7 +267,30 @@ def validate_and_save(ctx: RunContext, state: TrainState, progress: Progress, do
         if ctx.last_saved != progress.step:
             save(ctx, state, progress)
         ctx.bar.close()
-        STOP.check(f"after step {progress.step}")
+        STOP.check(f"after {'' if ctx.name == 'train' else ctx.name + ' '}step {progress.step}")
+
+
+def open_bar(ctx: RunContext, progress: Progress) -> None:
+    ctx.bar = tqdm(
+        total=ctx.total_steps, initial=progress.step, desc=ctx.name, unit="step", dynamic_ncols=True,
+        disable=not dist.current().is_main,
+    )  # fmt: skip
+
+
+def finish_training(ctx: RunContext, state: TrainState, progress: Progress, tokenizer, method: str, **extra) -> Path:
+    """The end of a training stage (SFT, GRPO): final_model/ and training.json (what was planned and done,
+    on what, how; `extra` adds the stage's own fields). Every rank calls it."""
+    ctx.bar.close()
+    final_dir = save_final_model(state.model, tokenizer, ctx.run_dir, method, state.strategy == "fsdp")
+    record = _training_record(ctx, state, progress) | extra  # a collective: every rank
+    write_training(ctx.run_dir, record)
+    return final_dir
+
+
+def write_training(stage_dir: Path, record: dict) -> None:
+    """training.json of a training stage, written by rank 0: the one writer (SFT, RFT and GRPO call it)."""
+    if dist.current().is_main:
+        write_json(TrainingDir(stage_dir).training, record)
 
 
 def fit(
@@ -291,14 +317,13 @@ def fit(
     per_step = tc.grad_accum_steps * d.world_size  # micro-batches per optimizer step
     state = build_state(cfg, model, device, total_steps)
     pad_id = tokenizer.pad_token_id
-    ctx = RunContext(cfg, run_dir, val, pad_id, _probe_ids(val or train), num_batches, total_steps)
+    ctx = RunContext(cfg, run_dir, _probe_ids(val or train), total_steps)
     progress = restore(state, resume_from, ctx) if resume_from is not None else Progress()
     _log_start(cfg, state, len(train), len(val), total_steps, steps_per_epoch)
-    ctx.bar = tqdm(
-        total=total_steps, initial=progress.step, desc="train", unit="step", dynamic_ncols=True, disable=not d.is_main
-    )
-    if val and progress.step == 0 and resume_from is None:
-        run_validation(ctx, state, progress)  # the baseline the loss_decreased gate compares against
+    open_bar(ctx, progress)
+    validation = (lambda: run_validation(ctx, state, progress, val, pad_id, num_batches)) if val else None
+    if validation and progress.step == 0 and resume_from is None:
+        validation()  # the baseline the loss_decreased gate compares against
     ctx.last_log_time = time.perf_counter()
     with STOP:
         while progress.step < total_steps:
@@ -319,44 +344,38 @@ def fit(
                     )
                 log_step(ctx, state, progress, micro, result, progress.epoch + progress.next_batch / len(batches))
                 ctx.bar.update(1)
-                validate_and_save(ctx, state, progress, done=progress.step >= total_steps)
+                after_step(ctx, state, progress, validation, tc.eval_every_steps, tc.save_every_steps)
                 if progress.step >= total_steps:
                     break
             else:
                 progress.epoch, progress.next_batch = progress.epoch + 1, 0
                 crash_point(f"epoch-{progress.epoch}/start")
-    ctx.bar.close()
     elapsed = time.perf_counter() - ctx.started
-    final_dir = save_final_model(state.model, tokenizer, run_dir, tc.method, state.strategy == "fsdp")
-    record = _training_record(ctx, state, progress, len(train), steps_per_epoch)  # a collective: every rank
-    if d.is_main:
-        write_json(TrainingDir(run_dir).training, record)
+    final_dir = finish_training(
+        ctx, state, progress, tokenizer, tc.method, steps_per_epoch=steps_per_epoch, num_train_examples=len(train),
+        num_val_examples=len(val), global_batch_size=tc.batch_size * tc.grad_accum_steps * d.world_size,
+        grad_accum_steps=tc.grad_accum_steps, precision=tc.precision,
+    )  # fmt: skip
     log.info("training done: %d steps in %.1f s; final model in %s", progress.step, elapsed, final_dir)
     return FitResult(progress.step, total_steps, elapsed, final_dir)
 
 
-def _training_record(ctx: RunContext, state: TrainState, progress: Progress, num_train: int, per_epoch: int) -> dict:
-    """training.json: what was planned and done, on what, how. Every rank calls it (dist.describe gathers)."""
-    tc, device = ctx.cfg.train, state.device
+def _training_record(ctx: RunContext, state: TrainState, progress: Progress) -> dict:
+    """What every training stage's training.json holds. Every rank calls it (dist.describe gathers)."""
+    device = state.device
     return {
         "planned_steps": ctx.total_steps,
         "num_steps": progress.step,
         "num_skipped_steps": progress.num_skipped_steps,
-        "steps_per_epoch": per_epoch,
         "elapsed_s": round(time.perf_counter() - ctx.started, 3),
         "resumed": ctx.resumed,
-        "num_train_examples": num_train,
-        "num_val_examples": len(ctx.val),
         "num_trainable_params": state.num_trainable_params,
-        "global_batch_size": tc.batch_size * tc.grad_accum_steps * dist.current().world_size,
-        "grad_accum_steps": tc.grad_accum_steps,
         "strategy": state.strategy,
         "checkpoint_format": "dcp" if state.sharded_checkpoints else "hf",
         **dist.describe(device),
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "method": tc.method,
-        "precision": tc.precision,
+        "method": ctx.cfg.train.method,
     }
 
 

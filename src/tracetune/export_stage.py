@@ -1,4 +1,5 @@
-"""The exported GGUF, checked: loaded back with its own tokenizer and chat template, evaluated on the run's
+"""The export stage (`tracetune export`, and `run` with export.gguf): the run's model written as GGUF, then
+checked: loaded back with its own tokenizer and chat template, evaluated on the run's
 eval set with the evaluation's code, and compared item by item with the trained model rounded exactly as the
 file stores it (export/gguf_check.json). The users of other tools' GGUF exports most often find the file
 answers worse than the model they trained; here a gate says whether it does.
