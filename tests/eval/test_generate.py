@@ -9,7 +9,7 @@ from tracetune.data.render import end_of_turn_ids, render_prompt
 from tracetune.data.traces import EvalItem, load_eval_items
 from tracetune.eval import generate, invariance, scoring
 from tracetune.eval.evaluate import generate_predictions
-from tracetune.eval.generate import _cut, generate_batch, greedy_compacting
+from tracetune.eval.generate import _cut, decode_compacting, generate_batch
 from tracetune.eval.scoring import compare_predictions, compute_scores, write_scores
 from tracetune.layout import read_predictions
 from tracetune.models.sources import load_model, load_tokenizer, tiny_model
@@ -42,9 +42,9 @@ def test_compacting_greedy_equals_transformers_generate_when_rows_stop_at_differ
         [render_prompt(tokenizer, i.prompt, "Think.") for i in items], return_tensors="pt", padding=True
     )
     args = (encoded["input_ids"], encoded["attention_mask"], 12)
-    free = greedy_compacting(model, *args, [])
+    free = decode_compacting(model, *args, [])
     stops = sorted({free[0][2], free[3][5], free[5][8]})  # tokens that end some rows early, others later or never
-    ours = greedy_compacting(model, *args, stops)
+    ours = decode_compacting(model, *args, stops)
     theirs = model.generate(**encoded, max_new_tokens=12, do_sample=False, eos_token_id=stops, pad_token_id=0)
     pad = tokenizer.pad_token_id
     cut_ours = [_cut(row, set(stops), pad) for row in ours]

@@ -1,23 +1,12 @@
 """Batched generation with a KV cache and left padding, stopping each sequence at end-of-turn/EOS or a stop string;
-greedy, or sampled with one seeded generator per prompt.
+greedy, or sampled with one seeded generator per prompt. `decode_compacting` drops finished rows from the batch.
 
-Greedy decoding is batch-invariant where this machine's kernels allow (eval/invariance.py probes it): a
-prompt's tokens do not depend on which other prompts share its batch, or on whether it runs alone, so
-evaluation's answers are those of one-at-a-time decoding, at batched speed. In bf16 that takes three things
-(measured on AVX-512 BF16 CPUs without AMX, where stock kernels break each of them):
-- Attention (`batch_invariant_attention`): eager attention computed so that masked padding adds exact zeros in
-  the same order as when the row runs alone (SDPA's kernel sums a padded row in a different order).
-- Alignment: prompts are left-padded to a multiple of `PAD_MULTIPLE` tokens, so each row's real positions fall
-  on the same vector lanes whatever the batch's longest prompt.
-- Rows in multiples of `ROW_MULTIPLE`: a matmul computes its rows in blocks, and rows left over past the last
-  block take another kernel (bf16 on AVX-512 BF16: 1 row against 2 or more; fp32 through MKL on AVX2: rows past
-  a multiple of 4 in a matmul of 5-11 rows, measured), so every matmul of a generation step has a multiple of 4
-  rows: a batch is filled up with copies of its first prompt, finished rows stay beside running ones to keep
-  the count, and a prefill group keeps enough last positions for its LM head to see a multiple of 4 rows.
-Sampling draws each prompt's tokens from its own generator, so samples inherit the same property.
-
+Greedy decoding is batch-invariant where this machine's kernels allow (eval/invariance.py probes it, never
+assumes it): eager attention over fixed key chunks (`batch_invariant_attention`, `VALUE_CHUNK`), prompts
+left-padded to a multiple of `PAD_MULTIPLE`, and every matmul with a multiple of `ROW_MULTIPLE` rows. Why each is
+needed, and what was measured on each CPU kind: docs/PERFORMANCE.md, "How generation stays batch-invariant".
 On CPU, bf16 linear layers run on weights packed once for oneDNN (`packed_linears`) where that is bitwise
-`F.linear` on this machine, without reordering each weight on every call.
+`F.linear` on this machine.
 """
 
 from __future__ import annotations
@@ -112,7 +101,7 @@ def generate_batch(
         sampling = Sampling(cfg.temperature, cfg.top_p, [torch.Generator().manual_seed(s) for s in seeds])
     stop_check = partial(_has_stop_string, tokenizer, stop_strings) if stop_strings else None
     with torch.inference_mode(), packed_linears(model):
-        rows = greedy_compacting(
+        rows = decode_compacting(
             model,
             encoded["input_ids"],
             encoded["attention_mask"],
@@ -120,7 +109,7 @@ def generate_batch(
             stop_ids,
             prefix=prefix,
             stop_check=stop_check,
-            sampling=sampling,
+            choose=argmax_tokens if sampling is None else sampling.choose,
         )
     decode = partial(tokenizer.decode, skip_special_tokens=True)
     return [finish(row, stop_ids, tokenizer.pad_token_id, stop_strings, decode) for row in rows]
@@ -373,7 +362,13 @@ def _prefill_after(prefix: Prefix, model, input_ids, attention_mask, cache_name:
     return out.logits, {cache_name: cache}, order, attention_mask, positions
 
 
-def greedy_compacting(
+def argmax_tokens(logits: torch.Tensor, owners: list[int]) -> torch.Tensor:
+    """Greedy decoding's choice: one token per row, the first maximum (max's indices follow argmax's rule and are
+    much cheaper on bf16 CPU logits)."""
+    return logits.max(-1).indices
+
+
+def decode_compacting(
     model,
     input_ids,
     attention_mask,
@@ -382,9 +377,10 @@ def greedy_compacting(
     step_logits: list | None = None,
     prefix: Prefix | None = None,
     stop_check=None,
-    sampling: Sampling | None = None,
+    choose=argmax_tokens,
 ) -> list[list[int]]:
-    """Greedy decoding with a KV cache that drops each sequence from the batch once it emits a stop id.
+    """Decoding with a KV cache that drops each sequence from the batch once it emits a stop id; `choose`
+    (`argmax_tokens`, or `Sampling.choose`) picks each step's tokens from the last-position logits.
 
     transformers' generate keeps finished rows in the batch until the longest one ends, so a batch costs its
     longest completion times its size; here a step costs only the rows still running (and finished rows beside the
@@ -393,15 +389,9 @@ def greedy_compacting(
     receives each step's (original row or -1, last-position logits) pair, for `invariance.probe_generation`.
     With `prefix`, the prompts follow its cached tokens (the padding then sits between the two, so such batches
     are not claimed batch-invariant). `stop_check(ids)`, when given, also ends a row whose new ids it accepts.
-    With `sampling`, tokens are sampled (`Sampling.choose`) rather than the argmax.
     """
     rows = input_ids.shape[0]
-    if rows % ROW_MULTIPLE:  # the prompts run beside copies of the first, whose tokens are dropped
-        copies = [0] * (-rows % ROW_MULTIPLE)
-        input_ids, attention_mask = (
-            torch.cat([input_ids, input_ids[copies]]),
-            torch.cat([attention_mask, attention_mask[copies]]),
-        )
+    input_ids, attention_mask = _fill_rows(input_ids, attention_mask)
     name = _cache_name(model)
     stops = torch.tensor(stop_ids, device=input_ids.device)
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
@@ -418,11 +408,7 @@ def greedy_compacting(
         attention_mask, positions = attention_mask[order], positions[order]
         next_position = positions[:, -1] + 1
         for step in range(max_new_tokens):
-            # max's indices follow argmax's rule (the first maximum) and are much cheaper on bf16 CPU logits.
-            if sampling is None:
-                tokens = logits[:, -1].max(-1).indices
-            else:
-                tokens = sampling.choose(logits[:, -1], owner.tolist())
+            tokens = choose(logits[:, -1], owner.tolist())
             if step_logits is not None:
                 step_logits.append((owner.clone(), logits[:, -1].float()))
             for row, token in zip(owner.tolist(), tokens.tolist(), strict=True):
@@ -436,9 +422,7 @@ def greedy_compacting(
             running = owner >= 0
             if step == max_new_tokens - 1 or not running.any():
                 break
-            keep, missing = running.clone(), -int(running.sum()) % ROW_MULTIPLE
-            if missing > 0:  # finished rows stay beside the running ones: a multiple of ROW_MULTIPLE rows
-                keep[(~running).nonzero().squeeze(1)[:missing]] = True
+            keep = _rows_to_keep(running)
             if not keep.all():
                 cache[name].batch_select_indices(keep.nonzero().squeeze(1))
                 owner, tokens, attention_mask, next_position = (
@@ -457,6 +441,24 @@ def greedy_compacting(
             ).logits
             next_position = next_position + 1
     return new_ids
+
+
+def _fill_rows(input_ids, attention_mask):
+    """The prompts, and copies of the first after them up to a multiple of ROW_MULTIPLE rows (their tokens are
+    dropped)."""
+    copies = [0] * (-input_ids.shape[0] % ROW_MULTIPLE)
+    if not copies:
+        return input_ids, attention_mask
+    return torch.cat([input_ids, input_ids[copies]]), torch.cat([attention_mask, attention_mask[copies]])
+
+
+def _rows_to_keep(running: torch.Tensor) -> torch.Tensor:
+    """The rows of the next step: the running ones, and finished ones beside them up to a multiple of
+    ROW_MULTIPLE."""
+    keep, missing = running.clone(), -int(running.sum()) % ROW_MULTIPLE
+    if missing > 0:
+        keep[(~running).nonzero().squeeze(1)[:missing]] = True
+    return keep
 
 
 def timed(fn, *args):

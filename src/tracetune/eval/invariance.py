@@ -1,6 +1,6 @@
 """Whether this machine's kernels keep batched greedy generation exact: checked at run time, never assumed.
 
-`generate.greedy_compacting` gives one-at-a-time decoding's tokens in a batch only if every kernel it calls
+`generate.decode_compacting` gives one-at-a-time decoding's tokens in a batch only if every kernel it calls
 rounds a row the same way whatever rows and padding share its call: a property of the CPU (or GPU), its
 oneDNN/MKL build, the dtype and the thread count, not of tracetune (docs/PERFORMANCE.md has what was measured
 on each CPU kind). So every evaluation probes instead of claiming:
@@ -218,7 +218,7 @@ def _step_logits(model, tokenizer, prompts: list[str]) -> list[list[torch.Tensor
     encoded = generate.encode(tokenizer, prompts, next(model.parameters()).device)
     recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.inference_mode(), generate.packed_linears(model):
-        generate.greedy_compacting(
+        generate.decode_compacting(
             model, encoded["input_ids"], encoded["attention_mask"], PROBE_STEPS, [], step_logits=recorded
         )
     rows: list[list[torch.Tensor]] = [[] for _ in prompts]

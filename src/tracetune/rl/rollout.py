@@ -1,8 +1,8 @@
 """Sampling from the model being trained, with the evaluation's generator and checkers.
 
-A `Sampler` keeps a copy of the policy for generation in the evaluation's precision (bf16 on CPU is about
-2.5x faster than the fp32 weights being trained), refreshed from the trained weights before each use. Every
-sample is seeded by (run seed, what it is for, prompt id, sample index) through the evaluation's
+A `Sampler` keeps a copy of the policy for generation in the evaluation's precision (`auto`: bf16 where the
+hardware computes it natively, fp32 elsewhere; bench/results/cpu_precision.json has the measured speeds),
+refreshed from the trained weights before each use. Every sample is seeded by (run seed, what it is for, prompt id, sample index) through the evaluation's
 `sample_seed`, so a resumed run draws exactly the samples it would have drawn: the sampling RNG is a pure
 function of where the run is, and nothing about it needs saving.
 """
