@@ -111,6 +111,8 @@ def test_exact_duplicates_are_a_counted_warning(tmp_path):
     report = load_traces(path)
     assert not report.errors and len(report.records) == 4
     assert [w.problem for w in report.warnings] == ["2 exact duplicate record(s)"]
+    first, *copies = [r.id for r in report.records[:3]]
+    assert copies == [f"{first}-2", f"{first}-3"]  # every record has its own id, by construction
 
 
 def test_stable_id_is_derived_from_content(tmp_path):

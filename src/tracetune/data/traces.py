@@ -10,7 +10,7 @@ import hashlib
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import get_args
 
@@ -334,6 +334,13 @@ def load_traces(path: str | Path, fmt: str = "auto", default_format: str = "nati
         if trace is None:
             continue
         explicit_id = obj.get("id") is not None
+        if trace.id in first_line_of_id and not explicit_id:
+            # A derived id repeats only for an exact duplicate record: the n-th copy gets "-n", so every record
+            # has its own id by construction (RFT's samples and the split are keyed by it).
+            copy = seen_content[(trace.prompt, trace.steps, trace.final_answer)] + 1
+            while f"{trace.id}-{copy}" in first_line_of_id:
+                copy += 1
+            trace = replace(trace, id=f"{trace.id}-{copy}")
         if trace.id in first_line_of_id:
             if explicit_id:
                 report.issues.append(

@@ -28,7 +28,7 @@ from tracetune import dist, tracking
 from tracetune.config import Config
 from tracetune.data.render import parse_completion, tokenize_traces
 from tracetune.data.traces import EvalItem, Trace, load_traces
-from tracetune.errors import DataError
+from tracetune.errors import DataError, TracetuneError
 from tracetune.faults import crash_point
 from tracetune.layout import TrainingDir, append_jsonl, read_json, read_jsonl, write_json
 from tracetune.rl.rollout import Rollout, Sampler, as_item, heldout
@@ -100,6 +100,11 @@ def sample_round(
     """(kept trace records, every sample's row for sampled.jsonl, the round's sampling summary)."""
     r, d = cfg.rft, dist.current()
     items = [as_item(t) for t in prompts]
+    repeated = sorted({i.id for i in items if [j.id for j in items].count(i.id) > 1})
+    if repeated:  # checked where the samples' ids are made (item id, round, sample), before any sampling
+        raise TracetuneError(
+            f"rft round {round_number}: prompts share ids {repeated[:3]}; every trace needs its own id"
+        )
     mine = items[d.rank :: d.world_size]
     groups = sampler.sample(mine, r.num_samples, r.sampling, f"rft:round-{round_number}")
     kept, rows = [], []

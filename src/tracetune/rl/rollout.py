@@ -10,16 +10,21 @@ function of where the run is, and nothing about it needs saving.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
+from tracetune import dist
 from tracetune.config import Config, EvalConfig, SamplingConfig
 from tracetune.data.render import end_of_turn_ids, render_prompt
 from tracetune.data.traces import EvalItem, Trace
 from tracetune.eval.generate import Generation, generate_batch
 from tracetune.eval.scoring import sample_seed, score_item
+
+log = logging.getLogger("tracetune")
 
 
 @dataclass(frozen=True)
@@ -70,17 +75,24 @@ class Sampler:
         )
         rows = [(item, n) for item in items for n in range(k)]
         prompts = {item.id: render_prompt(self.tokenizer, item.prompt, self.instruction) for item in items}
-        generations = []
+        ids = {i: tuple(self.tokenizer(text, add_special_tokens=False).input_ids) for i, text in prompts.items()}
+        flat: list[Rollout] = []
+        bar = tqdm(total=len(rows), desc=key, unit="sample", leave=False, disable=not dist.current().is_main)
         for start in range(0, len(rows), sampling.batch_size):
             chunk = rows[start : start + sampling.batch_size]
             seeds = [sample_seed(self.seed, f"{key}:{item.id}", n) for item, n in chunk]
             texts = [prompts[item.id] for item, _ in chunk]
-            generations += generate_batch(self.model, self.tokenizer, texts, gen_cfg, self.stop_ids, seeds=seeds)
-        ids = {i: tuple(self.tokenizer(text, add_special_tokens=False).input_ids) for i, text in prompts.items()}
-        flat = [
-            Rollout(item, n, ids[item.id], gen, score_item(item, gen.completion))
-            for (item, n), gen in zip(rows, generations, strict=True)
-        ]
+            generations = generate_batch(self.model, self.tokenizer, texts, gen_cfg, self.stop_ids, seeds=seeds)
+            flat += [
+                Rollout(item, n, ids[item.id], gen, score_item(item, gen.completion))
+                for (item, n), gen in zip(chunk, generations, strict=True)
+            ]
+            verified = sum(bool(r.score["verified"]) for r in flat)
+            bar.update(len(chunk))
+            bar.set_postfix(verified=verified)
+            log.info("%s: %d of %d samples, %d verified, %.0f s", key, len(flat), len(rows), verified,
+                     bar.format_dict["elapsed"])  # fmt: skip
+        bar.close()
         return [flat[i * k : (i + 1) * k] for i in range(len(items))]
 
     def hinted(self, item: EvalItem, hint: str, max_new_tokens: int) -> Generation:
@@ -92,7 +104,6 @@ class Sampler:
 
 def heldout(sampler: Sampler, cfg: Config, items: list[EvalItem], out_dir: Path) -> dict:
     """Greedy accuracy on the held-out items by the evaluation's own code (predictions and scores in out_dir)."""
-    from tracetune import dist
     from tracetune.eval.evaluate import generate_predictions
     from tracetune.eval.scoring import write_scores
 
