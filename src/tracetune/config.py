@@ -144,6 +144,14 @@ class TrainConfig(Section):
     log_every_steps: int = Field(1, ge=1, description="Write a metrics.jsonl line every N optimizer steps.")
     eval_every_steps: int | None = Field(None, ge=1, description="Validation loss every N steps (and at the end).")
     save_every_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps (and at the end).")
+    val_accuracy_items: int = Field(
+        50,
+        ge=1,
+        description=(
+            "Held-out accuracy while training (the rl stages' points) scores at most this many traces of the "
+            "validation split of the training data, never the eval set."
+        ),
+    )
     keep_last_checkpoints: int = Field(2, ge=1, description="Committed checkpoints to keep.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     compile: bool = Field(

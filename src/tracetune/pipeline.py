@@ -322,6 +322,14 @@ def _train_or_resume(cfg: Config, inputs: Inputs, run_dir: Path, resume: bool):
     return result.final_model_dir
 
 
+def heldout_items(cfg: Config, inputs: Inputs):
+    """What training-time accuracy points score: the validation split of the training traces (at most
+    train.val_accuracy_items), never the eval set, which is scored once per stage for the report."""
+    from tracetune.rl.rollout import as_item
+
+    return [as_item(t) for t in inputs.val[: cfg.train.val_accuracy_items]] or None
+
+
 def _rl_stage(cfg: Config, inputs: Inputs, run_dir: Path, stage: str, start: str, resume: bool) -> Path:
     """An RFT or GRPO stage in run_dir/<stage>/, from the model in `start`; a finished one (its
     training.json) is kept."""
@@ -342,12 +350,12 @@ def _rl_stage(cfg: Config, inputs: Inputs, run_dir: Path, stage: str, start: str
             from tracetune.rl.rft import fit_rft
 
             _, val, _ = tokenize_inputs(cfg, inputs, tokenizer)
-            return fit_rft(cfg, stage_dir, start, tokenizer, inputs.train, val, inputs.eval_items, resume)
+            return fit_rft(cfg, stage_dir, start, tokenizer, inputs.train, val, heldout_items(cfg, inputs), resume)
         from tracetune.rl.grpo import fit_grpo
 
         model = load_model(start, tokenizer, cfg.seed, cfg.model.attn_implementation)
         checkpoint = latest_good_checkpoint(files.stage(stage).checkpoints) if resume else None
-        return fit_grpo(cfg, stage_dir, model, tokenizer, inputs.train, inputs.eval_items, checkpoint)
+        return fit_grpo(cfg, stage_dir, model, tokenizer, inputs.train, heldout_items(cfg, inputs), checkpoint)
 
 
 def _train_stages(cfg: Config, inputs: Inputs, run_dir: Path, resume: bool) -> Path:

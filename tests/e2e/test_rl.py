@@ -151,3 +151,31 @@ def test_sft_then_rft_and_sft_then_grpo_run_on_untidy_data(tmp_path):
     kept = (tmp_path / "rft" / "rft" / "round-1" / "kept.jsonl").read_text().splitlines()
     ids = [json.loads(line)["id"] for line in kept]
     assert len(ids) == len(set(ids))
+
+
+def test_training_time_accuracy_points_never_read_the_eval_set(tmp_path, monkeypatch):
+    """The rl stages' held-out points score the validation split of the training traces, never an eval item;
+    the eval set is scored once per stage (eval/<stage>) for the report."""
+    from tracetune.cli import main
+    from tracetune.rl import grpo, rft, rollout
+
+    scored: list[str] = []
+
+    def recording(sampler, cfg, items, out_dir):
+        scored.extend(i.id for i in items)
+        return rollout.heldout(sampler, cfg, items, out_dir)
+
+    monkeypatch.setattr(grpo, "heldout", recording)
+    monkeypatch.setattr(rft, "heldout", recording)
+    stages = ["stages=[sft,rft,grpo]", "rft.num_rounds=1", "rft.prompts_per_round=6", "rft.num_samples=2"]
+    stages += ["rft.sampling.max_new_tokens=8", "grpo.num_steps=2", "grpo.prompts_per_step=3", "grpo.group_size=3"]
+    stages += ["grpo.sampling.max_new_tokens=8", "grpo.eval_every_steps=1", "data.val_fraction=0.2"]
+    stages += ["train.val_accuracy_items=5"]
+    assert main(_args(tmp_path, "held", *stages)) in (0, 3)
+    from tracetune.data.traces import load_eval_items, load_traces, split_train_val
+
+    eval_ids = {i.id for i in load_eval_items(REPO / "data" / "eval.jsonl").records}
+    _, val = split_train_val(load_traces(tmp_path / "train73.jsonl").records, 0.2, 0)
+    assert scored and set(scored) <= {t.id for t in val[:5]} and not set(scored) & eval_ids
+    assert (tmp_path / "held" / "eval" / "sft" / "scores.json").is_file()  # each stage's report score
+    assert (tmp_path / "held" / "eval" / "rft" / "scores.json").is_file()
