@@ -288,12 +288,21 @@ class GatesConfig(Section):
 
 
 class RewardWeights(Section):
-    correct: float = Field(1.0, ge=0, description="Weight of the answer being right (eval/score.py).")
+    verified: float = Field(
+        1.0,
+        ge=0,
+        description="Weight of a verified completion: the answer right, at least one step checked, every one holding.",
+    )
+    correct: float = Field(
+        0.0, ge=0, description="Weight of the answer being right alone (shaped; off: see rl/rewards.py)."
+    )
     steps_valid: float = Field(
-        0.5, ge=0, description="Weight of every checked step holding (eval/steps.py); no checked step earns none."
+        0.0,
+        ge=0,
+        description="Weight of every checked step holding, whatever the answer (shaped; off: it pays for stopping early).",
     )
     format: float = Field(
-        0.1, ge=0, description="Weight of the form: an 'Answer:' line present and the completion not truncated."
+        0.0, ge=0, description="Weight of the form: an 'Answer:' line present and the completion not truncated."
     )
 
 
@@ -351,6 +360,13 @@ class GRPOConfig(Section):
     )
     drop_zero_variance_groups: bool = Field(
         True, description="Leave groups whose rewards are all equal out of the step (they carry no signal)."
+    )
+    truncated: Literal["mask", "penalize", "train"] = Field(
+        "mask",
+        description=(
+            "Completions cut off at sampling.max_new_tokens: mask (left out of the loss, their rewards still count "
+            "in their group, as DAPO's overlong filtering), penalize (reward 0, trained on), train (as any other)."
+        ),
     )
     reward: RewardWeights = Field(default_factory=RewardWeights, description="Reward terms and their weights.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="How the groups are sampled.")

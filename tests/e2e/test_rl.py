@@ -22,6 +22,10 @@ GRPO = [
     "grpo.lr=3e-3",
     "grpo.sampling.temperature=1.5",
     "grpo.sampling.max_new_tokens=12",
+    # The tiny model's traces have no steps, so no sample is ever verified (the default reward): the shaped
+    # correct-answer term gives its groups rewards that differ.
+    "grpo.reward.verified=0",
+    "grpo.reward.correct=1",
 ]
 RFT = [
     "stages=[sft,rft]",
@@ -30,16 +34,19 @@ RFT = [
     "rft.num_samples=3",
     "rft.sampling.temperature=0.5",
     "train.max_steps=80",
-    "rft.sampling.max_new_tokens=12",
+    "rft.sampling.max_new_tokens=40",  # "Reasoning:\n1. 3 + 4 = 7\nAnswer: 7", a character per token
 ]
 
 
 def _traces(tmp_path):
     records = [json.loads(line) for line in (REPO / "data" / "train.jsonl").read_text().splitlines()[:64]]
+    work = {"7": "3 + 4 = 7", "3": "1 + 2 = 3"}  # one checked step: rft keeps only samples with one
     lines = [
-        {"id": r["id"], "prompt": r["prompt"], "steps": [], "final_answer": "7" if k % 2 else "3"}
+        {"id": r["id"], "prompt": r["prompt"], "steps": [{"i": 1, "type": "calc", "content": work[answer]}],
+         "final_answer": answer}
         for k, r in enumerate(records)
-    ]
+        for answer in ["7" if k % 2 else "3"]
+    ]  # fmt: skip
     return write_jsonl(tmp_path / "train73.jsonl", lines)
 
 
@@ -71,7 +78,7 @@ def _check_grpo_run(run_dir):
     steps, held = [r for r in rows if "reward" in r], [r for r in rows if r.get("split") == "heldout"]
     assert [r["step"] for r in steps] == [1, 2, 3, 4] and [r["step"] for r in held] == [0, 2, 4]
     assert sum(r["num_trained_completions"] for r in steps) > 0, steps  # groups with signal were trained on
-    for key in ("reward_correct", "reward_steps_valid", "reward_format", "zero_variance_fraction", "truncation_ratio",
+    for key in ("reward_verified", "reward_correct", "reward_steps_valid", "reward_format", "zero_variance_fraction", "truncation_ratio",
                 "clip_fraction", "kl", "entropy"):  # fmt: skip
         assert all(key in r for r in steps)
     assert not _same(_weights(run_dir / "final_model"), _weights(run_dir / "grpo" / "final_model"))

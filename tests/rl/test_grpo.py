@@ -120,3 +120,18 @@ def test_bad_rl_settings_are_config_errors_naming_the_field(tiny_cfg, override):
 
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
         tiny_cfg(override)
+
+
+@pytest.mark.parametrize(
+    ("mode", "trained", "truncated_reward"), [("mask", 1, 1.0), ("penalize", 2, 0.0), ("train", 2, 1.0)]
+)
+def test_truncated_completions_are_masked_penalized_or_trained(tiny_cfg, mode, trained, truncated_reward):
+    """grpo.truncated: a completion cut off at the token limit is left out of the loss (mask, the default), earns
+    0 (penalize), or is trained on as any other; `trained` counts the completions in the step's batches."""
+    cfg, tokenizer, _, _ = _setup(tiny_cfg, f"grpo.truncated={mode}")
+    cut = _rollout(tokenizer, RIGHT, 0)
+    cut = Rollout(cut.item, 0, cut.prompt_ids, Generation(RIGHT, 9, "length", cut.generation.token_ids), cut.score)
+    groups = score_groups([[cut, _rollout(tokenizer, WRONG, 1)]], cfg)
+    assert groups[0].rewards[0] == truncated_reward
+    batches = policy_batches(groups, cfg, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert sum(int(b["input_ids"].shape[0]) for b in batches) == (trained if truncated_reward else 0)

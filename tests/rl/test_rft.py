@@ -21,6 +21,7 @@ def test_only_verified_distinct_samples_are_kept_up_to_the_cap():
         _rollout(1, "Reasoning:\n1. Cost: 2 * 6 = 12\nAnswer: 12"),  # wrong answer
         _rollout(2, "Reasoning:\n1. Cost: 2 * 5 = 10\nAnswer: 10", finish="length"),  # cut off
         _rollout(3, "The answer is 10"),  # no Answer: line
+        _rollout(3, "Answer: 10"),  # right, but no step was checked (a bare hinted answer)
         _rollout(4, "Reasoning:\n1. Cost: 2 * 5 = 10\nAnswer: 10"),  # verified
         _rollout(5, "Reasoning:\n1.  Cost: 2 * 5 = 10\nAnswer:  10"),  # the same text but for white space
         _rollout(6, "Reasoning:\n1. Two notebooks: 2 * 5 = 10\nAnswer: 10"),  # verified, distinct

@@ -278,8 +278,9 @@ def _stages_section(data: RunView) -> list[str]:
             values = [r[key]["mean"] if isinstance(r[key], dict) else r[key] for r in part]
             return f"{sum(values) / len(values):.3f}"
 
-        keys = ["reward", "reward_correct", "reward_steps_valid", "reward_format", "zero_variance_fraction",
-                "truncation_ratio", "clip_fraction", "kl", "entropy"]  # fmt: skip
+        keys = ["reward", *(f"reward_{t}" for t in ("verified", "correct", "steps_valid", "format")),
+                "zero_variance_fraction", "truncation_ratio", "clip_fraction", "kl", "entropy"]  # fmt: skip
+        keys = [key for key in keys if all(key in r for r in steps)]  # runs from before a term existed
         lines += _table(
             ["per step", f"first {k} steps", f"last {k} steps"],
             [[key, mean(key, steps[:k]), mean(key, steps[-k:])] for key in keys],

@@ -90,6 +90,10 @@ def score_groups(groups: list[list[Rollout]], cfg: Config) -> list[Group]:
     for rollouts in groups:
         terms = [reward_terms(r.score, r.generation.finish_reason) for r in rollouts]
         rewards = [total_reward(t, g.reward) for t in terms]
+        if g.truncated == "penalize":
+            rewards = [
+                0.0 if r.generation.finish_reason == "length" else x for r, x in zip(rollouts, rewards, strict=True)
+            ]
         out.append(Group(rollouts, terms, rewards, group_advantages(rewards, g.scale_rewards)))
     return out
 
@@ -98,11 +102,13 @@ def policy_batches(groups: list[Group], cfg: Config, end_id: int, pad_id: int) -
     """The step's micro-batches (train.batch_size completions each): prompt + sampled tokens (+ the end of
     turn where the sample ended), loss on the sampled tokens, `advantages` per token with the configured
     normalisation folded in (train_step divides every step by its loss tokens)."""
+    masked = cfg.grpo.truncated == "mask"  # a cut-off completion's tokens are left out of the loss
     rows = [
         (r, a)
         for group in groups
         for r, a in zip(group.rollouts, group.advantages, strict=True)
         if not (cfg.grpo.drop_zero_variance_groups and group.zero_variance)
+        and not (masked and r.generation.finish_reason == "length")
     ]
     examples = []
     for r, _ in rows:

@@ -1,22 +1,29 @@
 """The reward of one sampled completion, from the evaluation's own checkers (pure functions).
 
-Three terms, each 0 or 1, weighted by `grpo.reward`: the answer is right (eval/score.py); the work holds
-(eval/steps.py: at least one step was checked and none failed, and the answer is the last computed value
-where that can be told); and the form (an `Answer:` line, and the completion ended before max_new_tokens).
+Terms, each 0 or 1, weighted by `grpo.reward`: `verified` (the default, weight 1: the answer is right and at
+least one step was checked and every checked step holds, as DAPO, Dr. GRPO and DeepSeek-R1 reward verified
+correctness only); and, off by default, the shaped terms: the answer is right (eval/score.py), the work holds
+(eval/steps.py: at least one step was checked and none failed), the form (an `Answer:` line, and the completion
+ended before max_new_tokens). The shaped terms pay for stopping early: with correct 1 and steps_valid 0.5, one
+valid step then a wrong answer earns 0.6 where trying a second step and slipping earns 0.1, so groups with no
+right answer teach "one easy step, then answer" (docs/PERFORMANCE.md measured completions falling from 53 to 28
+tokens under it).
 """
 
 from __future__ import annotations
 
 from tracetune.config import RewardWeights
 
-TERMS = ("correct", "steps_valid", "format")
+TERMS = ("verified", "correct", "steps_valid", "format")
 
 
 def reward_terms(score: dict, finish_reason: str) -> dict[str, float]:
     """Each term of one completion, from its score_item row and finish reason."""
+    steps_valid = score["steps_checked"] > 0 and score["work_valid"]
     return {
+        "verified": float(bool(score["correct"]) and steps_valid),
         "correct": float(bool(score["correct"])),
-        "steps_valid": float(score["steps_checked"] > 0 and score["work_valid"]),
+        "steps_valid": float(steps_valid),
         "format": float(score["extraction_rule"] == "answer_marker" and finish_reason != "length"),
     }
 

@@ -48,10 +48,12 @@ def _normalised(text: str) -> str:
 
 
 def is_verified(rollout: Rollout) -> bool:
-    """A right answer, every checked step valid, an 'Answer:' line, and not cut off by the token limit."""
+    """A right answer, at least one checked step and every one valid, an 'Answer:' line, and not cut off by the
+    token limit (a truncated sample is never kept: grpo.truncated=mask's rule)."""
     score = rollout.score
     return (
         bool(score["verified"])
+        and score["steps_checked"] > 0
         and score["extraction_rule"] == "answer_marker"
         and rollout.generation.finish_reason != "length"
     )
