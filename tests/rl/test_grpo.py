@@ -85,19 +85,23 @@ def test_a_clipped_ratio_stops_the_gradient(tiny_cfg):
     assert result.grad_norm == 0 and stats["clipped"] == stats["tokens"] > 0
 
 
-def test_policy_gradient_equals_autograd(tiny_cfg):
-    """d/dtheta of sum_t -A_t * r_t over the step (r = exp(logp - old)), by autograd on full logits, against
-    the chunked policy loss (mu > 1: old log-probs differ from today's, nothing clipped)."""
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_policy_gradient_equals_autograd(tiny_cfg, temperature):
+    """d/dtheta of sum_t -A_t * r_t over the step (r = exp(logp - old)), by autograd on full logits divided by
+    the sampling temperature, against the chunked policy loss (mu > 1: old log-probs differ from today's,
+    nothing clipped); the old log-probabilities are the tempered ones too."""
     cfg, tokenizer, state, policy = _setup(tiny_cfg, "grpo.epsilon_low=0.9", "grpo.epsilon_high=9")
+    policy.temperature = temperature
     _, batches = _batches(cfg, tokenizer, [RIGHT, WRONG])
-    add_logprobs(state, batches, "old_logprobs")
+    add_logprobs(state, batches, "old_logprobs", temperature=temperature)
     batch = batches[0] | {"old_logprobs": batches[0]["old_logprobs"] - 0.05}
     model = state.model
     model.zero_grad()
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     mask = labels != -100
-    logp = logits.log_softmax(-1).gather(2, labels.clamp(min=0)[..., None]).squeeze(-1)
+    logp = (logits / temperature).log_softmax(-1).gather(2, labels.clamp(min=0)[..., None]).squeeze(-1)
+    assert torch.allclose((logp - 0.05)[mask], batch["old_logprobs"][:, 1:][mask], atol=1e-4)  # tempered, both
     ratio = (logp - batch["old_logprobs"][:, 1:]).exp()
     (-(ratio * batch["advantages"][:, 1:])[mask].sum()).backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -137,13 +137,14 @@ def policy_batches(groups: list[Group], cfg: Config, end_id: int, pad_id: int) -
 
 
 @torch.no_grad()
-def add_logprobs(state: TrainState, batches: list[dict], key: str, model=None) -> None:
-    """Each micro-batch's per-token log-probabilities under `model` (the trained one by default) as `key`."""
+def add_logprobs(state: TrainState, batches: list[dict], key: str, model=None, temperature: float = 1.0) -> None:
+    """Each micro-batch's per-token log-probabilities under `model` (the trained one by default) as `key`, of
+    softmax(logits / temperature): the distribution the samples were drawn from."""
     model = model or state.model
     for batch in batches:
         on_device = to_device(batch, state.device)
         with autocast_context(state.autocast, state.device):
-            batch[key] = token_logprobs(model, on_device).cpu()
+            batch[key] = token_logprobs(model, on_device, temperature).cpu()
 
 
 def _spread(values: list[float]) -> dict:
@@ -203,9 +204,9 @@ def learn(
     schedule advances all the same); (step results, policy statistics summed over ranks)."""
     policy.reset()
     if batches and cfg.grpo.num_iterations > 1:
-        add_logprobs(state, batches, "old_logprobs")
+        add_logprobs(state, batches, "old_logprobs", temperature=cfg.grpo.sampling.temperature)
     if batches and ref is not None:
-        add_logprobs(state, batches, "ref_logprobs", ref)
+        add_logprobs(state, batches, "ref_logprobs", ref, cfg.grpo.sampling.temperature)
     results = []
     for iteration in range(cfg.grpo.num_iterations):
         if batches:
@@ -231,7 +232,7 @@ def fit_grpo(
     device = dist.rank_device(dist.resolve_device(cfg.train.device))
     torch.manual_seed(cfg.seed)
     ref = copy.deepcopy(model).eval().requires_grad_(False).to(device) if g.kl_coef else None
-    policy = PolicySettings(g.epsilon_low, g.epsilon_high, g.kl_coef)
+    policy = PolicySettings(g.epsilon_low, g.epsilon_high, g.kl_coef, g.sampling.temperature)
     state = build_state(staged, model, device, staged.train.max_steps, policy)
     end_id = end_of_turn_ids(tokenizer)[0]  # the sampler stopped at it; the SFT traces end with it too
     probe = [list(tokenizer(train[0].prompt, add_special_tokens=False).input_ids[:32])]

@@ -37,6 +37,7 @@ class PolicySettings:
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
     kl_coef: float = 0.0
+    temperature: float = 1.0  # the samples' temperature: log-probabilities are of softmax(logits / temperature)
     stats: dict = field(init=False, default_factory=dict)
 
     def __post_init__(self):
@@ -107,9 +108,10 @@ def loss_sum(
 
 
 @torch.no_grad()
-def token_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """log p(token) at every loss position (labels != IGNORE_INDEX), shaped like labels (0 elsewhere); the
-    head runs a chunk of rows at a time, as in training."""
+def token_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """log p(token) at every loss position (labels != IGNORE_INDEX), shaped like labels (0 elsewhere), of the
+    distribution the tokens were sampled from, softmax(logits / temperature); the head runs a chunk of rows at
+    a time, as in training."""
     inner = unwrap_model(model)
     hidden = inner.get_decoder()(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
@@ -125,6 +127,8 @@ def token_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = head(selected[start : start + rows]).float()
         if cap:
             logits = torch.tanh(logits / cap) * cap
+        if temperature != 1.0:
+            logits = logits / temperature
         parts.append(logits.log_softmax(-1).gather(1, wanted[start : start + rows, None]).squeeze(1))
     out = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
     out[mask] = torch.cat(parts) if parts else out[mask]
@@ -172,6 +176,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     capped = torch.tanh(logits / softcap)
                     logits = capped * softcap
                 target = targets[start : start + rows, None]
+                temperature = policy.settings.temperature if policy is not None else 1.0
+                if temperature != 1.0:  # the policy's log-probabilities are those of the tempered samples
+                    logits.div_(temperature)
                 lse = torch.logsumexp(logits, dim=-1, keepdim=True)
                 row_weight = None
                 if policy is None:
@@ -183,6 +190,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     total += row_loss.sum()
                 grad = logits.sub_(lse).exp_()  # softmax, in place of the logits
                 grad.scatter_add_(1, target, grad.new_full(target.shape, -1.0))
+                if temperature != 1.0:
+                    grad.div_(temperature)
                 if softcap:
                     grad.mul_(1 - capped * capped)
                 if row_weight is not None:
