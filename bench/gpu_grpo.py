@@ -72,7 +72,7 @@ def main() -> None:
     rows = []
     for step in range(args.warmup + args.steps):
         started = time.perf_counter()
-        groups = sample_step(sampler, cfg, train, step)
+        groups, _ = sample_step(sampler, cfg, train, step)
         if device.type == "cuda":
             torch.cuda.synchronize()
         sampled = time.perf_counter()

@@ -9,7 +9,10 @@ import pytest
 from tests.conftest import REPO
 
 
-@pytest.mark.parametrize("worker", ["tracetune", "trl", "old", "generate"])
+@pytest.mark.parametrize(
+    "worker",
+    ["tracetune", "generate", pytest.param("trl", marks=pytest.mark.slow), pytest.param("old", marks=pytest.mark.slow)],
+)
 def test_bench_worker_runs_on_the_tiny_model(worker):
     args = ["--worker", worker, "--steps", "2", "--warmup", "1", "--eval-items", "4", "--source", "tiny:gemma3"]
     result = subprocess.run(

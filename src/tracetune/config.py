@@ -361,6 +361,14 @@ class GRPOConfig(Section):
     drop_zero_variance_groups: bool = Field(
         True, description="Leave groups whose rewards are all equal out of the step (they carry no signal)."
     )
+    fill_informative: bool = Field(
+        False,
+        description=(
+            "Dynamic sampling (DAPO): keep drawing seeded extra prompts until the step holds prompts_per_step groups "
+            "whose rewards differ, at most max_fill_draws draws in all (logged: num_draws, informative_fraction)."
+        ),
+    )
+    max_fill_draws: int = Field(4, ge=1, description="Draws of prompts_per_step prompts a step may take to fill.")
     truncated: Literal["mask", "penalize", "train"] = Field(
         "mask",
         description=(

@@ -70,7 +70,7 @@ def runs(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_two_ranks_match_one_process_and_only_rank0_writes(runs, strategy):
     result = launch(2, *run_args(runs, strategy, f"train.distributed={strategy}"))
     assert result.returncode == 0, why(result)
@@ -102,6 +102,7 @@ def test_two_ranks_match_one_process_and_only_rank0_writes(runs, strategy):
         assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
 
 
+@pytest.mark.slow
 def test_killed_rank_fails_the_run_and_it_resumes(runs):
     """Rank 1 is killed -9 in step 6, after the step-4 checkpoint: the run fails, step 4 stays committed and
     intact, and a relaunch finishes with the uninterrupted losses."""
@@ -117,6 +118,7 @@ def test_killed_rank_fails_the_run_and_it_resumes(runs):
     assert_losses_match(run_dir, runs / "single")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("strategy", "first", "then"),
     [("fsdp", 2, None), ("fsdp", None, 2), ("ddp", None, 2)],
@@ -139,6 +141,7 @@ def test_checkpoint_resumes_at_another_world_size(runs, strategy, first, then):
     assert json.loads((run_dir / "training.json").read_text())["world_size"] == (then or 1)
 
 
+@pytest.mark.slow
 def test_lora_under_ddp_matches_one_process(runs):
     single = launch(None, *run_args(runs, "single-lora", "train.method=lora", "train.grad_accum_steps=4"))
     assert single.returncode == 0, why(single)
@@ -148,6 +151,7 @@ def test_lora_under_ddp_matches_one_process(runs):
     assert files(runs / "ddp-lora") == files(runs / "single-lora")  # adapter/, merged final_model/, nothing else
 
 
+@pytest.mark.slow
 def test_fsdp_mixed_precision_trains_and_its_checkpoint_reloads_within_tolerance(runs):
     """bf16 compute over fp32 sharded weights (FSDP's policy): a plain fp32 reload cannot be bit-exact, so the
     reload gate holds it to gates.probe_cross_device_atol and says so."""
@@ -159,6 +163,7 @@ def test_fsdp_mixed_precision_trains_and_its_checkpoint_reloads_within_tolerance
     assert gates["loss_decreased"]["status"] == "pass"
 
 
+@pytest.mark.slow
 def test_grpo_on_two_ranks_matches_one_process(tmp_path):
     """Each rank samples every second prompt of a step and all ranks then train on the whole step, so the
     rewards, losses and gradient norms of 2 DDP ranks are those of one process."""

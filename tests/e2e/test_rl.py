@@ -134,38 +134,25 @@ def test_rft_keeps_verified_samples_and_resumes_after_kill_9(tmp_path):
         ).read_text()
 
 
-def test_sft_then_rft_and_sft_then_grpo_run_on_untidy_data(tmp_path):
+def test_rl_stages_run_on_untidy_data_and_score_only_the_validation_split(tmp_path, monkeypatch):
     """Records without ids, exact duplicates and prompts repeated with other answers, as real datasets have:
-    every stage runs (the duplicates get ids of their own, so RFT's kept samples never collide)."""
+    sft -> rft -> grpo runs (the duplicates get ids of their own, so RFT's kept samples never collide), and the
+    stages' held-out points score the validation split of the training traces, never an eval item; the eval set
+    is scored once per stage (eval/<stage>) for the report."""
+    from tracetune.cli import main
+    from tracetune.data.traces import load_eval_items, load_traces, split_train_val
+    from tracetune.rl import grpo, rft, rollout
+
     records = [json.loads(line) for line in (REPO / "data" / "train.jsonl").read_text().splitlines()[:24]]
     untidy = []
     for k, r in enumerate(records):
-        record = {"prompt": r["prompt"], "steps": [], "final_answer": "7" if k % 2 else "3"}
+        answer = "7" if k % 2 else "3"
+        record = {"prompt": r["prompt"], "steps": [{"i": 1, "type": "calc", "content": f"{answer} = {answer}"}],
+                  "final_answer": answer}  # fmt: skip
         untidy += [record] * (3 if k % 4 == 0 else 1)  # exact duplicates, no ids
         if k % 6 == 0:
             untidy.append({**record, "final_answer": "5"})  # the same prompt, another answer
     path = write_jsonl(tmp_path / "untidy.jsonl", untidy)
-    common = [f"data.train_file={path}", "train.max_steps=20", "eval.max_items=4", "eval.max_new_tokens=8"]
-    common += ["train.save_every_steps=null", "train.eval_every_steps=null", "eval.baselines=[zero_shot]"]
-    rft = ["stages=[sft,rft]", "rft.num_rounds=1", "rft.prompts_per_round=null", "rft.num_samples=2"]
-    rft += ["rft.sampling.temperature=1.0", "rft.sampling.max_new_tokens=8"]
-    grpo = ["stages=[sft,grpo]", "grpo.num_steps=2", "grpo.prompts_per_step=4", "grpo.group_size=3"]
-    grpo += ["grpo.sampling.max_new_tokens=8", "grpo.eval_every_steps=null"]
-    for name, stage in (("rft", rft), ("grpo", grpo)):
-        result = cli("run", str(TINY_CONFIG), f"output.root={tmp_path}", f"output.run_name={name}", *common, *stage)
-        assert result.returncode in (0, 3), result.stderr[-3000:]  # 3: a gate may fail on a 2-layer model
-        assert (tmp_path / name / name / "final_model" / "model.safetensors").is_file()
-    kept = (tmp_path / "rft" / "rft" / "round-1" / "kept.jsonl").read_text().splitlines()
-    ids = [json.loads(line)["id"] for line in kept]
-    assert len(ids) == len(set(ids))
-
-
-def test_training_time_accuracy_points_never_read_the_eval_set(tmp_path, monkeypatch):
-    """The rl stages' held-out points score the validation split of the training traces, never an eval item;
-    the eval set is scored once per stage (eval/<stage>) for the report."""
-    from tracetune.cli import main
-    from tracetune.rl import grpo, rft, rollout
-
     scored: list[str] = []
 
     def recording(sampler, cfg, items, out_dir):
@@ -174,15 +161,21 @@ def test_training_time_accuracy_points_never_read_the_eval_set(tmp_path, monkeyp
 
     monkeypatch.setattr(grpo, "heldout", recording)
     monkeypatch.setattr(rft, "heldout", recording)
-    stages = ["stages=[sft,rft,grpo]", "rft.num_rounds=1", "rft.prompts_per_round=6", "rft.num_samples=2"]
-    stages += ["rft.sampling.max_new_tokens=8", "grpo.num_steps=2", "grpo.prompts_per_step=3", "grpo.group_size=3"]
-    stages += ["grpo.sampling.max_new_tokens=8", "grpo.eval_every_steps=1", "data.val_fraction=0.2"]
-    stages += ["train.val_accuracy_items=5"]
-    assert main(_args(tmp_path, "held", *stages)) in (0, 3)
-    from tracetune.data.traces import load_eval_items, load_traces, split_train_val
-
+    args = ["run", str(TINY_CONFIG), f"output.root={tmp_path}", "output.run_name=untidy", f"data.train_file={path}"]
+    args += ["train.max_steps=20", "eval.max_items=4", "eval.max_new_tokens=8", "train.save_every_steps=null"]
+    args += ["train.eval_every_steps=null", "eval.baselines=[zero_shot]", "data.val_fraction=0.2"]
+    args += ["train.val_accuracy_items=5", "stages=[sft,rft,grpo]", "rft.num_rounds=1", "rft.num_samples=2"]
+    args += ["rft.prompts_per_round=null", "rft.sampling.max_new_tokens=8", "grpo.num_steps=2"]
+    args += [
+        "grpo.prompts_per_step=3",
+        "grpo.group_size=3",
+        "grpo.sampling.max_new_tokens=8",
+        "grpo.eval_every_steps=1",
+    ]
+    assert main(args) in (0, 3)  # 3: a gate may fail on a 2-layer model
+    run = tmp_path / "untidy"
+    assert (run / "grpo" / "final_model" / "model.safetensors").is_file()
+    assert (run / "eval" / "sft" / "scores.json").is_file() and (run / "eval" / "rft" / "scores.json").is_file()
     eval_ids = {i.id for i in load_eval_items(REPO / "data" / "eval.jsonl").records}
-    _, val = split_train_val(load_traces(tmp_path / "train73.jsonl").records, 0.2, 0)
+    _, val = split_train_val(load_traces(path).records, 0.2, 0)
     assert scored and set(scored) <= {t.id for t in val[:5]} and not set(scored) & eval_ids
-    assert (tmp_path / "held" / "eval" / "sft" / "scores.json").is_file()  # each stage's report score
-    assert (tmp_path / "held" / "eval" / "rft" / "scores.json").is_file()

@@ -86,12 +86,8 @@ def _choose_kill_points(points: list[str], num: int = 20, seed: int = 0) -> list
     return sorted(chosen)
 
 
-def test_kill_9_at_20_points_then_resume_matches_uninterrupted(reference, tmp_path):
-    """1 and 3: kill -9 anywhere, resume to the end: final weights, every logged loss and the ids of the
-    examples consumed equal the uninterrupted run's."""
+def _kill_and_resume(reference, tmp_path, indices: list[int]) -> None:
     ref_dir, points = reference
-    indices = _choose_kill_points(points)
-    assert len(indices) == 20
     for index in indices:
         name = f"kill-{index}"
         killed = cli(*run_args(tmp_path, name), env={"TRACETUNE_KILL_AT": str(index)})
@@ -100,6 +96,25 @@ def test_kill_9_at_20_points_then_resume_matches_uninterrupted(reference, tmp_pa
         assert resumed.returncode == 0, (points[index - 1], resumed.stderr[-3000:])
         assert_same_training(tmp_path / name, ref_dir)
         assert not list((tmp_path / name / "checkpoints").glob("*.staging")), points[index - 1]
+
+
+@pytest.mark.slow
+def test_kill_9_at_20_points_then_resume_matches_uninterrupted(reference, tmp_path):
+    """1 and 3: kill -9 anywhere, resume to the end: final weights, every logged loss and the ids of the
+    examples consumed equal the uninterrupted run's (20 seeded points; `make test-slow`)."""
+    indices = _choose_kill_points(reference[1])
+    assert len(indices) == 20
+    _kill_and_resume(reference, tmp_path, indices)
+
+
+def test_kill_9_mid_step_after_an_update_and_mid_checkpoint_then_resume_matches(reference, tmp_path):
+    """The default suite's share of the matrix: one point between micro-batches of a step, one right after an
+    optimizer update, one while a checkpoint is staged; each resumed run equals the uninterrupted one."""
+    points = reference[1]
+    middle = len(points) / 2  # past the first checkpoint, so each resume restores one
+    kinds = ("micro-1", "updated", "staged")
+    indices = [min((i for i, p in enumerate(points, 1) if kind in p), key=lambda i: abs(i - middle)) for kind in kinds]
+    _kill_and_resume(reference, tmp_path, indices)
 
 
 def test_sigterm_mid_step_checkpoints_and_exits_143(reference, tmp_path):

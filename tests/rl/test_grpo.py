@@ -139,3 +139,35 @@ def test_truncated_completions_are_masked_penalized_or_trained(tiny_cfg, mode, t
     assert groups[0].rewards[0] == truncated_reward
     batches = policy_batches(groups, cfg, tokenizer.eos_token_id, tokenizer.pad_token_id)
     assert sum(int(b["input_ids"].shape[0]) for b in batches) == (trained if truncated_reward else 0)
+
+
+class _FixedSampler:
+    """Samples each prompt's group as the prompt says: 'solved' all right, 'hard' all wrong, 'mixed' one of each."""
+
+    def refresh(self):
+        pass
+
+    def sample(self, items, k, sampling, key):
+        tokenizer = load_tokenizer("tiny:gemma3")
+        texts = {"solved": [RIGHT] * k, "hard": [WRONG] * k, "mixed": [RIGHT] + [WRONG] * (k - 1)}
+        return [[_rollout(tokenizer, t, n) for n, t in enumerate(texts[i.prompt])] for i in items]
+
+
+@pytest.mark.parametrize("fill", [False, True])
+def test_dynamic_sampling_draws_until_the_step_holds_informative_groups(tiny_cfg, fill):
+    """grpo.fill_informative: extra seeded draws until prompts_per_step groups have rewards that differ (capped
+    by max_fill_draws); without it a step keeps whatever its prompts gave."""
+    from tracetune.data.traces import Trace
+    from tracetune.rl.grpo import sample_step
+
+    cfg = tiny_cfg("stages=[grpo]", "grpo.prompts_per_step=2", "grpo.group_size=2", f"grpo.fill_informative={fill}",
+                   "grpo.max_fill_draws=40")  # fmt: skip
+    train = [Trace(f"t{n}", kind, (), "10") for n, kind in enumerate(["solved", "hard"] * 6 + ["mixed"] * 2)]
+    groups, draws = sample_step(_FixedSampler(), cfg, train, 0)
+    informative = sum(not g.zero_variance for g in groups)
+    again = sample_step(_FixedSampler(), cfg, train, 0)
+    assert [g.rollouts[0].item.id for g in groups] == [g.rollouts[0].item.id for g in again[0]]  # seeded
+    if fill:  # the step's own prompts held fewer than 2 informative groups; the draws found both
+        assert informative == 2 and draws > 1 and len(groups) <= 2 * draws
+    else:
+        assert informative < 2 and draws == 1 and len(groups) == 2

@@ -161,6 +161,7 @@ def step_record(groups: list[Group], policy_stats: dict, results: list, step: in
         **{f"reward_{t}": _spread([terms[t] for g in groups for terms in g.terms]) for t in TERMS},
         "num_groups": len(groups),
         "zero_variance_fraction": sum(g.zero_variance for g in groups) / max(len(groups), 1),
+        "informative_fraction": sum(not g.zero_variance for g in groups) / max(len(groups), 1),
         "truncation_ratio": sum(r.generation.finish_reason == "length" for r in rollouts) / max(len(rollouts), 1),
         "mean_completion_tokens": statistics.fmean(r.generation.num_new_tokens for r in rollouts),
         "num_trained_completions": int(policy_stats.get("completions", 0)),
@@ -183,15 +184,37 @@ def log_heldout(ctx: RunContext, sampler: Sampler, items: list[EvalItem], step: 
     )
 
 
-def sample_step(sampler: Sampler, cfg: Config, train: list[Trace], step: int) -> list[Group]:
-    """Every group of sampling step `step` (from 0), on every rank; each rank samples its share of prompts."""
-    d = dist.current()
-    prompts = step_prompts(train, step, cfg.grpo.prompts_per_step, cfg.seed)
-    mine = [as_item(t) for t in prompts[d.rank :: d.world_size]]
+def sample_step(sampler: Sampler, cfg: Config, train: list[Trace], step: int) -> tuple[list[Group], int]:
+    """Every group of sampling step `step` (from 0), on every rank, and how many draws of prompts it took. With
+    grpo.fill_informative, seeded extra draws follow until prompts_per_step groups have rewards that differ
+    (informative groups past that many are left out); every draw is a pure function of the step, so a resumed
+    run samples the same."""
+    g = cfg.grpo
     sampler.refresh()
-    rollouts = sampler.sample(mine, cfg.grpo.group_size, cfg.grpo.sampling, f"grpo:step-{step}")
+    prompts = step_prompts(train, step, g.prompts_per_step, cfg.seed)
+    groups, draws = _sample_groups(sampler, cfg, prompts, f"grpo:step-{step}"), 1
+    while g.fill_informative and _informative(groups) < g.prompts_per_step and draws < g.max_fill_draws:
+        extra = random.Random(f"{cfg.seed}:grpo:fill:{step}:{draws}").sample(train, min(g.prompts_per_step, len(train)))
+        groups += _sample_groups(sampler, cfg, extra, f"grpo:step-{step}:fill-{draws}")
+        draws += 1
+    if g.fill_informative:
+        informative = [k for k, group in enumerate(groups) if not group.zero_variance]
+        surplus = set(informative[g.prompts_per_step :])
+        groups = [group for k, group in enumerate(groups) if k not in surplus]
+    return groups, draws
+
+
+def _informative(groups: list[Group]) -> int:
+    return sum(not group.zero_variance for group in groups)
+
+
+def _sample_groups(sampler: Sampler, cfg: Config, prompts: list[Trace], key: str) -> list[Group]:
+    """The groups of `prompts`; each rank samples its share, and every rank gets all of them in prompt order."""
+    d = dist.current()
+    mine = [as_item(t) for t in prompts[d.rank :: d.world_size]]
+    rollouts = sampler.sample(mine, cfg.grpo.group_size, cfg.grpo.sampling, key)
     shares = dist.gather_to_all(rollouts)
-    ordered = [None] * len(prompts)  # back in the step's prompt order, whatever the world size
+    ordered = [None] * len(prompts)  # back in the prompts' order, whatever the world size
     for rank, share in enumerate(shares):
         ordered[rank :: d.world_size] = share
     return score_groups(ordered, cfg)
@@ -246,7 +269,7 @@ def fit_grpo(
     with STOP:
         while progress.step < g.num_steps:
             started = time.perf_counter()
-            groups = sample_step(sampler, cfg, train, progress.step)
+            groups, draws = sample_step(sampler, cfg, train, progress.step)
             sampled = time.perf_counter()
             batches = policy_batches(groups, cfg, end_id, tokenizer.pad_token_id)
             results, stats = learn(state, cfg, batches, progress, policy, ref)
@@ -258,7 +281,7 @@ def fit_grpo(
                 "train_s": time.perf_counter() - sampled,
                 "elapsed_s": progress.elapsed_s,
             }
-            record = step_record(groups, stats, results, progress.step, seconds)
+            record = step_record(groups, stats, results, progress.step, seconds) | {"num_draws": draws}
             append_on_main(ctx.metrics_path, record | {"lr": state.scheduler.get_last_lr()[0]})
             ctx.bar.set_postfix(reward=f"{record['reward']['mean']:.2f}")
             ctx.bar.update(1)
