@@ -144,6 +144,14 @@ class TrainConfig(Section):
     log_every_steps: int = Field(1, ge=1, description="Write a metrics.jsonl line every N optimizer steps.")
     eval_every_steps: int | None = Field(None, ge=1, description="Validation loss every N steps (and at the end).")
     save_every_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps (and at the end).")
+    val_accuracy: bool = Field(
+        False,
+        description=(
+            "Held-out accuracy while training: at every eval_every_steps (and the end), besides validation loss, "
+            "greedy answers to the validation split's prompts are generated and scored by the evaluation's code "
+            "(metrics.jsonl 'split': 'val_accuracy', RUN/heldout/step-N/)."
+        ),
+    )
     val_accuracy_items: int = Field(
         50,
         ge=1,
@@ -450,6 +458,13 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
+        if self.train.val_accuracy and self.train.distributed == "fsdp":
+            raise ValueError(
+                "train.val_accuracy generates with the model being trained, which FSDP shards across ranks; "
+                "fix: train.distributed=ddp, or train.val_accuracy=false"
+            )
+        if self.train.val_accuracy and self.data.val_fraction == 0:
+            raise ValueError("train.val_accuracy needs data.val_fraction > 0; fix: set data.val_fraction=0.05")
         if self.train.eval_every_steps and self.data.val_fraction == 0:
             raise ValueError("train.eval_every_steps needs data.val_fraction > 0; fix: set data.val_fraction=0.05")
         if self.train.distributed == "fsdp" and self.train.method == "lora":

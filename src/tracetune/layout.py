@@ -228,11 +228,11 @@ class RunLayout(TrainingDir):
 
     def evaluations(self) -> list[EvalDir]:
         """Every evaluation that holds predictions: eval/ (baselines and their draws, stages, final, the keep set),
-        then the rl stages' held-out points."""
+        then the held-out points while training (sft's, the rl stages')."""
         found = []
         for group in (
             (f"eval/*/{PREDICTIONS}", f"eval/*/draw-*/{PREDICTIONS}", f"{KEEP_DIR}/*/{PREDICTIONS}"),
-            (f"grpo/heldout/*/{PREDICTIONS}", f"rft/round-*/heldout/{PREDICTIONS}"),
+            (f"heldout/*/{PREDICTIONS}", f"grpo/heldout/*/{PREDICTIONS}", f"rft/round-*/heldout/{PREDICTIONS}"),
         ):
             found += [EvalDir(p.parent) for p in sorted(p for pattern in group for p in self.path.glob(pattern))]
         return found
@@ -339,6 +339,7 @@ FILES: list[tuple[str, str]] = [
     (f"{_RL}/{CHECKPOINTS}/step-*/**", "an rl stage's checkpoints"),
     (f"{_RL}/{FINAL_MODEL}/**", "an rl stage's model"),
     (f"{_RL}/heldout/**", "an rl stage's held-out points (grpo: step-<n>/, rft: per round)"),
+    (f"heldout/step-*/{_EVAL}", "held-out accuracy while training (train.val_accuracy): the validation split"),
     ("rft/round-*/**", "an rft round: sampled.jsonl, sampling.json, kept.jsonl, its training and model"),
     ("export/**", "GGUF export: model-<type>.gguf, Modelfile, gguf_check.json, eval-<type>[-reference]/"),
     ("{tensorboard,mlruns,wandb}/**", "output.report_to's trackers, where they write into the run"),

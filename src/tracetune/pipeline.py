@@ -316,7 +316,8 @@ def _train_or_resume(cfg: Config, inputs: Inputs, run_dir: Path, resume: bool):
     with log_to_file(files.log("train")):
         tokenizer, model, train, val, counts = load_for_training(cfg, inputs)
         log.info("tokenized: %s", json.dumps(counts))
-        result = fit(cfg, run_dir, model, tokenizer, train, val, resume_from=checkpoint)
+        answers = _answer_accuracy(cfg, inputs, run_dir, tokenizer) if cfg.train.val_accuracy else None
+        result = fit(cfg, run_dir, model, tokenizer, train, val, resume_from=checkpoint, answers=answers)
     del model
     gc.collect()
     return result.final_model_dir
@@ -328,6 +329,31 @@ def heldout_items(cfg: Config, inputs: Inputs):
     from tracetune.rl.rollout import as_item
 
     return [as_item(t) for t in inputs.val[: cfg.train.val_accuracy_items]] or None
+
+
+def _answer_accuracy(cfg: Config, inputs: Inputs, run_dir: Path, tokenizer):
+    """answers(model, step): the model being trained answers the validation split's prompts (greedy, the
+    evaluation's code, RUN/heldout/step-N/) and is scored; its accuracy figures (rank 0; None elsewhere)."""
+    from tracetune import dist
+    from tracetune.eval.evaluate import generate_predictions
+    from tracetune.eval.scoring import write_scores
+
+    items, greedy = heldout_items(cfg, inputs), cfg.eval.model_copy(update={"do_sample": False, "num_samples": 1})
+
+    def answers(model, step: int) -> dict | None:
+        out = RunLayout(run_dir).heldout(step).path
+        if dist.current().is_main:
+            out.mkdir(parents=True, exist_ok=True)
+        model.eval()
+        generate_predictions(model, tokenizer, items, greedy, cfg.data.instruction, out, cfg.seed)
+        model.train()
+        scores = dist.on_main(lambda: write_scores(out, items, f"step {step}"))
+        if scores is None:
+            return None
+        keys = ("accuracy", "ci95", "verified_accuracy", "verified_ci95", "num_items")
+        return {k: scores[k] for k in keys} | {"truncation_rate": scores["format"]["truncation_rate"]}
+
+    return answers
 
 
 def _rl_stage(cfg: Config, inputs: Inputs, run_dir: Path, stage: str, start: str, resume: bool) -> Path:

@@ -341,6 +341,16 @@ def _training_section(data: RunView) -> list[str]:
     return lines
 
 
+def _val_accuracy_section(data: RunView) -> list[str]:
+    """Held-out accuracy while training (train.val_accuracy): the validation split, never the eval set."""
+    if not data.val_accuracy:
+        return []
+    lines = ["", "### Held-out accuracy while training (validation split, greedy)", ""]
+    rows = [[r["step"], _pct(r["accuracy"]), _pct(r["verified_accuracy"]), r.get("num_items", "")]
+            for r in data.val_accuracy if "accuracy" in r]  # fmt: skip
+    return lines + _table(["step", "accuracy", "verified", "items"], rows)
+
+
 def _evaluation_section(data: RunView) -> list[str]:
     """Every evaluated model side by side, per category, examples of failures, and the comparison."""
     final, comp = data.final, data.comparison
@@ -433,7 +443,7 @@ def write_summary(run_dir: Path, data: RunView) -> str:
         "",
     ]
     lines += _configuration_section(data) + _training_section(data) + _stages_section(data)
-    lines += _evaluation_section(data) + _keep_section(data) + _gates_section(data)
+    lines += _val_accuracy_section(data) + _evaluation_section(data) + _keep_section(data) + _gates_section(data)
     lines += ["", "## Artifacts", "", f"Besides {', '.join(REPORT_OUTPUTS)}, written after this list:", ""]
     lines += _table(["file", "size"], _artifacts(run_dir))
     text = "\n".join(lines) + "\n"

@@ -18,6 +18,7 @@ class RunView:
     env: dict = field(default_factory=dict)  # env.json
     train: list[dict] = field(default_factory=list)  # metrics.jsonl's training lines
     val: list[dict] = field(default_factory=list)  # metrics.jsonl's validation lines
+    val_accuracy: list[dict] = field(default_factory=list)  # metrics.jsonl's held-out accuracy points
     scores: dict[str, dict | None] = field(default_factory=dict)  # eval dir (baselines', final) -> scores.json
     predictions: dict[str, list[dict]] = field(default_factory=dict)  # the same, and "strongest_baseline"
     comparison: dict | None = None  # eval/comparison.json
@@ -48,6 +49,7 @@ def read_run(run_dir: Path) -> RunView:
         env=read_json(files.env) or {},
         train=train,
         val=val,
+        val_accuracy=[r for r in read_jsonl(files.metrics) if r.get("split") == "val_accuracy"],
         scores={which: read_json(files.eval(which).scores) for which in evaluated},
         predictions={which: read_jsonl(files.eval(which).predictions) for which in evaluated}
         | {"strongest_baseline": read_jsonl(EvalDir(files.path / strongest).predictions) if strongest else []},

@@ -301,8 +301,12 @@ def fit(
     train: list[Example],
     val: list[Example],
     resume_from: Path | None = None,
+    answers=None,
 ) -> FitResult:
-    """Train `model` on `train`, validating on `val`; write metrics, checkpoints and final_model.
+    """Train `model` on `train`, validating on `val`; write metrics, checkpoints and final_model. `answers`,
+    when given, is called as answers(model, step) at every validation and returns held-out accuracy figures
+    (the pipeline's generation and scoring; this layer neither generates nor scores), logged as a
+    `"split": "val_accuracy"` line.
 
     With `resume_from` (a committed checkpoint), continue exactly where it left off: same weights, optimizer,
     schedule, RNG, data order and position; metrics.jsonl lines after the checkpoint are dropped first.
@@ -321,7 +325,14 @@ def fit(
     progress = restore(state, resume_from, ctx) if resume_from is not None else Progress()
     _log_start(cfg, state, len(train), len(val), total_steps, steps_per_epoch)
     open_bar(ctx, progress)
-    validation = (lambda: run_validation(ctx, state, progress, val, pad_id, num_batches)) if val else None
+
+    def validation() -> None:
+        run_validation(ctx, state, progress, val, pad_id, num_batches)
+        if answers is not None:
+            scored = answers(state.model, progress.step)
+            append_on_main(ctx.metrics_path, {"split": "val_accuracy", "step": progress.step, **(scored or {})})
+
+    validation = validation if val else None
     if validation and progress.step == 0 and resume_from is None:
         validation()  # the baseline the loss_decreased gate compares against
     ctx.last_log_time = time.perf_counter()

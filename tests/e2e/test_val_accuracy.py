@@ -1,0 +1,44 @@
+"""Held-out accuracy while training (train.val_accuracy): the validation split's prompts answered and scored at
+every validation, beside the loss, never the eval set."""
+
+import json
+
+from tests.conftest import tiny_run_args
+from tracetune import layout
+
+
+def test_val_accuracy_points_score_the_validation_split_at_every_validation(tmp_path, capsys):
+    from tracetune.cli import main
+    from tracetune.data.traces import load_eval_items
+
+    args = tiny_run_args(tmp_path, "output.run_name=va", "train.max_steps=8", "train.eval_every_steps=4")
+    args += ["train.val_accuracy=true", "train.val_accuracy_items=6", "eval.max_items=4", "eval.max_new_tokens=8"]
+    args += ["eval.baselines=[zero_shot]"]
+    assert main(args) == 0
+    run = tmp_path / "va"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    points = [r for r in rows if r.get("split") == "val_accuracy"]
+    val = [r["step"] for r in rows if r.get("split") == "val"]
+    assert [p["step"] for p in points] == val == [0, 4, 8]  # beside every validation loss
+    assert all(p["num_items"] == 6 and 0 <= p["accuracy"] <= 1 for p in points)
+    scored = [json.loads(x)["id"] for x in (run / "heldout" / "step-8" / "predictions.jsonl").read_text().splitlines()]
+    eval_ids = {i.id for i in load_eval_items(tiny_run_args(tmp_path)[4].split("=", 1)[1]).records}
+    assert len(scored) == 6 and not set(scored) & eval_ids
+    assert "Held-out accuracy while training" in (run / "summary.md").read_text()
+    listed = [line.split("  ", 1)[1] for line in (run / layout.MANIFEST).read_text().splitlines()]
+    assert [f for f in listed if layout.describe(f) is None] == []
+    capsys.readouterr()
+    assert main(["verify", str(run)]) == 0, capsys.readouterr().out  # the points are rescored too
+
+
+def test_val_accuracy_is_refused_with_fsdp_or_without_a_validation_split():
+    from tracetune.config import load_config
+    from tracetune.errors import ConfigError
+
+    for bad in (["train.distributed=fsdp"], ["data.val_fraction=0"]):
+        try:
+            load_config(None, ["train.val_accuracy=true", *bad])
+        except ConfigError as exc:
+            assert "train.val_accuracy" in str(exc)
+        else:
+            raise AssertionError(bad)
