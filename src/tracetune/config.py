@@ -152,6 +152,13 @@ class TrainConfig(Section):
             "(metrics.jsonl 'split': 'val_accuracy', RUN/heldout/step-N/)."
         ),
     )
+    select: Literal["last", "val_accuracy"] = Field(
+        "last",
+        description=(
+            "The final model: the last step's weights, or (val_accuracy, with train.val_accuracy) those of the step "
+            "with the best held-out accuracy (ties: the earlier); training.json and the summary say which and why."
+        ),
+    )
     val_accuracy_items: int = Field(
         50,
         ge=1,
@@ -463,6 +470,8 @@ class Config(Section):
                 "train.val_accuracy generates with the model being trained, which FSDP shards across ranks; "
                 "fix: train.distributed=ddp, or train.val_accuracy=false"
             )
+        if self.train.select == "val_accuracy" and not self.train.val_accuracy:
+            raise ValueError("train.select=val_accuracy chooses by held-out accuracy; fix: train.val_accuracy=true")
         if self.train.val_accuracy and self.data.val_fraction == 0:
             raise ValueError("train.val_accuracy needs data.val_fraction > 0; fix: set data.val_fraction=0.05")
         if self.train.eval_every_steps and self.data.val_fraction == 0:

@@ -35,6 +35,7 @@ METRICS = "metrics.jsonl"
 EXAMPLE_IDS = "example_ids.jsonl"
 ROUNDS = "rounds.jsonl"
 CHECKPOINTS = "checkpoints"
+SELECTED = "selected.safetensors"  # the weights of the best held-out step (train.select=val_accuracy)
 FINAL_MODEL = "final_model"
 PREDICTIONS = "predictions.jsonl"
 SCORES = "scores.json"
@@ -119,6 +120,10 @@ class TrainingDir:
     @property
     def final_model(self) -> Path:
         return self.path / FINAL_MODEL
+
+    @property
+    def selected(self) -> Path:
+        return self.path / SELECTED
 
     def round(self, number: int) -> TrainingDir:
         """An rft round's own training directory."""
@@ -327,6 +332,7 @@ FILES: list[tuple[str, str]] = [
     (EXAMPLE_IDS, "the ids each step consumed (train.record_example_ids)"),
     (TRAINING, "what was planned and done, on what, how (one per training stage)"),
     (f"{CHECKPOINTS}/step-*/**", "committed checkpoints (train/checkpoint.py's layout)"),
+    (SELECTED, "the best held-out step's weights so far (train.select=val_accuracy), kept for a resume"),
     (f"{FINAL_MODEL}/**", "the stage's model, Hugging Face format; the run's model carries the card, README.md"),
     ("adapter/**", "a LoRA run's adapter, before the merge"),
     (f"eval/*/{_EVAL}", "an evaluation: base-model baselines (base, few_shot, few_shot_answer), stages, final"),

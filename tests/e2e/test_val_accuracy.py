@@ -13,7 +13,7 @@ def test_val_accuracy_points_score_the_validation_split_at_every_validation(tmp_
 
     args = tiny_run_args(tmp_path, "output.run_name=va", "train.max_steps=8", "train.eval_every_steps=4")
     args += ["train.val_accuracy=true", "train.val_accuracy_items=6", "eval.max_items=4", "eval.max_new_tokens=8"]
-    args += ["eval.baselines=[zero_shot]"]
+    args += ["eval.baselines=[zero_shot]", "train.select=val_accuracy"]
     assert main(args) == 0
     run = tmp_path / "va"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -24,7 +24,12 @@ def test_val_accuracy_points_score_the_validation_split_at_every_validation(tmp_
     scored = [json.loads(x)["id"] for x in (run / "heldout" / "step-8" / "predictions.jsonl").read_text().splitlines()]
     eval_ids = {i.id for i in load_eval_items(tiny_run_args(tmp_path)[4].split("=", 1)[1]).records}
     assert len(scored) == 6 and not set(scored) & eval_ids
-    assert "Held-out accuracy while training" in (run / "summary.md").read_text()
+    summary = (run / "summary.md").read_text()
+    assert "Held-out accuracy while training" in summary
+    training = json.loads((run / "training.json").read_text())
+    best = max(points, key=lambda p: (p["accuracy"], -next(r["loss"] for r in rows if r.get("split") == "val"
+                                                          and r["step"] == p["step"]), -p["step"]))  # fmt: skip
+    assert training["selected_step"] == best["step"] and f"The final model is step {best['step']}'s" in summary
     listed = [line.split("  ", 1)[1] for line in (run / layout.MANIFEST).read_text().splitlines()]
     assert [f for f in listed if layout.describe(f) is None] == []
     capsys.readouterr()
@@ -42,3 +47,38 @@ def test_val_accuracy_is_refused_with_fsdp_or_without_a_validation_split():
             assert "train.val_accuracy" in str(exc)
         else:
             raise AssertionError(bad)
+
+
+def test_select_keeps_the_best_held_out_step_and_puts_it_back_at_the_end(tmp_path):
+    """train.select=val_accuracy: a better point keeps that step's weights; at the end the best step's weights
+    replace the last step's; a resumed run (no best in memory) finds the best among its points so far."""
+    import torch
+
+    from tracetune.layout import append_jsonl
+    from tracetune.train.loop import RunContext, keep_if_best, select_weights
+
+    model = torch.nn.Linear(3, 2)
+    ctx = RunContext(None, tmp_path, [], 8)
+    metrics = tmp_path / "metrics.jsonl"
+
+    def point(step, accuracy, loss):
+        append_jsonl(metrics, {"split": "val", "step": step, "loss": loss})
+        append_jsonl(metrics, {"split": "val_accuracy", "step": step, "accuracy": accuracy})
+        keep_if_best(ctx, model, step, accuracy, loss)
+
+    point(0, 0.0, 2.0)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    point(4, 0.5, 1.0)
+    best = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    point(6, 0.5, 1.2)  # as accurate, higher validation loss: not kept
+    point(8, 0.25, 0.8)
+    assert select_weights(ctx, model, 8)["selected_step"] == 4
+    assert all(torch.equal(model.state_dict()[k], best[k]) for k in best)
+    resumed = RunContext(None, tmp_path, [], 8)  # after a resume: read from metrics.jsonl and selected.safetensors
+    with torch.no_grad():
+        model.weight.add_(5.0)
+    assert select_weights(resumed, model, 8)["selected_step"] == 4
+    assert all(torch.equal(model.state_dict()[k], best[k]) for k in best)

@@ -342,10 +342,20 @@ def _training_section(data: RunView) -> list[str]:
 
 
 def _val_accuracy_section(data: RunView) -> list[str]:
-    """Held-out accuracy while training (train.val_accuracy): the validation split, never the eval set."""
+    """Held-out accuracy while training (train.val_accuracy): the validation split, never the eval set; and
+    which step's weights became the final model, and why."""
     if not data.val_accuracy:
         return []
     lines = ["", "### Held-out accuracy while training (validation split, greedy)", ""]
+    if (chosen := data.training.get("selected_step")) is not None:
+        last = data.training.get("num_steps")
+        lines += [
+            f"The final model is step {chosen}'s: the best held-out accuracy "
+            f"({_pct(data.training['selected_accuracy'])}; ties go to the lower validation loss, "
+            f"{data.training['selected_val_loss']:.4f}; train.select=val_accuracy)"
+            + (f", not the last step {last}'s." if chosen != last else ", the last step's."),
+            "",
+        ]
     rows = [[r["step"], _pct(r["accuracy"]), _pct(r["verified_accuracy"]), r.get("num_items", "")]
             for r in data.val_accuracy if "accuracy" in r]  # fmt: skip
     return lines + _table(["step", "accuracy", "verified", "items"], rows)

@@ -23,7 +23,7 @@ from tracetune.data.batching import collate, plan_batches
 from tracetune.data.render import Example
 from tracetune.errors import TracetuneError
 from tracetune.faults import STOP, crash_point
-from tracetune.layout import METRICS, TrainingDir, append_jsonl, trim_jsonl, write_json
+from tracetune.layout import METRICS, TrainingDir, append_jsonl, read_jsonl, trim_jsonl, write_json
 from tracetune.models.checkpoints import verify_checkpoint
 from tracetune.models.probe import probe_outputs
 from tracetune.train import distributed
@@ -113,6 +113,7 @@ class RunContext:
     last_log_time: float = field(default_factory=time.perf_counter)
     last_saved: int = -1
     resumed: bool = False
+    best: dict | None = None  # the best held-out accuracy point so far (train.select=val_accuracy), rank 0
     bar: tqdm | None = None
 
     @property
@@ -150,13 +151,15 @@ def save(ctx: RunContext, state: TrainState, progress: Progress) -> None:
 
 
 def run_validation(ctx: RunContext, state: TrainState, progress: Progress, val: list[Example], pad_id: int,
-                   num_batches: int) -> None:  # fmt: skip
-    """One validation line in metrics.jsonl (num_batches: micro-batches per epoch, for the epoch it is in)."""
+                   num_batches: int) -> float:  # fmt: skip
+    """One validation line in metrics.jsonl (num_batches: micro-batches per epoch, for the epoch it is in); the
+    validation loss."""
     val_loss, n = validate(state.net, val, ctx.cfg.train.batch_size, pad_id, state.device, state.autocast)
     epoch = round(progress.epoch + progress.next_batch / max(1, num_batches), 4)
     record = {"split": "val", "step": progress.step, "epoch": epoch, "loss": val_loss, "num_loss_tokens": n}
     append_on_main(ctx.metrics_path, record)
     log.info("step %d val_loss %.4f", progress.step, val_loss)
+    return val_loss
 
 
 def restore(state: TrainState, resume_from: Path, ctx: RunContext) -> Progress:
@@ -277,6 +280,54 @@ def open_bar(ctx: RunContext, progress: Progress) -> None:
     )  # fmt: skip
 
 
+def keep_if_best(ctx: RunContext, model, step: int, accuracy: float, val_loss: float) -> None:
+    """Rank 0: a held-out accuracy above the best so far (equal accuracy: a lower validation loss) keeps this
+    step's weights (selected.safetensors), so the final model can be the best step's and a resume keeps the
+    best-so-far."""
+    from safetensors.torch import save_model
+
+    if ctx.best is None:  # a resumed run: the best among the points before its checkpoint
+        ctx.best = _best_point(ctx, before=step)
+    if (accuracy, -val_loss) > (ctx.best["accuracy"], -ctx.best["val_loss"]):
+        ctx.best = {"step": step, "accuracy": accuracy, "val_loss": val_loss}
+        save_model(model, str(TrainingDir(ctx.run_dir).selected))  # tied weights stored once
+
+
+def _best_point(ctx: RunContext, before: int | None = None) -> dict:
+    """The best held-out accuracy point in metrics.jsonl (before step `before`): the highest accuracy, then the
+    lowest validation loss at its step, then the earlier."""
+    rows = read_jsonl(ctx.metrics_path)
+    losses = {r["step"]: r["loss"] for r in rows if r.get("split") == "val"}
+    points = [
+        {"step": r["step"], "accuracy": r["accuracy"], "val_loss": losses.get(r["step"], math.inf)}
+        for r in rows
+        if r.get("split") == "val_accuracy" and "accuracy" in r and (before is None or r["step"] < before)
+    ]
+    default = {"step": -1, "accuracy": -1.0, "val_loss": math.inf}
+    return max(points, key=lambda p: (p["accuracy"], -p["val_loss"], -p["step"]), default=default)
+
+
+def select_weights(ctx: RunContext, model, last_step: int) -> dict:
+    """Rank 0: the best held-out step's weights loaded back into `model` where it is not the last step; what
+    training.json records of the choice."""
+    from safetensors.torch import load_model
+
+    if not dist.current().is_main:
+        return {}
+    best = ctx.best or _best_point(ctx)  # a resume with no validation left reads the points it has
+    if best["step"] < 0:
+        return {}
+    if best["step"] != last_step:
+        load_model(model, str(TrainingDir(ctx.run_dir).selected), strict=True)
+    log.info("final model: step %d, held-out accuracy %.3f (train.select=val_accuracy)", best["step"], best["accuracy"])
+    return {
+        "selected_by": "val_accuracy (then validation loss)",
+        "selected_step": best["step"],
+        "selected_accuracy": best["accuracy"],
+        "selected_val_loss": best["val_loss"],
+    }
+
+
 def finish_training(ctx: RunContext, state: TrainState, progress: Progress, tokenizer, method: str, **extra) -> Path:
     """The end of a training stage (SFT, GRPO): final_model/ and training.json (what was planned and done,
     on what, how; `extra` adds the stage's own fields). Every rank calls it."""
@@ -327,10 +378,12 @@ def fit(
     open_bar(ctx, progress)
 
     def validation() -> None:
-        run_validation(ctx, state, progress, val, pad_id, num_batches)
+        val_loss = run_validation(ctx, state, progress, val, pad_id, num_batches)
         if answers is not None:
             scored = answers(state.model, progress.step)
             append_on_main(ctx.metrics_path, {"split": "val_accuracy", "step": progress.step, **(scored or {})})
+            if tc.select == "val_accuracy" and scored is not None:
+                keep_if_best(ctx, state.model, progress.step, scored["accuracy"], val_loss)
 
     validation = validation if val else None
     if validation and progress.step == 0 and resume_from is None:
@@ -362,8 +415,9 @@ def fit(
                 progress.epoch, progress.next_batch = progress.epoch + 1, 0
                 crash_point(f"epoch-{progress.epoch}/start")
     elapsed = time.perf_counter() - ctx.started
+    selection = select_weights(ctx, state.model, progress.step) if tc.select == "val_accuracy" else {}
     final_dir = finish_training(
-        ctx, state, progress, tokenizer, tc.method, steps_per_epoch=steps_per_epoch, num_train_examples=len(train),
+        ctx, state, progress, tokenizer, tc.method, **selection, steps_per_epoch=steps_per_epoch, num_train_examples=len(train),
         num_val_examples=len(val), global_batch_size=tc.batch_size * tc.grad_accum_steps * d.world_size,
         grad_accum_steps=tc.grad_accum_steps, precision=tc.precision,
     )  # fmt: skip
