@@ -24,7 +24,13 @@ from tracetune.data.traces import (
 )
 from tracetune.errors import ConfigError, DataError, Issue
 from tracetune.layout import KEEP_DIRS, EvalDir, RunLayout, keep_model_dirs, stage_eval_dir, write_json
-from tracetune.lifecycle import close_run, end_training, run_dir_of, run_life
+from tracetune.lifecycle import (
+    close_run,
+    end_training,
+    new_run_dir,  # noqa: F401  bench/ab_commits.py runs earlier commits' workers, which import it here
+    run_dir_of,
+    run_life,
+)
 
 log = logging.getLogger("tracetune")
 
