@@ -28,6 +28,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="gpu: no CUDA device visible"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _kernel_probes_of_this_session(tmp_path_factory):
+    """The kernel probes (eval/invariance.py) measured once per session on this machine and reused by every run
+    and subprocess of it, never a cache a developer's earlier code left behind."""
+    os.environ["TRACETUNE_KERNEL_PROBES"] = str(tmp_path_factory.mktemp("kernel_probes"))
+
+
 @pytest.fixture(autouse=True)
 def _repo_cwd(monkeypatch):
     """Configs name data files relative to the repository root."""

@@ -261,6 +261,7 @@ def test_kernel_probe_sees_prefill_attention_and_linears_that_round_by_batch(mon
 
     linear = torch.nn.functional.linear
     monkeypatch.setattr(invariance, "_probed", {})
+    monkeypatch.setenv("TRACETUNE_KERNEL_PROBES", "off")  # patched kernels: measured here, kept nowhere
     monkeypatch.setattr(generate, "batch_invariant_attention", prefill_depends_on_padding)
     monkeypatch.setattr(torch.nn.functional, "linear", lambda x, w, b=None: linear(x, w, b) + 1e-3 * (x.shape[0] > 100))
     shapes = invariance.KernelShapes(linears=((64, 32),), groups=(2,), head_dim=16)
@@ -370,3 +371,22 @@ def test_read_predictions_ignores_missing_file_and_torn_lines(tmp_path):
     path.write_text('{"id": "a"}\n{"id": "b', encoding="utf-8")
     assert read_predictions(path) == [{"id": "a"}]
     assert EvalItem("a", "p", "1").category is None
+
+
+def test_kernel_probes_are_kept_across_processes_for_this_machine_build_and_code(tmp_path, monkeypatch):
+    """A probe measured once is read back by a later process (the record says so); another dtype, shape or
+    probe code is another entry; "off" measures every time."""
+    shapes = invariance.KernelShapes(linears=((8, 8),), groups=(1,), head_dim=8)
+    monkeypatch.setenv("TRACETUNE_KERNEL_PROBES", str(tmp_path))
+    monkeypatch.setattr(invariance, "_probed", {})
+    first = invariance.probe_kernels(torch.float32, shapes)
+    assert not first["cached"] and len(list(tmp_path.glob("*.json"))) == 1
+    monkeypatch.setattr(invariance, "_probed", {})  # a new process
+    again = invariance.probe_kernels(torch.float32, shapes)
+    assert again["cached"] and again["checks"] == first["checks"] and again["measured_at"] == first["measured_at"]
+    other = invariance.KernelShapes(linears=((16, 8),), groups=(1,), head_dim=8)
+    invariance.probe_kernels(torch.float32, other)
+    assert len(list(tmp_path.glob("*.json"))) == 2
+    monkeypatch.setenv("TRACETUNE_KERNEL_PROBES", "off")
+    monkeypatch.setattr(invariance, "_probed", {})
+    assert not invariance.probe_kernels(torch.float32, shapes)["cached"]

@@ -17,9 +17,16 @@ on each CPU kind). So every evaluation probes instead of claiming:
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
+import platform
+import sys
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -70,13 +77,38 @@ def describe_cpu() -> dict:
 _probed: dict[tuple, dict] = {}
 
 
+def _machine_key(dtype: torch.dtype, shapes: KernelShapes) -> str:
+    """What a kernel probe's answer depends on: the CPU (model, flags, capability, AMX, the oneDNN ISA limit),
+    threads, torch's build (version, MKL, oneDNN), dtype, shapes, and the probe's and generation's own code."""
+    cpu = Path("/proc/cpuinfo").read_text(encoding="utf-8") if Path("/proc/cpuinfo").is_file() else platform.processor()
+    lines = sorted({line for line in cpu.splitlines() if line.startswith(("model name", "flags", "vendor_id"))})
+    code = [Path(module.__file__).read_bytes() for module in (generate, sys.modules[__name__])]
+    parts = [dtype, shapes, describe_cpu(), lines, torch.__version__, torch.__config__.show(), *code]
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
+
+
+def _probe_cache(dtype: torch.dtype, shapes: KernelShapes) -> Path | None:
+    """Where this machine's answer for (dtype, shapes) is kept across processes: $TRACETUNE_KERNEL_PROBES
+    (default $TRACETUNE_CACHE/kernel_probes; "off" measures in every process)."""
+    where = os.environ.get("TRACETUNE_KERNEL_PROBES")
+    if where == "off":
+        return None
+    root = Path(where) if where else Path(os.environ.get("TRACETUNE_CACHE", Path.home() / ".cache" / "tracetune"))
+    return (root if where else root / "kernel_probes").expanduser() / f"{_machine_key(dtype, shapes)}.json"
+
+
 def probe_kernels(dtype: torch.dtype = torch.bfloat16, shapes: KernelShapes = KernelShapes()) -> dict:
     """Kernel-level checks, no model needed (env.json's cpu_kernels, and beside every generation probe): does a
     matmul round a row the same way at every row count generation uses, does `generate.batch_invariant_attention`
     ignore leading padding for decoding and prefill, and (bf16) do packed linear layers equal `F.linear`. Each
     check is True or False as measured here, with the first shapes that failed. Measured once per dtype, shapes
-    and thread count in a process."""
+    and thread count in a process, and kept on disk for later processes on the same machine, torch build and
+    code (`_machine_key`; the record says `"cached": true` and when it was measured)."""
     key = (dtype, shapes, torch.get_num_threads())
+    cache = _probe_cache(dtype, shapes) if key not in _probed else None
+    if cache is not None and cache.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            _probed[key] = json.loads(cache.read_text(encoding="utf-8")) | {"cached": True}
     if key not in _probed:
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(0)
@@ -97,7 +129,15 @@ def probe_kernels(dtype: torch.dtype = torch.bfloat16, shapes: KernelShapes = Ke
             "first_failures": {name: failed[:5] for name, failed in failures.items() if failed},
             "batch_invariant": checks["matmul_rows"] and checks["attention_padding"],
             "seconds": round(time.perf_counter() - started, 3),
+            "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "cached": False,
         }
+        if cache is not None:
+            with contextlib.suppress(OSError):  # a read-only cache only costs the next process the measurement
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                staging = cache.with_suffix(f".{os.getpid()}.tmp")
+                staging.write_text(json.dumps(_probed[key], indent=1) + "\n", encoding="utf-8")
+                staging.rename(cache)
     return _probed[key]
 
 
