@@ -159,6 +159,14 @@ class TrainConfig(Section):
             "with the best held-out accuracy (ties: the earlier); training.json and the summary say which and why."
         ),
     )
+    early_stopping_patience: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Stop when this many held-out accuracy points in a row (train.val_accuracy) have not beaten the best "
+            "(ties: validation loss); training.json records stopped_early and the step."
+        ),
+    )
     val_accuracy_items: int = Field(
         50,
         ge=1,
@@ -469,6 +477,10 @@ class Config(Section):
             raise ValueError(
                 "train.val_accuracy generates with the model being trained, which FSDP shards across ranks; "
                 "fix: train.distributed=ddp, or train.val_accuracy=false"
+            )
+        if self.train.early_stopping_patience and not self.train.val_accuracy:
+            raise ValueError(
+                "train.early_stopping_patience counts held-out accuracy points; fix: train.val_accuracy=true"
             )
         if self.train.select == "val_accuracy" and not self.train.val_accuracy:
             raise ValueError("train.select=val_accuracy chooses by held-out accuracy; fix: train.val_accuracy=true")

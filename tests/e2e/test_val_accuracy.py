@@ -82,3 +82,41 @@ def test_select_keeps_the_best_held_out_step_and_puts_it_back_at_the_end(tmp_pat
         model.weight.add_(5.0)
     assert select_weights(resumed, model, 8)["selected_step"] == 4
     assert all(torch.equal(model.state_dict()[k], best[k]) for k in best)
+
+
+def test_early_stopping_counts_the_points_since_the_best(tmp_path):
+    """train.early_stopping_patience: the held-out points after the best one (by accuracy, then validation
+    loss) are counted from metrics.jsonl, so a resumed run counts the same."""
+    from tracetune.layout import append_jsonl
+    from tracetune.train.loop import RunContext, _points_since_best
+
+    ctx = RunContext(None, tmp_path, [], 8)
+    for step, accuracy, loss in [(0, 0.0, 2.0), (2, 0.5, 1.5), (4, 0.5, 1.4), (6, 0.25, 1.0), (8, 0.5, 1.6)]:
+        append_jsonl(tmp_path / "metrics.jsonl", {"split": "val", "step": step, "loss": loss})
+        append_jsonl(tmp_path / "metrics.jsonl", {"split": "val_accuracy", "step": step, "accuracy": accuracy})
+    assert _points_since_best(ctx) == 2  # the best is step 4 (0.5 at the lower loss); steps 6 and 8 came after
+
+
+def test_early_stopping_ends_the_run_and_the_gates_read_where_it_stopped(tmp_path, monkeypatch):
+    """With held-out accuracy falling after step 0 and patience 2, training stops at step 2 of 8; training.json
+    says so, training_completed passes on the step it stopped at, the summary explains it."""
+    from tracetune import pipeline
+    from tracetune.cli import main
+
+    def falling(cfg, inputs, run_dir, tokenizer):
+        return lambda model, step: {"accuracy": 0.5 if step == 0 else 0.25, "verified_accuracy": 0.0}
+
+    monkeypatch.setattr(pipeline, "_answer_accuracy", falling)
+    args = tiny_run_args(tmp_path, "output.run_name=es", "train.max_steps=8", "train.eval_every_steps=1")
+    args += ["train.val_accuracy=true", "train.early_stopping_patience=2", "eval.max_items=2", "eval.max_new_tokens=4"]
+    args += ["eval.baselines=[zero_shot]", "train.save_every_steps=null"]
+    main(args)
+    run = tmp_path / "es"
+    training = json.loads((run / "training.json").read_text())
+    assert training["stopped_early"] and training["num_steps"] == 2 and training["planned_steps"] == 8
+    gates = {g["name"]: g for g in json.loads((run / "gates.json").read_text())["gates"]}
+    assert (
+        gates["training_completed"]["passed"]
+        and "stopped early at step 2 of 8" in gates["training_completed"]["detail"]
+    )
+    assert "Training stopped early at step 2 of 8" in (run / "summary.md").read_text()

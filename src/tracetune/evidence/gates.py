@@ -57,6 +57,10 @@ def gate_training_completed(name: str, run_dir: Path, cfg: Config) -> Gate:
     training = read_json(files.training)
     train, _ = read_metrics(run_dir)
     last = train[-1]["step"] if train else 0
+    if training.get("stopped_early"):  # train.early_stopping_patience: done is where it stopped
+        detail = f"stopped early at step {training['num_steps']} of {training['planned_steps']}"
+        return Gate(name, training["num_steps"] <= training["planned_steps"], training["num_steps"],
+                    training["planned_steps"], f"{METRICS}, {TRAINING}", detail=detail)  # fmt: skip
     return Gate(
         name,
         last == training["planned_steps"],

@@ -356,6 +356,13 @@ def _val_accuracy_section(data: RunView) -> list[str]:
             + (f", not the last step {last}'s." if chosen != last else ", the last step's."),
             "",
         ]
+    if data.training.get("stopped_early"):
+        patience = (data.config.get("train") or {}).get("early_stopping_patience")
+        lines += [
+            f"Training stopped early at step {data.training['num_steps']} of {data.training['planned_steps']}: "
+            f"{patience} held-out points in a row without a better one (train.early_stopping_patience).",
+            "",
+        ]
     rows = [[r["step"], _pct(r["accuracy"]), _pct(r["verified_accuracy"]), r.get("num_items", "")]
             for r in data.val_accuracy if "accuracy" in r]  # fmt: skip
     return lines + _table(["step", "accuracy", "verified", "items"], rows)

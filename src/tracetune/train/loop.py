@@ -114,6 +114,7 @@ class RunContext:
     last_saved: int = -1
     resumed: bool = False
     best: dict | None = None  # the best held-out accuracy point so far (train.select=val_accuracy), rank 0
+    stopped_early: bool = False  # train.early_stopping_patience ran out
     bar: tqdm | None = None
 
     @property
@@ -307,6 +308,12 @@ def _best_point(ctx: RunContext, before: int | None = None) -> dict:
     return max(points, key=lambda p: (p["accuracy"], -p["val_loss"], -p["step"]), default=default)
 
 
+def _points_since_best(ctx: RunContext) -> int:
+    """Held-out accuracy points after the best one (metrics.jsonl: the same answer after a resume)."""
+    best = _best_point(ctx)
+    return sum(1 for r in read_jsonl(ctx.metrics_path) if r.get("split") == "val_accuracy" and r["step"] > best["step"])
+
+
 def select_weights(ctx: RunContext, model, last_step: int) -> dict:
     """Rank 0: the best held-out step's weights loaded back into `model` where it is not the last step; what
     training.json records of the choice."""
@@ -384,13 +391,18 @@ def fit(
             append_on_main(ctx.metrics_path, {"split": "val_accuracy", "step": progress.step, **(scored or {})})
             if tc.select == "val_accuracy" and scored is not None:
                 keep_if_best(ctx, state.model, progress.step, scored["accuracy"], val_loss)
+            if tc.early_stopping_patience:
+                since = _points_since_best(ctx) if d.is_main else 0
+                ctx.stopped_early = dist.broadcast_from_main(since >= tc.early_stopping_patience)
+                if ctx.stopped_early:
+                    log.info("early stop at step %d: %d held-out points without a better one", progress.step, since)
 
     validation = validation if val else None
     if validation and progress.step == 0 and resume_from is None:
         validation()  # the baseline the loss_decreased gate compares against
     ctx.last_log_time = time.perf_counter()
     with STOP:
-        while progress.step < total_steps:
+        while progress.step < total_steps and not ctx.stopped_early:
             batches = plan_batches(lengths, tc.batch_size, cfg.seed, progress.epoch)
             for start in range(progress.next_batch, len(batches), per_step):
                 chunk = batches[start : start + per_step]
@@ -409,7 +421,7 @@ def fit(
                 log_step(ctx, state, progress, micro, result, progress.epoch + progress.next_batch / len(batches))
                 ctx.bar.update(1)
                 after_step(ctx, state, progress, validation, tc.eval_every_steps, tc.save_every_steps)
-                if progress.step >= total_steps:
+                if progress.step >= total_steps or ctx.stopped_early:
                     break
             else:
                 progress.epoch, progress.next_batch = progress.epoch + 1, 0
@@ -417,7 +429,8 @@ def fit(
     elapsed = time.perf_counter() - ctx.started
     selection = select_weights(ctx, state.model, progress.step) if tc.select == "val_accuracy" else {}
     final_dir = finish_training(
-        ctx, state, progress, tokenizer, tc.method, **selection, steps_per_epoch=steps_per_epoch, num_train_examples=len(train),
+        ctx, state, progress, tokenizer, tc.method, **selection, stopped_early=ctx.stopped_early,
+        steps_per_epoch=steps_per_epoch, num_train_examples=len(train),
         num_val_examples=len(val), global_batch_size=tc.batch_size * tc.grad_accum_steps * d.world_size,
         grad_accum_steps=tc.grad_accum_steps, precision=tc.precision,
     )  # fmt: skip
