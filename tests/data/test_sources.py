@@ -65,6 +65,7 @@ def test_a_dataset_by_name_loads_and_is_described_by_fingerprint(hub_dir):
     assert info["fingerprint"] and describe(source) == info
 
 
+@pytest.mark.slow
 def test_a_run_on_a_hub_dataset_records_it_in_place_of_a_file_hash(hub_dir, tmp_path):
     from tests.conftest import tiny_run_args
     from tracetune.cli import main

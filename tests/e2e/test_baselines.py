@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from tests.conftest import REPO, TINY_CONFIG, write_jsonl
 from tracetune.cli import main
 
@@ -18,6 +20,7 @@ def _run(tmp_path, name: str, *overrides: str) -> int:
     return main([*args, "train.save_every_steps=null", "train.eval_every_steps=null", *overrides])
 
 
+@pytest.mark.slow
 def test_a_finetuned_model_worse_than_its_few_shot_base_fails_with_exit_3(tmp_path, capsys):
     """The base model is a tiny model taught to answer 7 (which the eval set expects); fine-tuning it on traces
     that answer 3 makes it worse than that base model shown five demonstrations."""
@@ -115,15 +118,9 @@ def test_fine_tuning_on_one_of_two_skills_trips_the_keep_gate_and_on_both_keeps(
     assert _run(tmp_path, "base", f"data.train_file={both}", *common, "eval.run_base=false", "train.max_steps=60") == 0
     base = [f"model.source={tmp_path / 'base' / 'final_model'}", f"eval.keep_file={keep}", *common]
     narrow = _skill_traces(tmp_path / "count.jsonl", ("count",))
-    # Two stages (sft, then a round of rft): each stage's model is evaluated on the keep set.
-    rft = ["stages=[sft,rft]", "rft.num_rounds=1", "rft.prompts_per_round=6", "rft.num_samples=2"]
-    rft += ["rft.sampling.max_new_tokens=12"]
-    assert _run(tmp_path, "narrow", *base, f"data.train_file={narrow}", "train.max_steps=30", *rft) == 3
+    assert _run(tmp_path, "narrow", *base, f"data.train_file={narrow}", "train.max_steps=30") == 3
     keep_json = json.loads((tmp_path / "narrow" / "eval" / "keep" / "comparison.json").read_text())
     assert keep_json["num_items"] == 25 and keep_json["num_base_correct"] >= 20  # the base knew both skills
-    sft = keep_json["stages"]["sft"]
-    assert list(keep_json["stages"]) == ["sft"] and sft["num_kept"] < keep_json["num_base_correct"]
-    assert sft["answer_only"]["num_paired_items"] == 25 and sft["trained_format"]["num_paired_items"] == 25
     assert keep_json["by_category"]["colour"]["final"] < keep_json["by_category"]["colour"]["base"]
     gates = {g["name"]: g for g in json.loads((tmp_path / "narrow" / "gates.json").read_text())["gates"]}
     assert (
@@ -132,11 +129,7 @@ def test_fine_tuning_on_one_of_two_skills_trips_the_keep_gate_and_on_both_keeps(
     )
     summary = (tmp_path / "narrow" / "summary.md").read_text()
     assert "On the keep set it kept " in summary and "Fell: **colour**" in summary
-    assert "Each stage's model on the keep set" in summary and "| sft |" in summary
     assert main(["verify", str(tmp_path / "narrow")]) == 1 and "keep/comparison.json" not in capsys.readouterr().out
-    sft["num_kept"] += 1  # a stage's row written by hand is caught
-    (tmp_path / "narrow" / "eval" / "keep" / "comparison.json").write_text(json.dumps(keep_json))
-    assert main(["verify", str(tmp_path / "narrow")]) == 1 and "stage sft kept" in capsys.readouterr().out
     assert _run(tmp_path, "wide", *base, f"data.train_file={both}", "train.max_steps=30") == 0
     gates = {g["name"]: g for g in json.loads((tmp_path / "wide" / "gates.json").read_text())["gates"]}
     assert gates["kept_what_base_knew"]["passed"] and gates["kept_what_base_knew"]["status"] == "pass"

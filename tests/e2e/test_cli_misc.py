@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from tracetune.cli import main
 
 
@@ -46,6 +48,7 @@ def test_eval_command_writes_predictions_and_scores(tmp_path):
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 3
 
 
+@pytest.mark.slow
 def test_eval_of_a_runs_model_uses_the_runs_settings(tiny_run_dir, tmp_path, caplog):
     """Without --config, a run's final_model is evaluated with the run's own evaluation settings (and the log says
     so), so it reproduces the run's final evaluation answer for answer."""

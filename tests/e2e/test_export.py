@@ -4,6 +4,8 @@ trained model and its gate, the manifest, and verify."""
 
 import json
 
+import pytest
+
 from tests.conftest import tiny_run_args
 from tests.hf_models import tiny_model_dir
 from tracetune.cli import main
@@ -52,6 +54,7 @@ def test_exporting_a_model_gguf_cannot_hold_exits_2_and_names_the_fix(tiny_run_d
     assert not (tiny_run_dir / "export" / "model-f16.gguf").exists()
 
 
+@pytest.mark.slow
 def test_a_file_with_one_tensor_corrupted_fails_its_check(tmp_path, monkeypatch, capsys):
     """An export whose one tensor is written wrong (here: its columns reversed after writing, as a transposed or
     mis-permuted tensor would be) must fail the check, whatever the tiny model's answers look like."""

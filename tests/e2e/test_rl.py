@@ -153,6 +153,8 @@ def test_rl_stages_run_on_untidy_data_and_score_only_the_validation_split(tmp_pa
         if k % 6 == 0:
             untidy.append({**record, "final_answer": "5"})  # the same prompt, another answer
     path = write_jsonl(tmp_path / "untidy.jsonl", untidy)
+    keep = [{"id": f"k{n}", "prompt": f"What is {n} + {n}?", "expected_answer": str(2 * n)} for n in range(9)]
+    keep_file = write_jsonl(tmp_path / "keep.jsonl", keep)
     scored: list[str] = []
 
     def recording(sampler, cfg, items, out_dir):
@@ -171,6 +173,7 @@ def test_rl_stages_run_on_untidy_data_and_score_only_the_validation_split(tmp_pa
         "grpo.group_size=3",
         "grpo.sampling.max_new_tokens=8",
         "grpo.eval_every_steps=1",
+        f"eval.keep_file={keep_file}",
     ]
     assert main(args) in (0, 3)  # 3: a gate may fail on a 2-layer model
     run = tmp_path / "untidy"
@@ -179,3 +182,14 @@ def test_rl_stages_run_on_untidy_data_and_score_only_the_validation_split(tmp_pa
     eval_ids = {i.id for i in load_eval_items(REPO / "data" / "eval.jsonl").records}
     _, val = split_train_val(load_traces(path).records, 0.2, 0)
     assert scored and set(scored) <= {t.id for t in val[:5]} and not set(scored) & eval_ids
+    # Every stage's model is evaluated on the keep set, both ways; verify recomputes each stage's row.
+    keep_json = json.loads((run / "eval" / "keep" / "comparison.json").read_text())
+    assert list(keep_json["stages"]) == ["sft", "rft"]
+    assert all(keep_json["stages"][s]["answer_only"]["num_paired_items"] == 4 for s in ("sft", "rft"))
+    assert all((run / "eval" / "keep" / d / "predictions.jsonl").is_file() for d in ("sft", "sft_format", "rft_format"))
+    assert "Each stage's model on the keep set" in (run / "summary.md").read_text()
+    keep_json["stages"]["sft"]["num_kept"] += 1  # a stage's row written by hand is caught
+    (run / "eval" / "keep" / "comparison.json").write_text(json.dumps(keep_json))
+    from tracetune.evidence.manifest import recheck_scores
+
+    assert any("stage sft kept" in p for p in recheck_scores(run))

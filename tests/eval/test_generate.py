@@ -110,6 +110,7 @@ def test_greedy_answers_do_not_depend_on_the_batch(tmp_path, dtype):
     assert model.config._attn_implementation == "sdpa"  # generation's attention is put back
 
 
+@pytest.mark.slow
 def test_sampled_answers_do_not_depend_on_the_batch(tmp_path):
     """Each (item, sample) row draws from its own seeded generator, so samples are the same at any batch size
     wherever greedy logits are (the probe), and different seeds give different samples."""

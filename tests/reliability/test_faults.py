@@ -133,6 +133,7 @@ def test_sigterm_mid_step_checkpoints_and_exits_143(reference, tmp_path):
     assert_same_training(run_dir, ref_dir)
 
 
+@pytest.mark.slow
 def test_sigterm_and_kill_mid_eval_keep_finished_predictions(tmp_path):
     """4 (evaluation) and 8: SIGTERM during evaluation exits 143 with every finished prediction kept; kill -9
     during evaluation leaves a file whose every line parses with each id once; the rerun completes the rest."""
