@@ -36,7 +36,7 @@ def test_this_process_runs_on_glibc_and_says_so():
     assert allocator.describe()["allocator"] == "glibc"
 
 
-@pytest.mark.parametrize("choice", ["auto", "system"])
+@pytest.mark.parametrize("choice", ["auto", pytest.param("system", marks=pytest.mark.slow)])
 def test_tracetune_run_records_the_allocator_it_ran_on(tmp_path, choice):
     """`python -m tracetune run` re-executes under tcmalloc when it is installed, unless told not to."""
     if allocator.find_tcmalloc() is None and choice == "auto":

@@ -11,7 +11,7 @@ from tests.conftest import REPO
 
 @pytest.mark.parametrize(
     "worker",
-    ["tracetune", "generate", pytest.param("trl", marks=pytest.mark.slow), pytest.param("old", marks=pytest.mark.slow)],
+    ["tracetune", *(pytest.param(w, marks=pytest.mark.slow) for w in ("generate", "trl", "old"))],
 )
 def test_bench_worker_runs_on_the_tiny_model(worker):
     args = ["--worker", worker, "--steps", "2", "--warmup", "1", "--eval-items", "4", "--source", "tiny:gemma3"]

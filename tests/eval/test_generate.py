@@ -159,8 +159,10 @@ def test_sampled_scores_count_truncations_as_wrong_and_vote_on_answers():
 
 
 def test_the_probe_sees_a_row_that_depends_on_its_batch(tmp_path):
-    """A model whose logits move with the number of rows: the probe says so and scores.json records it."""
+    """A model whose logits move with the number of rows: the probe says so and scores.json records it (in fp32:
+    its kernel checks are those every run's env.json makes, measured once a session)."""
     tokenizer, model = _bf16_model_with_gemma3_270m_shapes()
+    model = model.float()
     model.lm_head.register_forward_hook(lambda module, args, out: out + 0.01 * out.shape[0])
     prompts = [render_prompt(tokenizer, i.prompt, "Think.") for i in load_eval_items("data/eval.jsonl").records[:6]]
     cfg = EvalConfig(eval_file=None, max_new_tokens=4)
