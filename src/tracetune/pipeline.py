@@ -339,25 +339,17 @@ def heldout_items(cfg: Config, inputs: Inputs):
 
 def _answer_accuracy(cfg: Config, inputs: Inputs, run_dir: Path, tokenizer):
     """answers(model, step): the model being trained answers the validation split's prompts (greedy, the
-    evaluation's code, RUN/heldout/step-N/) and is scored; its accuracy figures (rank 0; None elsewhere)."""
-    from tracetune import dist
-    from tracetune.eval.evaluate import generate_predictions
-    from tracetune.eval.scoring import write_scores
+    evaluation's code, RUN/heldout/step-N/) and is scored; its accuracy figures."""
+    from tracetune.eval.evaluate import heldout_accuracy
 
     items, greedy = heldout_items(cfg, inputs), cfg.eval.model_copy(update={"do_sample": False, "num_samples": 1})
 
-    def answers(model, step: int) -> dict | None:
-        out = RunLayout(run_dir).heldout(step).path
-        if dist.current().is_main:
-            out.mkdir(parents=True, exist_ok=True)
+    def answers(model, step: int) -> dict:
         model.eval()
-        generate_predictions(model, tokenizer, items, greedy, cfg.data.instruction, out, cfg.seed)
+        out = RunLayout(run_dir).heldout(step).path
+        scored = heldout_accuracy(model, tokenizer, items, greedy, cfg.data.instruction, out, cfg.seed)
         model.train()
-        scores = dist.on_main(lambda: write_scores(out, items, f"step {step}"))
-        if scores is None:
-            return None
-        keys = ("accuracy", "ci95", "verified_accuracy", "verified_ci95", "num_items")
-        return {k: scores[k] for k in keys} | {"truncation_rate": scores["format"]["truncation_rate"]}
+        return scored
 
     return answers
 

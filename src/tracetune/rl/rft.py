@@ -22,6 +22,7 @@ import logging
 import random
 import re
 import time
+from collections import Counter
 from pathlib import Path
 
 from tracetune import dist, tracking
@@ -102,7 +103,7 @@ def sample_round(
     """(kept trace records, every sample's row for sampled.jsonl, the round's sampling summary)."""
     r, d = cfg.rft, dist.current()
     items = [as_item(t) for t in prompts]
-    repeated = sorted({i.id for i in items if [j.id for j in items].count(i.id) > 1})
+    repeated = sorted(i for i, n in Counter(i.id for i in items).items() if n > 1)
     if repeated:  # checked where the samples' ids are made (item id, round, sample), before any sampling
         raise TracetuneError(
             f"rft round {round_number}: prompts share ids {repeated[:3]}; every trace needs its own id"

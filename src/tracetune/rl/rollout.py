@@ -104,12 +104,6 @@ class Sampler:
 
 def heldout(sampler: Sampler, cfg: Config, items: list[EvalItem], out_dir: Path) -> dict:
     """Greedy accuracy on the held-out items by the evaluation's own code (predictions and scores in out_dir)."""
-    from tracetune.eval.evaluate import generate_predictions
-    from tracetune.eval.scoring import write_scores
+    from tracetune.eval.evaluate import heldout_accuracy
 
-    if dist.current().is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    generate_predictions(sampler.model, sampler.tokenizer, items, cfg.eval, cfg.data.instruction, out_dir, cfg.seed)
-    scores = dist.on_main(lambda: write_scores(out_dir, items, str(out_dir)))
-    keys = ("accuracy", "ci95", "verified_accuracy", "verified_ci95")
-    return {k: scores[k] for k in keys} | {"truncation_rate": scores["format"]["truncation_rate"]}
+    return heldout_accuracy(sampler.model, sampler.tokenizer, items, cfg.eval, cfg.data.instruction, out_dir, cfg.seed)
