@@ -237,8 +237,9 @@ class RunLayout(TrainingDir):
         found = []
         for group in (
             (f"eval/*/{PREDICTIONS}", f"eval/*/draw-*/{PREDICTIONS}", f"{KEEP_DIR}/*/{PREDICTIONS}"),
-            (f"heldout/*/{PREDICTIONS}", f"grpo/heldout/*/{PREDICTIONS}", f"rft/round-*/heldout/{PREDICTIONS}"),
-        ):
+            (f"heldout/*/{PREDICTIONS}", f"heldout/*/keep/{PREDICTIONS}", f"grpo/heldout/*/{PREDICTIONS}",
+             f"rft/round-*/heldout/{PREDICTIONS}"),
+        ):  # fmt: skip
             found += [EvalDir(p.parent) for p in sorted(p for pattern in group for p in self.path.glob(pattern))]
         return found
 
@@ -346,6 +347,7 @@ FILES: list[tuple[str, str]] = [
     (f"{_RL}/{FINAL_MODEL}/**", "an rl stage's model"),
     (f"{_RL}/heldout/**", "an rl stage's held-out points (grpo: step-<n>/, rft: per round)"),
     (f"heldout/step-*/{_EVAL}", "held-out accuracy while training (train.val_accuracy): the validation split"),
+    (f"heldout/step-*/keep/{_EVAL}", "the keep set's monitor half while training (train.val_accuracy, a keep set)"),
     ("rft/round-*/**", "an rft round: sampled.jsonl, sampling.json, kept.jsonl, its training and model"),
     ("export/**", "GGUF export: model-<type>.gguf, Modelfile, gguf_check.json, eval-<type>[-reference]/"),
     ("{tensorboard,mlruns,wandb}/**", "output.report_to's trackers, where they write into the run"),

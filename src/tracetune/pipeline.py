@@ -46,10 +46,17 @@ class Inputs:
 
 @dataclass
 class Keep:
-    """The keep set: its question/answer demonstrations and the items scored."""
+    """The keep set: its question/answer demonstrations, the items the report scores and, with
+    train.val_accuracy, the monitor half that training-time points score (so the reported keep score was
+    never used to choose a checkpoint)."""
 
     demonstrations: list[Trace]
     items: list[EvalItem]
+    monitor: list[EvalItem] = field(default_factory=list)
+
+    def split_monitor(self) -> Keep:
+        """Every other item moves to the monitor half; the report keeps the rest."""
+        return Keep(self.demonstrations, self.items[0::2], self.items[1::2])
 
 
 def load_keep(path, num_shots: int) -> tuple[Keep | None, LoadReport]:
@@ -82,6 +89,8 @@ def load_inputs(cfg: Config) -> Inputs:
         keep, keep_report = load_keep(cfg.eval.keep_file, cfg.eval.num_shots)
         reports.append(keep_report)
         errors += keep_report.errors
+        if keep is not None and cfg.train.val_accuracy:
+            keep = keep.split_monitor()
     if errors:
         raise DataError(errors)
     for report in reports:
@@ -248,6 +257,29 @@ def _few_shot_format(cfg: Config, model_source: str) -> str:
 KEEP_ANSWER_TOKENS = 32  # an answer-only completion is one line
 
 
+def _keep_eval_config(cfg: Config, answer_only: bool):
+    """The eval settings of a keep-set evaluation: greedy, in the base model's few-shot format, and (answer-only)
+    as long as one answer line."""
+    fmt = _few_shot_format(cfg, cfg.model.source)
+    greedy = cfg.eval.model_copy(update={"do_sample": False, "num_samples": 1, "few_shot_format": fmt})
+    if not answer_only:
+        return greedy
+    return greedy.model_copy(update={"max_new_tokens": min(greedy.max_new_tokens, KEEP_ANSWER_TOKENS)})
+
+
+def _keep_prompt(cfg: Config, tokenizer, keep: Keep, items: list[EvalItem]):
+    """(few-shot prompt, eval settings) that ask `items` as the base model is asked the keep set: its own
+    question/answer demonstrations, answer-only."""
+    from tracetune.eval.baselines import build_few_shot
+
+    settings = _keep_eval_config(cfg, answer_only=True)
+    few_shot = build_few_shot(
+        tokenizer, keep.demonstrations, items, cfg.eval.num_shots, cfg.seed, cfg.data.instruction,
+        settings.few_shot_format, "few_shot_answer",
+    )  # fmt: skip
+    return few_shot, settings
+
+
 def evaluate_keep(
     cfg: Config,
     model_source: str,
@@ -257,20 +289,16 @@ def evaluate_keep(
     loaded,
     dirs: dict[str, str] = KEEP_DIRS,
 ) -> None:
-    """The keep set (greedy) under each of `which` into run_dir/KEEP_DIR/dirs[which]: `base` and `answer_only`
-    prompt the model with the keep set's own question/answer demonstrations in the base model's format (the
-    same prompt for both), `trained_format` asks in the run's format."""
-    fmt = _few_shot_format(cfg, cfg.model.source)
-    greedy = cfg.eval.model_copy(update={"do_sample": False, "num_samples": 1, "few_shot_format": fmt})
+    """The keep set's report items (greedy) under each of `which` into run_dir/KEEP_DIR/dirs[which]: `base` and
+    `answer_only` prompt the model with the keep set's own question/answer demonstrations in the base model's
+    format (the same prompt for both), `trained_format` asks in the run's format."""
     for name in which:
         out_dir = RunLayout(run_dir).keep(dirs[name]).path
         log.info("evaluating %s on the keep set (%s)", model_source, name.replace("_", " "))
-        if name == "trained_format":
-            evaluate_model(cfg.model_copy(update={"eval": greedy}), model_source, keep.items, out_dir, loaded=loaded)
-            continue
-        short = greedy.model_copy(update={"max_new_tokens": min(greedy.max_new_tokens, KEEP_ANSWER_TOKENS)})
-        keep_cfg = cfg.model_copy(update={"eval": short})
-        evaluate_model(keep_cfg, model_source, keep.items, out_dir, keep.demonstrations, loaded, "few_shot_answer")
+        answer_only = name != "trained_format"
+        keep_cfg = cfg.model_copy(update={"eval": _keep_eval_config(cfg, answer_only)})
+        demos = keep.demonstrations if answer_only else None
+        evaluate_model(keep_cfg, model_source, keep.items, out_dir, demos, loaded, "few_shot_answer")
 
 
 def eval_stage(cfg: Config, model_source: str, out_dir: Path | None, baseline: str = "zero_shot") -> Path:
@@ -339,15 +367,23 @@ def heldout_items(cfg: Config, inputs: Inputs):
 
 def _answer_accuracy(cfg: Config, inputs: Inputs, run_dir: Path, tokenizer):
     """answers(model, step): the model being trained answers the validation split's prompts (greedy, the
-    evaluation's code, RUN/heldout/step-N/) and is scored; its accuracy figures."""
+    evaluation's code, RUN/heldout/step-N/) and is scored; with a keep set, it also answers the keep set's
+    monitor half prompted as the base model is (RUN/heldout/step-N/keep/, `keep_accuracy`). Its figures."""
     from tracetune.eval.evaluate import heldout_accuracy
 
     items, greedy = heldout_items(cfg, inputs), cfg.eval.model_copy(update={"do_sample": False, "num_samples": 1})
+    keep = inputs.keep if inputs.keep is not None and inputs.keep.monitor else None
 
     def answers(model, step: int) -> dict:
         model.eval()
         out = RunLayout(run_dir).heldout(step).path
         scored = heldout_accuracy(model, tokenizer, items, greedy, cfg.data.instruction, out, cfg.seed)
+        if keep is not None:
+            few_shot, keep_cfg = _keep_prompt(cfg, tokenizer, keep, keep.monitor)
+            on_keep = heldout_accuracy(
+                model, tokenizer, keep.monitor, keep_cfg, cfg.data.instruction, out / "keep", cfg.seed, few_shot
+            )
+            scored |= {"keep_accuracy": on_keep["accuracy"], "keep_num_items": on_keep["num_items"]}
         model.train()
         return scored
 

@@ -164,14 +164,14 @@ def _sample_row(item: EvalItem, gen) -> dict:
 
 
 def heldout_accuracy(model, tokenizer, items: list[EvalItem], cfg: EvalConfig, instruction: str, out_dir: Path,
-                     seed: int) -> dict:  # fmt: skip
-    """`model` answers held-out items into out_dir and is scored by the evaluation's own code: the accuracy
-    figures a training-time point logs (every rank gets them)."""
+                     seed: int, few_shot=None) -> dict:  # fmt: skip
+    """`model` answers held-out items (prompted few-shot where `few_shot` is given) into out_dir and is scored by
+    the evaluation's own code: the accuracy figures a training-time point logs (every rank gets them)."""
     from tracetune.eval.scoring import write_scores
 
     if dist.current().is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    generate_predictions(model, tokenizer, items, cfg, instruction, out_dir, seed)
+    generate_predictions(model, tokenizer, items, cfg, instruction, out_dir, seed, few_shot)
     scores = dist.on_main(lambda: write_scores(out_dir, items, str(out_dir)))
     keys = ("accuracy", "ci95", "verified_accuracy", "verified_ci95", "num_items")
     return {k: scores[k] for k in keys} | {"truncation_rate": scores["format"]["truncation_rate"]}

@@ -36,6 +36,28 @@ def plot_series(data: dict, key: str, title: str) -> bytes:
     return _png(fig)
 
 
+def plot_val_accuracy(data: dict) -> bytes:
+    """Held-out accuracy while training (and the keep set's monitor half) against steps, the validation loss on
+    a second axis, the chosen step marked."""
+    points = [r for r in data.val_accuracy if "accuracy" in r]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.plot([r["step"] for r in points], [r["accuracy"] for r in points], "o-", label="held-out accuracy")
+    ax.plot([r["step"] for r in points], [r["verified_accuracy"] for r in points], "s--", label="held-out verified")
+    keep = [r for r in points if "keep_accuracy" in r]
+    if keep:
+        ax.plot([r["step"] for r in keep], [r["keep_accuracy"] for r in keep], "^-", label="keep monitor")
+    if (chosen := data.training.get("selected_step")) is not None:
+        ax.axvline(chosen, color="grey", linestyle=":", label=f"chosen (step {chosen})")
+    ax.set(xlabel="optimizer step", ylabel="accuracy", ylim=(0, 1), title="Answers while training")
+    if data.val:
+        loss_ax = ax.twinx()
+        loss_ax.plot([r["step"] for r in data.val], [r["loss"] for r in data.val], color="black", alpha=0.3)
+        loss_ax.set_ylabel("validation loss (grey)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    return _png(fig)
+
+
 def plot_grpo(data: dict) -> bytes:
     rows = data.grpo_rows
     steps, held = [r for r in rows if "reward" in r], [r for r in rows if r.get("split") == "heldout"]

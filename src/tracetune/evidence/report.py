@@ -6,7 +6,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from tracetune.eval.stats import difference_outcome, items_to_tell
-from tracetune.evidence.plots import plot_accuracy, plot_grpo, plot_loss, plot_series
+from tracetune.evidence.plots import plot_accuracy, plot_grpo, plot_loss, plot_series, plot_val_accuracy
 from tracetune.evidence.view import RunView, read_run
 from tracetune.layout import BASELINE_DIRS, CARD, LOSS_PLOT, MANIFEST, REPORT, SUMMARY, RunLayout
 
@@ -363,9 +363,22 @@ def _val_accuracy_section(data: RunView) -> list[str]:
             f"{patience} held-out points in a row without a better one (train.early_stopping_patience).",
             "",
         ]
-    rows = [[r["step"], _pct(r["accuracy"]), _pct(r["verified_accuracy"]), r.get("num_items", "")]
-            for r in data.val_accuracy if "accuracy" in r]  # fmt: skip
-    return lines + _table(["step", "accuracy", "verified", "items"], rows)
+    if (floor := data.training.get("keep_floor")) is not None:
+        lines += [
+            f"Steps whose keep monitor (the keep set's monitor half, prompted as the base model is) fell below "
+            f"{_pct(floor)} (step 0's less gates.max_keep_drop) were not eligible: "
+            f"{data.training.get('num_excluded_by_keep', 0)} of them. The keep set's other half is what the report "
+            "scores.",
+            "",
+        ]
+    points = [r for r in data.val_accuracy if "accuracy" in r]
+    monitored = any("keep_accuracy" in r for r in points)
+    rows = [
+        [r["step"], _pct(r["accuracy"]), _pct(r["verified_accuracy"]), r.get("num_items", "")]
+        + ([_pct(r["keep_accuracy"]) if "keep_accuracy" in r else "-"] if monitored else [])
+        for r in points
+    ]
+    return lines + _table(["step", "accuracy", "verified", "items"] + (["keep monitor"] if monitored else []), rows)
 
 
 def _evaluation_section(data: RunView) -> list[str]:
@@ -565,6 +578,8 @@ def write_report(run_dir: Path) -> None:
             ("Learning rate", plot_series(data, "lr", "Learning rate")),
         ]
         plots.append(("Throughput", plot_series(data, "tokens_per_s", "Training tokens/s")))
+    if any("accuracy" in r for r in data.val_accuracy):
+        plots.append(("Held-out accuracy while training", plot_val_accuracy(data)))
     if any(r.get("split") == "heldout" for r in data.grpo_rows):
         plots.append(("GRPO reward and held-out verified accuracy", plot_grpo(data)))
     if data.final:

@@ -113,7 +113,6 @@ class RunContext:
     last_log_time: float = field(default_factory=time.perf_counter)
     last_saved: int = -1
     resumed: bool = False
-    best: dict | None = None  # the best held-out accuracy point so far (train.select=val_accuracy), rank 0
     stopped_early: bool = False  # train.early_stopping_patience ran out
     bar: tqdm | None = None
 
@@ -281,37 +280,42 @@ def open_bar(ctx: RunContext, progress: Progress) -> None:
     )  # fmt: skip
 
 
-def keep_if_best(ctx: RunContext, model, step: int, accuracy: float, val_loss: float) -> None:
-    """Rank 0: a held-out accuracy above the best so far (equal accuracy: a lower validation loss) keeps this
+def keep_if_best(ctx: RunContext, model, step: int) -> None:
+    """Rank 0, after step `step`'s held-out point is in metrics.jsonl: where it is the best so far, keep this
     step's weights (selected.safetensors), so the final model can be the best step's and a resume keeps the
     best-so-far."""
     from safetensors.torch import save_model
 
-    if ctx.best is None:  # a resumed run: the best among the points before its checkpoint
-        ctx.best = _best_point(ctx, before=step)
-    if (accuracy, -val_loss) > (ctx.best["accuracy"], -ctx.best["val_loss"]):
-        ctx.best = {"step": step, "accuracy": accuracy, "val_loss": val_loss}
+    if best_point(read_jsonl(ctx.metrics_path), ctx.cfg.gates.max_keep_drop)["step"] == step:
         save_model(model, str(TrainingDir(ctx.run_dir).selected))  # tied weights stored once
 
 
-def _best_point(ctx: RunContext, before: int | None = None) -> dict:
-    """The best held-out accuracy point in metrics.jsonl (before step `before`): the highest accuracy, then the
-    lowest validation loss at its step, then the earlier."""
-    rows = read_jsonl(ctx.metrics_path)
+def best_point(rows: list[dict], max_keep_drop: float) -> dict:
+    """The best held-out accuracy point of metrics.jsonl's rows: the highest accuracy, then the lowest validation
+    loss at its step, then the earlier; among points whose keep-set monitor (`keep_accuracy`, where a keep set is
+    configured) is at most `max_keep_drop` below the first point's (step 0: the model training started from)."""
     losses = {r["step"]: r["loss"] for r in rows if r.get("split") == "val"}
     points = [
         {"step": r["step"], "accuracy": r["accuracy"], "val_loss": losses.get(r["step"], math.inf)}
+        | ({"keep_accuracy": r["keep_accuracy"]} if "keep_accuracy" in r else {})
         for r in rows
-        if r.get("split") == "val_accuracy" and "accuracy" in r and (before is None or r["step"] < before)
+        if r.get("split") == "val_accuracy" and "accuracy" in r
     ]
+    start_keep = points[0].get("keep_accuracy") if points else None
+    floor = None if start_keep is None else start_keep - max_keep_drop
+    eligible = [p for p in points if floor is None or p.get("keep_accuracy", 1.0) >= floor - 1e-9]
     default = {"step": -1, "accuracy": -1.0, "val_loss": math.inf}
-    return max(points, key=lambda p: (p["accuracy"], -p["val_loss"], -p["step"]), default=default)
+    best = max(eligible, key=lambda p: (p["accuracy"], -p["val_loss"], -p["step"]), default=default)
+    if floor is not None:
+        best = best | {"keep_floor": round(floor, 6), "num_excluded_by_keep": len(points) - len(eligible)}
+    return best
 
 
 def _points_since_best(ctx: RunContext) -> int:
     """Held-out accuracy points after the best one (metrics.jsonl: the same answer after a resume)."""
-    best = _best_point(ctx)
-    return sum(1 for r in read_jsonl(ctx.metrics_path) if r.get("split") == "val_accuracy" and r["step"] > best["step"])
+    rows = read_jsonl(ctx.metrics_path)
+    best = best_point(rows, ctx.cfg.gates.max_keep_drop)
+    return sum(1 for r in rows if r.get("split") == "val_accuracy" and r["step"] > best["step"])
 
 
 def select_weights(ctx: RunContext, model, last_step: int) -> dict:
@@ -321,18 +325,27 @@ def select_weights(ctx: RunContext, model, last_step: int) -> dict:
 
     if not dist.current().is_main:
         return {}
-    best = ctx.best or _best_point(ctx)  # a resume with no validation left reads the points it has
+    best = best_point(read_jsonl(ctx.metrics_path), ctx.cfg.gates.max_keep_drop)
     if best["step"] < 0:
         return {}
     if best["step"] != last_step:
         load_model(model, str(TrainingDir(ctx.run_dir).selected), strict=True)
     log.info("final model: step %d, held-out accuracy %.3f (train.select=val_accuracy)", best["step"], best["accuracy"])
-    return {
+    record = {
         "selected_by": "val_accuracy (then validation loss)",
         "selected_step": best["step"],
         "selected_accuracy": best["accuracy"],
         "selected_val_loss": best["val_loss"],
     }
+    if "keep_floor" in best:
+        record |= {
+            "selected_by": "val_accuracy (then validation loss) among steps whose keep-set monitor stayed within "
+            "gates.max_keep_drop of step 0's",
+            "selected_keep_accuracy": best.get("keep_accuracy"),
+            "keep_floor": best["keep_floor"],
+            "num_excluded_by_keep": best["num_excluded_by_keep"],
+        }
+    return record
 
 
 def finish_training(ctx: RunContext, state: TrainState, progress: Progress, tokenizer, method: str, **extra) -> Path:
@@ -385,12 +398,12 @@ def fit(
     open_bar(ctx, progress)
 
     def validation() -> None:
-        val_loss = run_validation(ctx, state, progress, val, pad_id, num_batches)
+        run_validation(ctx, state, progress, val, pad_id, num_batches)
         if answers is not None:
             scored = answers(state.model, progress.step)
             append_on_main(ctx.metrics_path, {"split": "val_accuracy", "step": progress.step, **(scored or {})})
-            if tc.select == "val_accuracy" and scored is not None:
-                keep_if_best(ctx, state.model, progress.step, scored["accuracy"], val_loss)
+            if tc.select == "val_accuracy" and scored is not None and d.is_main:
+                keep_if_best(ctx, state.model, progress.step)
             if tc.early_stopping_patience:
                 since = _points_since_best(ctx) if d.is_main else 0
                 ctx.stopped_early = dist.broadcast_from_main(since >= tc.early_stopping_patience)
