@@ -138,6 +138,23 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from tracetune.tune import BEST_YAML, TABLE, parse_budget, tune
+
+    study = Path(args.study) if args.study else Path("runs") / f"tune-{Path(args.config).stem}"
+    record = tune(args.config, args.overrides, study, parse_budget(args.budget), args.trials)
+    best = record["evaluation"]
+    print(f"trials: {study / TABLE} ({record['num_trials']} trials, {record['spent_s'] / 60:.1f} min)")
+    print(f"best: trial {record['best_trial']}: {' '.join(record['best_overrides'])}")
+    print(f"  held-out accuracy {record['best_value']:.1%} (validation split, searched on)")
+    if best.get("accuracy") is not None:
+        print(
+            f"  eval accuracy {best['accuracy']:.1%} (scored once, after the search), gates passed: {best['gates_passed']}"
+        )
+    print(f"run directory: {study / best['run_dir']}\nconfig to rerun it: {study / BEST_YAML}")
+    return 0
+
+
 def cmd_verify(args) -> int:
     from tracetune.evidence.manifest import verify_run
 
@@ -253,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_run)
 
+    p = verbs.add_parser("tune", help="search the recipe within a budget; evaluate the best trial once")
+    _add_config_args(p)
+    p.add_argument("--budget", default="30m", help="wall-clock budget of the search, e.g. 30m, 2h (default 30m)")
+    p.add_argument("--trials", type=int, help="at most this many trials in all")
+    p.add_argument("--study", help="study directory (default runs/tune-<config name>); rerun to resume it")
+    p.set_defaults(func=cmd_tune)
+
     p = verbs.add_parser("verify", help="re-check every hash and recompute every gate of a run directory")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_verify)
@@ -277,7 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     setup_console()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides written after options (`tune CONFIG --budget 30m train.lr=1e-4`) join the others
+        if not hasattr(args, "overrides") or any("=" not in item for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except TracetuneError as exc:

@@ -437,6 +437,36 @@ class OutputConfig(Section):
         return self
 
 
+class TuneConfig(Section):
+    methods: list[Literal["full", "lora"]] = Field(
+        ["lora", "full"], min_length=1, description="train.method values `tracetune tune` tries."
+    )
+    lr_full: tuple[float, float] = Field(
+        (1e-5, 1e-4), description="Range of train.lr (log-uniform) for full fine-tuning: [low, high]."
+    )
+    lr_lora: tuple[float, float] = Field((5e-5, 5e-4), description="Range of train.lr (log-uniform) for LoRA.")
+    lora_ranks: list[int] = Field([8, 16, 32], min_length=1, description="train.lora.r values tried (alpha = 2 r).")
+    num_epochs: tuple[int, int] = Field((1, 3), description="Range of train.num_epochs: [low, high].")
+    prune_after_trials: int = Field(
+        2,
+        ge=0,
+        description=(
+            "Trials that finish before any is pruned; after them, a trial whose held-out accuracy at a point is "
+            "below the median of earlier trials' at the same step stops there (Optuna's MedianPruner)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _ranges(self) -> TuneConfig:
+        for name in ("lr_full", "lr_lora", "num_epochs"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise ValueError(
+                    f"tune.{name}: [{low}, {high}] is not a range; fix: write [low, high], 0 < low <= high"
+                )
+        return self
+
+
 class Config(Section):
     seed: int = Field(0, ge=0, description="Seeds init, data order, dropout, sampling and the train/val split.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Model source.")
@@ -457,6 +487,7 @@ class Config(Section):
     )
     rft: RFTConfig = Field(default_factory=RFTConfig, description="Rejection-sampling fine-tuning (stage rft).")
     grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="Group relative policy optimisation (stage grpo).")
+    tune: TuneConfig = Field(default_factory=TuneConfig, description="What `tracetune tune` searches.")
 
     @model_validator(mode="after")
     def _resolve_auto_precision(self) -> Config:

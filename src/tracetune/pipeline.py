@@ -161,16 +161,16 @@ def prepare(cfg: Config):
     return inputs, device
 
 
-def train_stage(cfg: Config, argv: list[str]) -> Path:
+def train_stage(cfg: Config, argv: list[str], prune=None) -> Path:
     """`tracetune train`: validate inputs, create the run directory (run.json, env.json, the trackers), fine-tune,
-    write final_model/; no evaluation, no gates."""
+    write final_model/; no evaluation, no gates. `prune` (a search's trial) goes to the SFT loop (train/loop.fit)."""
     from tracetune import dist
     from tracetune.faults import STOP
 
     inputs, device = prepare(cfg)
     run_dir = _agreed_run_dir(cfg)
     with run_life(cfg, run_dir, argv, False, device, dist.describe(device)) as record, STOP:
-        _train_stages(cfg, inputs, run_dir, resume=False)
+        _train_stages(cfg, inputs, run_dir, resume=False, prune=prune)
         dist.on_main(lambda: end_training(run_dir, record))
     return run_dir
 
@@ -329,7 +329,7 @@ def eval_stage(cfg: Config, model_source: str, out_dir: Path | None, baseline: s
     return out_dir
 
 
-def _train_or_resume(cfg: Config, inputs: Inputs, run_dir: Path, resume: bool):
+def _train_or_resume(cfg: Config, inputs: Inputs, run_dir: Path, resume: bool, prune=None):
     """Train, or continue from the newest intact checkpoint; a finished training (training.json) is kept."""
     import gc
     import json
@@ -351,7 +351,7 @@ def _train_or_resume(cfg: Config, inputs: Inputs, run_dir: Path, resume: bool):
         tokenizer, model, train, val, counts = load_for_training(cfg, inputs)
         log.info("tokenized: %s", json.dumps(counts))
         answers = _answer_accuracy(cfg, inputs, run_dir, tokenizer) if cfg.train.val_accuracy else None
-        result = fit(cfg, run_dir, model, tokenizer, train, val, resume_from=checkpoint, answers=answers)
+        result = fit(cfg, run_dir, model, tokenizer, train, val, checkpoint, answers, prune)
     del model
     gc.collect()
     return result.final_model_dir
@@ -418,7 +418,7 @@ def _rl_stage(cfg: Config, inputs: Inputs, run_dir: Path, stage: str, start: str
         return fit_grpo(cfg, stage_dir, model, tokenizer, inputs.train, heldout_items(cfg, inputs), checkpoint)
 
 
-def _train_stages(cfg: Config, inputs: Inputs, run_dir: Path, resume: bool) -> Path:
+def _train_stages(cfg: Config, inputs: Inputs, run_dir: Path, resume: bool, prune=None) -> Path:
     """Every stage in order, each from the model the one before made (the first from model.source); every
     stage but the last is evaluated into eval/<stage> (the start the next stage's gate compares with).
     Returns the last stage's model directory; stages.json says where each stage's model is."""
@@ -428,7 +428,7 @@ def _train_stages(cfg: Config, inputs: Inputs, run_dir: Path, resume: bool) -> P
     model_dir, record, files = cfg.model.source, [], RunLayout(run_dir)
     for stage in cfg.stages:
         if stage == "sft":
-            model_dir = _train_or_resume(cfg, inputs, run_dir, resume)
+            model_dir = _train_or_resume(cfg, inputs, run_dir, resume, prune)
         else:
             model_dir = _rl_stage(cfg, inputs, run_dir, stage, str(model_dir), resume)
         if inputs.eval_items is not None and stage != cfg.stages[-1]:

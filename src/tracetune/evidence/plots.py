@@ -58,6 +58,18 @@ def plot_val_accuracy(data: dict) -> bytes:
     return _png(fig)
 
 
+def plot_curves(curves: list[tuple[str, list, list]], ylabel: str, title: str) -> bytes:
+    """One line per (label, steps, values): e.g. each search trial's held-out accuracy by step."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for label, steps, values in curves:
+        ax.plot(steps, values, "o-", label=label)
+    ax.set(xlabel="optimizer step", ylabel=ylabel, ylim=(0, 1), title=title)
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
 def plot_grpo(data: dict) -> bytes:
     rows = data.grpo_rows
     steps, held = [r for r in rows if "reward" in r], [r for r in rows if r.get("split") == "heldout"]

@@ -356,7 +356,13 @@ def _val_accuracy_section(data: RunView) -> list[str]:
             + (f", not the last step {last}'s." if chosen != last else ", the last step's."),
             "",
         ]
-    if data.training.get("stopped_early"):
+    if data.training.get("pruned"):
+        lines += [
+            f"Training was pruned at step {data.training['num_steps']} of {data.training['planned_steps']} by "
+            "`tracetune tune`: its held-out accuracy there was below what the search's other trials had reached.",
+            "",
+        ]
+    elif data.training.get("stopped_early"):
         patience = (data.config.get("train") or {}).get("early_stopping_patience")
         lines += [
             f"Training stopped early at step {data.training['num_steps']} of {data.training['planned_steps']}: "

@@ -113,7 +113,8 @@ class RunContext:
     last_log_time: float = field(default_factory=time.perf_counter)
     last_saved: int = -1
     resumed: bool = False
-    stopped_early: bool = False  # train.early_stopping_patience ran out
+    stopped_early: bool = False  # train.early_stopping_patience ran out, or a search pruned the run
+    pruned: bool = False  # `tracetune tune` ended this trial at a held-out point (fit's `prune`)
     bar: tqdm | None = None
 
     @property
@@ -373,11 +374,13 @@ def fit(
     val: list[Example],
     resume_from: Path | None = None,
     answers=None,
+    prune=None,
 ) -> FitResult:
     """Train `model` on `train`, validating on `val`; write metrics, checkpoints and final_model. `answers`,
     when given, is called as answers(model, step) at every validation and returns held-out accuracy figures
     (the pipeline's generation and scoring; this layer neither generates nor scores), logged as a
-    `"split": "val_accuracy"` line.
+    `"split": "val_accuracy"` line. `prune`, when given, is called as prune(step, figures) after each such
+    line; True ends training there (a search's unpromising trial; training.json records pruned).
 
     With `resume_from` (a committed checkpoint), continue exactly where it left off: same weights, optimizer,
     schedule, RNG, data order and position; metrics.jsonl lines after the checkpoint are dropped first.
@@ -409,6 +412,9 @@ def fit(
                 ctx.stopped_early = dist.broadcast_from_main(since >= tc.early_stopping_patience)
                 if ctx.stopped_early:
                     log.info("early stop at step %d: %d held-out points without a better one", progress.step, since)
+            if prune is not None and scored is not None and dist.broadcast_from_main(prune(progress.step, scored)):
+                ctx.stopped_early = ctx.pruned = True
+                log.info("pruned at step %d: held-out accuracy %.3f", progress.step, scored["accuracy"])
 
     validation = validation if val else None
     if validation and progress.step == 0 and resume_from is None:
@@ -442,7 +448,7 @@ def fit(
     elapsed = time.perf_counter() - ctx.started
     selection = select_weights(ctx, state.model, progress.step) if tc.select == "val_accuracy" else {}
     final_dir = finish_training(
-        ctx, state, progress, tokenizer, tc.method, **selection, stopped_early=ctx.stopped_early,
+        ctx, state, progress, tokenizer, tc.method, **selection, stopped_early=ctx.stopped_early, pruned=ctx.pruned,
         steps_per_epoch=steps_per_epoch, num_train_examples=len(train),
         num_val_examples=len(val), global_batch_size=tc.batch_size * tc.grad_accum_steps * d.world_size,
         grad_accum_steps=tc.grad_accum_steps, precision=tc.precision,

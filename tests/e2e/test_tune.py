@@ -1,0 +1,95 @@
+"""`tracetune tune`: trials are ordinary run directories chosen by held-out accuracy on the validation split, the
+study survives kill -9, and only the best trial is evaluated on the eval set, once, after the search."""
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+
+import yaml
+
+from tests.conftest import REPO, TINY_CONFIG
+
+FAST = [
+    "train.max_steps=null", "train.eval_every_steps=3", "train.val_accuracy_items=4", "eval.max_items=4",
+    "eval.max_new_tokens=8", "eval.baselines=[zero_shot]", "tune.num_epochs=[1,2]", "tune.lr_full=[1e-3,3e-3]",
+    "tune.lr_lora=[1e-3,1e-2]", f"data.train_file={REPO}/data/train.jsonl", f"eval.eval_file={REPO}/data/eval.jsonl",
+]  # fmt: skip
+
+
+def _tune(study, root, *extra, env=None):
+    args = [sys.executable, "-m", "tracetune", "tune", str(TINY_CONFIG), "--study", str(study), "--budget", "10m"]
+    args += [*extra, f"output.root={root}", *FAST]
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _trials(study):
+    with sqlite3.connect(study / "study.db") as db:
+        return db.execute("SELECT number, state, value FROM trials LEFT JOIN trial_values USING (trial_id)").fetchall()
+
+
+def test_tune_survives_kill_9_and_evaluates_only_the_best_trial_once(tmp_path):
+    study, root = tmp_path / "study", tmp_path / "runs"
+    first = _tune(study, root, "--trials", "1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    trial0 = _trials(study)
+    assert [(n, s) for n, s, _ in trial0] == [(0, "COMPLETE")]
+    env = os.environ | {"TRACETUNE_KILL_AT_POINT": "step-2/updated"}  # trial 1 dies mid-training
+    killed = _tune(study, root, "--trials", "3", env=env)
+    assert killed.returncode == -9
+    assert [(n, s) for n, s, _ in _trials(study)] == [(0, "COMPLETE"), (1, "RUNNING")]
+    resumed = _tune(study, root, "--trials", "3")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = _trials(study)
+    assert rows[0] == trial0[0]  # the finished trial is kept as it was
+    assert [s for _, s, _ in rows] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    record = json.loads((study / "tune.json").read_text())
+    assert record["states"] == {"complete": 3, "pruned": 0, "fail": 1} and record["spent_s"] < 600
+    best = record["best_trial"]
+    assert record["evaluation"]["trial"] == best and record["evaluation"]["accuracy"] is not None
+    evaluated = [d.name for d in (study / "trials").iterdir() if (d / "eval" / "final" / "scores.json").is_file()]
+    assert evaluated == [f"trial-{best}"] or (best != 0 and set(evaluated) == {"trial-0", f"trial-{best}"})
+    assert all(not (d / "checkpoints").exists() for d in (study / "trials").iterdir() if d.name != "trial-1")
+    table = (study / "trials.md").read_text()
+    assert table.count("| complete |") == 3 and "| fail |" in table and (study / "trials.png").stat().st_size > 0
+    rerun_cfg = yaml.safe_load((study / "best.yaml").read_text())
+    assert rerun_cfg["output"] == rerun_cfg["output"] | {"root": str(root), "run_name": "study-best"}
+    rerun = subprocess.run([sys.executable, "-m", "tracetune", "run", str(study / "best.yaml")], capture_output=True,
+                           text=True, timeout=600)  # fmt: skip
+    assert rerun.returncode in (0, 3), rerun.stderr[-3000:]  # 3: a gate failed, as the tiny model's do
+
+    def answers(run):
+        return [json.loads(x)["completion"] for x in (run / "eval" / "final" / "predictions.jsonl").open()]
+
+    assert answers(root / "study-best") == answers(study / "trials" / f"trial-{best}")  # it reproduces
+
+
+def test_a_retried_trial_repeats_the_interrupted_recipe(tmp_path):
+    """The recipe of a trial killed mid-run is queued again, so the search does not lose it."""
+    import optuna
+
+    from tracetune.tune import _open_study, _recover_interrupted
+
+    study = _open_study(tmp_path, seed=0, prune_after=2)
+    trial = study.ask({"lr_full": optuna.distributions.FloatDistribution(1e-5, 1e-4, log=True)})
+    _recover_interrupted(_open_study(tmp_path, seed=0, prune_after=2))
+    again = _open_study(tmp_path, seed=0, prune_after=2)
+    assert again.trials[0].state == optuna.trial.TrialState.FAIL
+    retry = again.ask()
+    assert retry.suggest_float("lr_full", 1e-5, 1e-4, log=True) == trial.params["lr_full"]
+    assert retry.user_attrs["retry_of"] == 0
+
+
+def test_budget_words_and_a_changed_search_is_refused(tmp_path):
+    import pytest
+
+    from tracetune.errors import ConfigError
+    from tracetune.tune import TUNE_JSON, parse_budget, tune
+
+    assert [parse_budget(t) for t in ("30m", "2h", "90s", "45")] == [1800, 7200, 90, 45]
+    with pytest.raises(ConfigError):
+        parse_budget("half an hour")
+    (tmp_path / TUNE_JSON).write_text(json.dumps({"config": "other.yaml", "overrides": [], "space": {}}))
+    with pytest.raises(ConfigError, match="another config"):
+        tune(str(TINY_CONFIG), FAST, tmp_path, 60, 1)
