@@ -93,6 +93,18 @@ def _recover_interrupted(study) -> None:
         log.info("trial %d was interrupted; its recipe is queued again", trial.number)
 
 
+def config_recipe(cfg: Config) -> dict | None:
+    """The config's own recipe as trial parameters, where the search space holds it: the first trial, so the
+    search's best is never a recipe that did worse on held-out accuracy than the one the user started from."""
+    t, space = cfg.train, cfg.tune
+    low, high = getattr(space, f"lr_{t.method}")
+    inside = t.method in space.methods and low <= t.lr <= high and space.num_epochs[0] <= t.num_epochs <= space.num_epochs[1]
+    if not inside or (t.method == "lora" and t.lora.r not in space.lora_ranks) or t.max_steps is not None:
+        return None
+    params = {"method": t.method, f"lr_{t.method}": t.lr, "num_epochs": t.num_epochs}
+    return params | ({"lora_r": t.lora.r} if t.method == "lora" else {})
+
+
 def _spent_s(study) -> float:
     """Seconds the study's ended trials took: what a resumed `tune` has already spent of its budget."""
     return sum(
@@ -160,6 +172,8 @@ def tune(config: str | None, overrides: list[str], study_dir: Path, budget_s: fl
             ["this study searched another config, overrides or space; fix: name a new study with --study DIR"],
         )
     study = _open_study(study_dir, cfg.seed, cfg.tune.prune_after_trials)
+    if not study.trials and (start := config_recipe(cfg)) is not None:
+        study.enqueue_trial(start, user_attrs={"from_config": True})
     _recover_interrupted(study)
     ended = [t for t in study.trials if t.state.is_finished()]
     remaining_s = budget_s - _spent_s(study)
