@@ -399,6 +399,24 @@ class GRPOConfig(Section):
             "in their group, as DAPO's overlong filtering), penalize (reward 0, trained on), train (as any other)."
         ),
     )
+    method: Literal["full", "lora"] = Field(
+        "full",
+        description=(
+            "Train the policy's full weights, or LoRA adapters (train.lora's settings) merged into the stage's "
+            "final_model: a smaller, more conservative update for a small model."
+        ),
+    )
+    freeze_embeddings: bool = Field(
+        False, description="Keep the (tied) embedding matrix fixed during GRPO: its 170M of Gemma 3 270M's weights."
+    )
+    sft_coef: float = Field(
+        0.0,
+        ge=0,
+        description=(
+            "SFT anchor: the step's prompts' gold traces' cross-entropy (mean per token) added to the policy loss "
+            "(mean per token) with this weight; 0 adds none."
+        ),
+    )
     reward: RewardWeights = Field(default_factory=RewardWeights, description="Reward terms and their weights.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="How the groups are sampled.")
     eval_every_steps: int | None = Field(
@@ -528,8 +546,6 @@ class Config(Section):
                 f"stages {self.stages}: each stage at most once, sft only first; fix: e.g. stages=[sft, grpo]"
             )
         rl = [s for s in self.stages if s != "sft"]
-        if rl and self.train.method == "lora":
-            raise ValueError("stages rft and grpo train the full model; fix: train.method=full")
         if rl and self.train.distributed == "fsdp":
             raise ValueError("stages rft and grpo run replicated (ddp); fix: train.distributed=ddp")
         return self

@@ -345,6 +345,7 @@ FILES: list[tuple[str, str]] = [
     (f"{_RL}/{_any(TRAINING, METRICS, ROUNDS)}", "an rl stage's records (rft: rounds.jsonl)"),
     (f"{_RL}/{CHECKPOINTS}/step-*/**", "an rl stage's checkpoints"),
     (f"{_RL}/{FINAL_MODEL}/**", "an rl stage's model"),
+    ("grpo/adapter/**", "a LoRA GRPO stage's adapter (grpo.method=lora), before the merge"),
     (f"{_RL}/heldout/**", "an rl stage's held-out points (grpo: step-<n>/, rft: per round)"),
     (f"heldout/step-*/{_EVAL}", "held-out accuracy while training (train.val_accuracy): the validation split"),
     (f"heldout/step-*/keep/{_EVAL}", "the keep set's monitor half while training (train.val_accuracy, a keep set)"),

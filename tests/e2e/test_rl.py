@@ -6,6 +6,7 @@ and GRPO has rewards to learn from; without that a random model's rewards are al
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -195,3 +196,26 @@ def test_rl_stages_run_on_untidy_data_and_score_only_the_validation_split(tmp_pa
     from tracetune.evidence.manifest import recheck_scores
 
     assert any("stage sft kept" in p for p in recheck_scores(run))
+
+
+@pytest.mark.slow
+def test_grpo_with_lora_frozen_embedding_and_sft_anchor_resumes_after_kill_9(tmp_path):
+    """The conservative GRPO options on an SFT LoRA start: grpo.method=lora merges its adapter into the stage's
+    model (grpo/adapter/ kept), the anchor trains beside the policy loss, and kill -9 then resume gives the same
+    weights; with grpo.method=full and freeze_embeddings the embedding matrix is the SFT model's, bit for bit."""
+    lora = [*GRPO, "train.method=lora", "train.lr=3e-2", "grpo.method=lora", "grpo.sft_coef=0.5", "grpo.num_steps=3"]
+    lora += ["gates.max_truncation_rate=1"]  # 12 characters cut the tiny model's answers off
+    assert cli(*_args(tmp_path, "ref", *lora)).returncode in (0, 3)
+    ref = tmp_path / "ref"
+    assert (ref / "grpo" / "adapter" / "adapter_config.json").is_file()
+    assert not _same(_weights(ref / "final_model"), _weights(ref / "grpo" / "final_model"))
+    assert cli("verify", str(ref)).returncode == 0
+    killed = cli(*_args(tmp_path, "k", *lora), env={"TRACETUNE_KILL_AT_POINT": "grpo-2/updated"})
+    assert killed.returncode == -9
+    assert cli("resume", str(tmp_path / "k")).returncode in (0, 3)
+    assert _same(_weights(ref / "grpo" / "final_model"), _weights(tmp_path / "k" / "grpo" / "final_model"))
+    frozen = [*GRPO, "grpo.freeze_embeddings=true", "grpo.num_steps=2", "grpo.eval_every_steps=null"]
+    assert cli(*_args(tmp_path, "fr", *frozen)).returncode in (0, 3)
+    sft, grpo = _weights(tmp_path / "fr" / "final_model"), _weights(tmp_path / "fr" / "grpo" / "final_model")
+    embedding = next(k for k in sft if "embed_tokens" in k)
+    assert torch.equal(sft[embedding], grpo[embedding]) and not _same(sft, grpo)

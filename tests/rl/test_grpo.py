@@ -171,3 +171,30 @@ def test_dynamic_sampling_draws_until_the_step_holds_informative_groups(tiny_cfg
         assert informative == 2 and draws > 1 and len(groups) <= 2 * draws
     else:
         assert informative < 2 and draws == 1 and len(groups) == 2
+
+
+def test_sft_anchor_adds_its_mean_cross_entropy_with_its_weight(tiny_cfg):
+    """grpo.sft_coef: the step's loss (train_step divides by all its loss tokens) is the policy loss's mean per
+    token plus sft_coef times the gold trace's mean cross-entropy, in value and gradient."""
+    from tracetune.data.batching import collate
+    from tracetune.data.render import Example
+    from tracetune.rl.grpo import add_anchor
+    from tracetune.train.loss import num_loss_tokens
+
+    cfg, tokenizer, state, _ = _setup(tiny_cfg, "grpo.sft_coef=0.5")
+    groups, batches = _batches(cfg, tokenizer, [RIGHT, WRONG])
+    prompt = groups[0].rollouts[0].prompt_ids
+    gold = Example(ITEM.id, prompt + tuple(tokenizer(RIGHT, add_special_tokens=False).input_ids), len(prompt))
+    policy_only = [dict(b) | {"advantages": b["advantages"].clone()} for b in batches]
+    add_anchor(batches, groups, {ITEM.id: gold}, cfg, tokenizer.pad_token_id)
+    assert len(batches) == len(policy_only) + 1 and "loss_scale" in batches[-1]
+    weight = next(p for n, p in state.model.named_parameters() if "q_proj" in n)
+
+    def loss_and_grad(total):
+        return total.detach(), torch.autograd.grad(total, weight)[0]
+
+    step = loss_and_grad(sum(state.net(**b) for b in batches) / sum(num_loss_tokens(b) for b in batches))
+    policy_mean = sum(state.net(**b) for b in policy_only) / sum(num_loss_tokens(b) for b in policy_only)
+    anchor_mean = state.net(**collate([gold], tokenizer.pad_token_id)) / gold.num_loss_tokens
+    expected = loss_and_grad(policy_mean + 0.5 * anchor_mean)
+    assert torch.allclose(step[0], expected[0], atol=1e-5) and torch.allclose(step[1], expected[1], atol=1e-6)

@@ -48,10 +48,10 @@ log = logging.getLogger("tracetune")
 
 
 def stage_config(cfg: Config) -> Config:
-    """The config `build_state` and checkpoints see in the GRPO stage: its learning rate, a constant schedule
-    and one optimizer step per sampled batch and iteration."""
+    """The config `build_state` and checkpoints see in the GRPO stage: its learning rate and method (full or
+    LoRA), a constant schedule and one optimizer step per sampled batch and iteration."""
     g, staged = cfg.grpo, cfg.model_copy(deep=True)
-    staged.train.lr, staged.train.scheduler = g.lr, "constant"
+    staged.train.lr, staged.train.scheduler, staged.train.method = g.lr, "constant", g.method
     staged.train.max_steps = g.num_steps * g.num_iterations
     staged.train.save_every_steps = g.save_every_steps
     return staged
@@ -134,6 +134,27 @@ def policy_batches(groups: list[Group], cfg: Config, end_id: int, pad_id: int) -
             advantages[row, example.num_prompt_tokens : len(example.input_ids)] = advantage * scales[start + row]
         batches.append(batch | {"advantages": advantages})
     return batches
+
+
+def add_anchor(batches: list[dict], groups: list[Group], gold: dict[str, Example], cfg: Config, pad_id: int) -> None:
+    """GRPO's SFT anchor (grpo.sft_coef): the gold traces of the step's prompts appended as cross-entropy
+    micro-batches, weighted so the step's loss is the policy loss's mean per token plus sft_coef times the
+    anchor's mean per token (train_step divides the whole step by its loss tokens); a step whose groups were all
+    left out trains on the anchor alone."""
+    from tracetune.train.loss import num_loss_tokens
+
+    examples = [gold[i] for i in dict.fromkeys(g.rollouts[0].item.id for g in groups) if i in gold]
+    if not examples:
+        return
+    policy_tokens = sum(num_loss_tokens(b) for b in batches)
+    anchor_tokens = sum(e.num_loss_tokens for e in examples)
+    total = policy_tokens + anchor_tokens
+    for batch in batches:
+        batch["advantages"] *= total / policy_tokens
+    size = cfg.train.batch_size
+    for start in range(0, len(examples), size):
+        batch = collate(examples[start : start + size], pad_id)
+        batches.append(batch | {"loss_scale": torch.tensor(cfg.grpo.sft_coef * total / anchor_tokens)})
 
 
 @torch.no_grad()
@@ -226,10 +247,11 @@ def learn(
     """num_iterations optimizer steps on the step's micro-batches (none when every group was left out; the
     schedule advances all the same); (step results, policy statistics summed over ranks)."""
     policy.reset()
-    if batches and cfg.grpo.num_iterations > 1:
-        add_logprobs(state, batches, "old_logprobs", temperature=cfg.grpo.sampling.temperature)
-    if batches and ref is not None:
-        add_logprobs(state, batches, "ref_logprobs", ref, cfg.grpo.sampling.temperature)
+    sampled = [b for b in batches if "advantages" in b]  # not the SFT anchor's
+    if sampled and cfg.grpo.num_iterations > 1:
+        add_logprobs(state, sampled, "old_logprobs", temperature=cfg.grpo.sampling.temperature)
+    if sampled and ref is not None:
+        add_logprobs(state, sampled, "ref_logprobs", ref, cfg.grpo.sampling.temperature)
     results = []
     for iteration in range(cfg.grpo.num_iterations):
         if batches:
@@ -237,7 +259,7 @@ def learn(
         state.scheduler.step()
     stats = dist.sum_across_ranks([policy.stats[k] for k in ("tokens", "clipped", "kl", "entropy")])
     policy.reset()
-    completions = sum(int(b["input_ids"].shape[0]) for b in batches)
+    completions = sum(int(b["input_ids"].shape[0]) for b in sampled)
     return results, dict(zip(("tokens", "clipped", "kl", "entropy"), stats, strict=True)) | {"completions": completions}
 
 
@@ -255,6 +277,9 @@ def fit_grpo(
     device = dist.rank_device(dist.resolve_device(cfg.train.device))
     torch.manual_seed(cfg.seed)
     ref = copy.deepcopy(model).eval().requires_grad_(False).to(device) if g.kl_coef else None
+    if g.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    gold = gold_examples(cfg, tokenizer, train) if g.sft_coef else {}
     policy = PolicySettings(g.epsilon_low, g.epsilon_high, g.kl_coef, g.sampling.temperature)
     state = build_state(staged, model, device, staged.train.max_steps, policy)
     end_id = end_of_turn_ids(tokenizer)[0]  # the sampler stopped at it; the SFT traces end with it too
@@ -272,6 +297,8 @@ def fit_grpo(
             groups, draws = sample_step(sampler, cfg, train, progress.step)
             sampled = time.perf_counter()
             batches = policy_batches(groups, cfg, end_id, tokenizer.pad_token_id)
+            if gold:
+                add_anchor(batches, groups, gold, cfg, tokenizer.pad_token_id)
             results, stats = learn(state, cfg, batches, progress, policy, ref)
             progress.step += 1
             crash_point(f"grpo-{progress.step}/updated")
@@ -291,4 +318,13 @@ def fit_grpo(
                     "fix: lower grpo.lr"
                 )
             after_step(ctx, state, progress, evaluate, g.eval_every_steps, g.save_every_steps)
-    return finish_training(ctx, state, progress, tokenizer, "full", stage="grpo")
+    return finish_training(ctx, state, progress, tokenizer, g.method, stage="grpo")
+
+
+def gold_examples(cfg: Config, tokenizer, train: list[Trace]) -> dict[str, Example]:
+    """The training traces tokenized as SFT tokenizes them, by id: what the SFT anchor trains on."""
+    from tracetune.data.render import tokenize_traces
+
+    d = cfg.data
+    report = tokenize_traces(tokenizer, train, d.instruction, d.max_seq_length, "drop", str(d.train_file))
+    return {e.id: e for e in report.examples}

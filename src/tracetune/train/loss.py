@@ -321,8 +321,10 @@ class CausalLMLoss(torch.nn.Module):
     def forward(self, input_ids, attention_mask=None, labels=None, **policy_tensors):
         if labels is None:
             return self.model(input_ids=input_ids, attention_mask=attention_mask)
+        scale = policy_tensors.pop("loss_scale", None)  # a batch's weight in the step (GRPO's SFT anchor)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **policy_tensors}
-        return loss_sum(self.model, batch, self.tied, self.policy)[0]
+        total = loss_sum(self.model, batch, self.tied, self.policy)[0]
+        return total if scale is None else total * scale.to(total.dtype)
 
 
 def num_loss_tokens(batch: dict[str, torch.Tensor]) -> int:
