@@ -343,6 +343,13 @@ class RFTConfig(Section):
         None, ge=1, description="Training prompts sampled each round (seeded, a new draw each round); null: all."
     )
     max_kept_per_prompt: int = Field(2, ge=1, description="Distinct verified completions kept per prompt.")
+    focus_unsolved: bool = Field(
+        True,
+        description=(
+            "From round 2 on, prompts that earlier rounds already kept max_kept_per_prompt verified samples of are "
+            "left out of the draw, so sampling goes to the prompts the model still fails (rounds.jsonl: num_solved)."
+        ),
+    )
     include_original: bool = Field(
         True, description="Fine-tune on the original traces of the round's prompts beside the kept samples."
     )

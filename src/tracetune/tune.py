@@ -98,7 +98,9 @@ def config_recipe(cfg: Config) -> dict | None:
     search's best is never a recipe that did worse on held-out accuracy than the one the user started from."""
     t, space = cfg.train, cfg.tune
     low, high = getattr(space, f"lr_{t.method}")
-    inside = t.method in space.methods and low <= t.lr <= high and space.num_epochs[0] <= t.num_epochs <= space.num_epochs[1]
+    inside = (
+        t.method in space.methods and low <= t.lr <= high and space.num_epochs[0] <= t.num_epochs <= space.num_epochs[1]
+    )
     if not inside or (t.method == "lora" and t.lora.r not in space.lora_ranks) or t.max_steps is not None:
         return None
     params = {"method": t.method, f"lr_{t.method}": t.lr, "num_epochs": t.num_epochs}

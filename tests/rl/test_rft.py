@@ -2,7 +2,7 @@
 
 import json
 
-from tracetune.data.traces import EvalItem, load_traces
+from tracetune.data.traces import EvalItem, Trace, load_traces
 from tracetune.eval.generate import Generation
 from tracetune.eval.scoring import score_item
 from tracetune.rl.rft import as_trace, keep_verified, round_prompts
@@ -49,7 +49,28 @@ def test_kept_traces_are_native_traces_marked_with_their_origin(tmp_path):
 
 
 def test_round_prompts_are_a_seeded_draw_per_round():
-    traces = list(range(50))
+    traces = [Trace(f"t{i}", f"q{i}", (), str(i)) for i in range(50)]
     assert round_prompts(traces, 1, None, 0) == traces
     one, again, two = round_prompts(traces, 1, 10, 0), round_prompts(traces, 1, 10, 0), round_prompts(traces, 2, 10, 0)
     assert one == again and one != two and len(set(one)) == 10
+
+
+def test_later_rounds_draw_the_prompts_earlier_rounds_did_not_solve(tmp_path):
+    """rft.focus_unsolved: a prompt with max_kept verified samples kept by an earlier round is left out of the
+    next draws (read from kept.jsonl, so a resume draws the same); when every prompt is solved, all come back."""
+    import json
+
+    from tracetune.layout import TrainingDir
+    from tracetune.rl.rft import solved_ids
+
+    traces = [Trace(f"t{i}", f"q{i}", (), str(i)) for i in range(6)]
+    kept = TrainingDir(tmp_path).round(1).kept
+    kept.parent.mkdir(parents=True)
+    rows = [{"meta": {"of": "t0"}}, {"meta": {"of": "t0"}}, {"meta": {"of": "t1"}}, {"meta": {"of": "t2"}},
+            {"meta": {"of": "t2"}}]  # fmt: skip
+    kept.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    solved = solved_ids(tmp_path, before=2, max_kept=2)
+    assert solved == {"t0", "t2"} and solved_ids(tmp_path, before=1, max_kept=2) == frozenset()
+    assert [t.id for t in round_prompts(traces, 2, None, 0, solved)] == ["t1", "t3", "t4", "t5"]
+    assert {t.id for t in round_prompts(traces, 2, 3, 0, solved)} <= {"t1", "t3", "t4", "t5"}
+    assert round_prompts(traces, 2, None, 0, frozenset(t.id for t in traces)) == traces

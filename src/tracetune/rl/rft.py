@@ -37,11 +37,25 @@ from tracetune.rl.rollout import Rollout, Sampler, as_item, heldout
 log = logging.getLogger("tracetune")
 
 
-def round_prompts(train: list[Trace], round_number: int, count: int | None, seed: int) -> list[Trace]:
-    """The training prompts of round `round_number` (from 1): all, or a seeded draw of `count`."""
-    if count is None or count >= len(train):
-        return list(train)
-    return random.Random(f"{seed}:rft:{round_number}").sample(train, count)
+def round_prompts(
+    train: list[Trace], round_number: int, count: int | None, seed: int, solved: frozenset[str] = frozenset()
+) -> list[Trace]:
+    """The training prompts of round `round_number` (from 1): all but the `solved` ones (all when every one is),
+    or a seeded draw of `count` of them."""
+    pool = [t for t in train if t.id not in solved] or list(train)
+    if count is None or count >= len(pool):
+        return pool
+    return random.Random(f"{seed}:rft:{round_number}").sample(pool, count)
+
+
+def solved_ids(stage_dir: Path, before: int, max_kept: int) -> frozenset[str]:
+    """Prompts of which rounds before `before` kept `max_kept` verified samples (read from their kept.jsonl, so a
+    resumed stage draws the same prompts)."""
+    counts: Counter = Counter()
+    for number in range(1, before):
+        for row in read_jsonl(TrainingDir(stage_dir).round(number).kept):
+            counts[row["meta"]["of"]] += 1
+    return frozenset(i for i, n in counts.items() if n >= max_kept)
 
 
 def _normalised(text: str) -> str:
@@ -194,7 +208,8 @@ def run_round(cfg, stage_dir: Path, model, tokenizer, train, val, heldout_items,
 
     files = TrainingDir(stage_dir).round(round_number)
     round_dir = files.path
-    prompts = round_prompts(train, round_number, cfg.rft.prompts_per_round, cfg.seed)
+    solved = solved_ids(stage_dir, round_number, cfg.rft.max_kept_per_prompt) if cfg.rft.focus_unsolved else frozenset()
+    prompts = round_prompts(train, round_number, cfg.rft.prompts_per_round, cfg.seed, solved)
     sampler = Sampler(model, tokenizer, cfg)
     summary = read_json(files.sampling) if files.kept.is_file() else None
     if summary is None:
@@ -209,7 +224,7 @@ def run_round(cfg, stage_dir: Path, model, tokenizer, train, val, heldout_items,
     if examples:
         checkpoint = latest_good_checkpoint(files.checkpoints) if resume else None
         fit(round_config(cfg), round_dir, model, tokenizer, examples, val, resume_from=checkpoint)
-    record = {"round": round_number, **summary, "num_train_examples": len(examples)}
+    record = {"round": round_number, **summary, "num_train_examples": len(examples), "num_solved": len(solved)}
     if heldout_items:
         sampler.refresh()
         record["heldout"] = heldout(sampler, cfg, heldout_items, files.heldout().path)
