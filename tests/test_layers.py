@@ -38,7 +38,7 @@ def _module(path: Path) -> str:
 
 def _layer(module: str) -> str:
     parts = module.split(".")[1:] or ["__init__"]
-    if parts[0] in ("cli", "pipeline", "lifecycle", "export_stage", "__main__"):
+    if parts[0] in ("cli", "pipeline", "lifecycle", "export_stage", "tune", "__main__"):
         return "face"
     if parts[0] in GROUND:
         return "ground"

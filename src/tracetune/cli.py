@@ -141,7 +141,12 @@ def cmd_run(args) -> int:
 def cmd_tune(args) -> int:
     from tracetune.tune import BEST_YAML, TABLE, parse_budget, tune
 
-    study = Path(args.study) if args.study else Path("runs") / f"tune-{Path(args.config).stem}"
+    if args.study:
+        study = Path(args.study)
+    else:  # beside the config's runs
+        from tracetune.config import load_config
+
+        study = load_config(args.config, args.overrides).output.root / f"tune-{Path(args.config).stem}"
     record = tune(args.config, args.overrides, study, parse_budget(args.budget), args.trials)
     best = record["evaluation"]
     print(f"trials: {study / TABLE} ({record['num_trials']} trials, {record['spent_s'] / 60:.1f} min)")
@@ -274,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--budget", default="30m", help="wall-clock budget of the search, e.g. 30m, 2h (default 30m)")
     p.add_argument("--trials", type=int, help="at most this many trials in all")
-    p.add_argument("--study", help="study directory (default runs/tune-<config name>); rerun to resume it")
+    p.add_argument("--study", help="study directory (default OUTPUT_ROOT/tune-<config name>); rerun to resume it")
     p.set_defaults(func=cmd_tune)
 
     p = verbs.add_parser("verify", help="re-check every hash and recompute every gate of a run directory")

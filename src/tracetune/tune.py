@@ -186,11 +186,13 @@ def tune(config: str | None, overrides: list[str], study_dir: Path, budget_s: fl
     write_json(study_dir / TUNE_JSON, record)
     if remaining_s > 0 and (remaining_trials is None or remaining_trials > 0):
         log.info("searching for %.1f more minutes (%s trials left)", remaining_s / 60, remaining_trials or "any")
-        study.optimize(
+        from tracetune.train.loop import NonFiniteLossError
+
+        study.optimize(  # a trial whose loss went NaN is a failed trial, not the end of the search
             objective_for(config, overrides, study_dir),
             n_trials=remaining_trials,
             timeout=remaining_s,
-            catch=(),
+            catch=(NonFiniteLossError,),
         )
     write_table(study_dir, study)
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
