@@ -140,7 +140,6 @@ def objective_for(config: str | None, overrides: list[str], study_dir: Path):
         run_dir = train_stage(cfg, ["tracetune", "tune", f"trial {trial.number}", *recipe], prune=prune)
         trial.set_user_attr("minutes", round((time.perf_counter() - started) / 60, 2))
         training = read_json(RunLayout(run_dir).training) or {}
-        _drop_checkpoints(run_dir)
         trial.set_user_attr("selected_step", training.get("selected_step"))
         trial.set_user_attr("keep_accuracy", training.get("selected_keep_accuracy"))
         if training.get("pruned"):
@@ -151,7 +150,8 @@ def objective_for(config: str | None, overrides: list[str], study_dir: Path):
 
 
 def _drop_checkpoints(run_dir: Path) -> None:
-    """A finished trial needs no resume: its checkpoints and the selection's copy go (final_model/ stays)."""
+    """A finished trial that is not the best needs no resume and no reload gate: its checkpoints and the
+    selection's copy go (final_model/ stays)."""
     files = RunLayout(run_dir)
     shutil.rmtree(files.checkpoints, ignore_errors=True)
     files.selected.unlink(missing_ok=True)
@@ -199,6 +199,9 @@ def tune(config: str | None, overrides: list[str], study_dir: Path, budget_s: fl
     if not done:
         raise ConfigError("tracetune tune", ["no trial finished within the budget; fix: raise --budget"])
     best = study.best_trial
+    for trial in study.trials:  # the best keeps its checkpoints: its evaluation's reload gate reads the last one
+        if trial.number != best.number and trial.state.is_finished() and "run_dir" in trial.user_attrs:
+            _drop_checkpoints(study_dir / trial.user_attrs["run_dir"])
     record |= {
         "spent_s": round(_spent_s(study), 1),
         "num_trials": len(study.trials),

@@ -50,7 +50,10 @@ def test_tune_survives_kill_9_and_evaluates_only_the_best_trial_once(tmp_path):
     assert record["evaluation"]["trial"] == best and record["evaluation"]["accuracy"] is not None
     evaluated = [d.name for d in (study / "trials").iterdir() if (d / "eval" / "final" / "scores.json").is_file()]
     assert evaluated == [f"trial-{best}"] or (best != 0 and set(evaluated) == {"trial-0", f"trial-{best}"})
-    assert all(not (d / "checkpoints").exists() for d in (study / "trials").iterdir() if d.name != "trial-1")
+    trials = (study / "trials").iterdir()
+    assert [d.name for d in trials if (d / "checkpoints").exists()] == [f"trial-{best}"]  # the others' are gone
+    gates = json.loads((study / "trials" / f"trial-{best}" / "gates.json").read_text())["gates"]
+    assert next(g for g in gates if g["name"] == "checkpoint_reloads")["passed"]
     table = (study / "trials.md").read_text()
     assert table.count("| complete |") == 3 and "| fail |" in table and (study / "trials.png").stat().st_size > 0
     rerun_cfg = yaml.safe_load((study / "best.yaml").read_text())
