@@ -369,7 +369,14 @@ def _val_accuracy_section(data: RunView) -> list[str]:
             f"{patience} held-out points in a row without a better one (train.early_stopping_patience).",
             "",
         ]
-    if (floor := data.training.get("keep_floor")) is not None:
+    if (floor := data.training.get("keep_floor")) is not None and chosen == 0 and data.training["num_excluded_by_keep"]:
+        lines += [
+            "**No trained step kept the keep set within gates.max_keep_drop: the final model is the starting "
+            "model.** Every later point's keep monitor fell past the limit; a gentler recipe (LoRA, a lower "
+            "learning rate, fewer steps) may learn the task without breaking what the model knew.",
+            "",
+        ]
+    if floor is not None:
         lines += [
             f"Steps whose keep monitor (the keep set's monitor half, prompted as the base model is) fell below "
             f"{_pct(floor)} (step 0's less gates.max_keep_drop) were not eligible: "

@@ -332,6 +332,12 @@ def select_weights(ctx: RunContext, model, last_step: int) -> dict:
     if best["step"] != last_step:
         load_model(model, str(TrainingDir(ctx.run_dir).selected), strict=True)
     log.info("final model: step %d, held-out accuracy %.3f (train.select=val_accuracy)", best["step"], best["accuracy"])
+    if best["step"] == 0 and best.get("num_excluded_by_keep"):
+        log.warning(
+            "no trained step kept the keep set within gates.max_keep_drop (%d excluded): the final model is the "
+            "starting model; fix: a gentler recipe (train.method=lora, a lower train.lr) or a larger max_keep_drop",
+            best["num_excluded_by_keep"],
+        )
     record = {
         "selected_by": "val_accuracy (then validation loss)",
         "selected_step": best["step"],
