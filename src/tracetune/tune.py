@@ -198,7 +198,7 @@ def tune(config: str | None, overrides: list[str], study_dir: Path, budget_s: fl
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     if not done:
         raise ConfigError("tracetune tune", ["no trial finished within the budget; fix: raise --budget"])
-    best = study.best_trial
+    best, choice = choose_best(study, study_dir)
     for trial in study.trials:  # the best keeps its checkpoints: its evaluation's reload gate reads the last one
         if trial.number != best.number and trial.state.is_finished() and "run_dir" in trial.user_attrs:
             _drop_checkpoints(study_dir / trial.user_attrs["run_dir"])
@@ -207,13 +207,48 @@ def tune(config: str | None, overrides: list[str], study_dir: Path, budget_s: fl
         "num_trials": len(study.trials),
         "states": {s.name.lower(): sum(t.state == s for t in study.trials) for s in TrialState if s.is_finished()},
         "best_trial": best.number,
+        "choice": choice,
         "best_value": best.value,
         "best_overrides": best.user_attrs["overrides"],
         "best_run_dir": best.user_attrs["run_dir"],
     }
-    record["evaluation"] = evaluate_best(config, overrides, study_dir, best, record.get("evaluation"))
+    record["evaluation"] = evaluate_best(config, overrides, study_dir, best, (previous or {}).get("evaluation"))
     write_json(study_dir / TUNE_JSON, record)
     return record
+
+
+def heldout_dir(study_dir: Path, trial) -> Path:
+    """Where a finished trial's chosen step answered the validation split."""
+    return RunLayout(study_dir / trial.user_attrs["run_dir"]).heldout(trial.user_attrs["selected_step"]).path
+
+
+def choose_best(study, study_dir: Path) -> tuple:
+    """(the trial to evaluate, why). The most accurate trial on the validation split replaces the first one, the
+    config's own recipe, only where it is detectably better there: the paired 95% interval over the same
+    validation items above 0. A few dozen items cannot tell a point or two apart, and an argmax over noise
+    would hand the user a recipe that is not better."""
+    from optuna.trial import TrialState
+
+    from tracetune.eval.scoring import compare_predictions
+
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    top = max(done, key=lambda t: (t.value, -t.number))
+    config = next((t for t in done if t.user_attrs.get("from_config")), None)
+    if config is None or config.number == top.number:
+        return top, {"rule": "highest held-out accuracy"}
+    paired = compare_predictions(heldout_dir(study_dir, config), heldout_dir(study_dir, top))
+    low, high = paired["difference_ci95"]
+    kept = low <= 0
+    return (config if kept else top), {
+        "rule": "the most accurate trial replaces the config's recipe only where the paired 95% interval on the "
+        "validation split is above 0",
+        "config_trial": config.number,
+        "most_accurate_trial": top.number,
+        "difference": paired["difference"],
+        "difference_ci95": [low, high],
+        "num_items": paired["num_paired_items"],
+        "kept_config_recipe": kept,
+    }
 
 
 def evaluate_best(config: str | None, overrides: list[str], study_dir: Path, best, done: dict | None) -> dict:

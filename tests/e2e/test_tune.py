@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from tests.conftest import REPO, TINY_CONFIG
@@ -29,6 +30,7 @@ def _trials(study):
         return db.execute("SELECT number, state, value FROM trials LEFT JOIN trial_values USING (trial_id)").fetchall()
 
 
+@pytest.mark.slow
 def test_tune_survives_kill_9_and_evaluates_only_the_best_trial_once(tmp_path):
     study, root = tmp_path / "study", tmp_path / "runs"
     first = _tune(study, root, "--trials", "1")
@@ -96,3 +98,30 @@ def test_budget_words_and_a_changed_search_is_refused(tmp_path):
     (tmp_path / TUNE_JSON).write_text(json.dumps({"config": "other.yaml", "overrides": [], "space": {}}))
     with pytest.raises(ConfigError, match="another config"):
         tune(str(TINY_CONFIG), FAST, tmp_path, 60, 1)
+
+
+def test_the_config_recipe_stands_unless_another_trial_is_detectably_better(tmp_path):
+    """choose_best: a trial more accurate on the validation split by an item or two (the interval reaches 0)
+    does not replace the first trial, the config's own recipe; one better on most items does."""
+    import optuna
+
+    from tracetune.layout import RunLayout
+    from tracetune.tune import choose_best
+
+    def trial(number, value, right, from_config=False):
+        out = RunLayout(tmp_path / f"trials/trial-{number}").heldout(10).path
+        out.mkdir(parents=True)
+        rows = [{"id": f"v{i}", "correct": i < right} for i in range(40)]
+        (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        attrs = {"run_dir": f"trials/trial-{number}", "selected_step": 10} | (
+            {"from_config": True} if from_config else {}
+        )
+        return optuna.trial.create_trial(value=value, user_attrs=attrs)
+
+    study = optuna.create_study(direction="maximize")
+    study.add_trials([trial(0, 12 / 40, 12, from_config=True), trial(1, 13 / 40, 13)])
+    best, why = choose_best(study, tmp_path)
+    assert best.number == 0 and why["kept_config_recipe"] and why["difference_ci95"][0] <= 0
+    study.add_trial(trial(2, 30 / 40, 30))
+    best, why = choose_best(study, tmp_path)
+    assert best.number == 2 and not why["kept_config_recipe"] and why["difference_ci95"][0] > 0
