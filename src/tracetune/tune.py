@@ -89,7 +89,8 @@ def _recover_interrupted(study) -> None:
 
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(trial.number, state=TrialState.FAIL)
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        kept = {k: v for k, v in trial.user_attrs.items() if k == "from_config"}  # a retried config recipe is one
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number} | kept)
         log.info("trial %d was interrupted; its recipe is queued again", trial.number)
 
 

@@ -77,13 +77,14 @@ def test_a_retried_trial_repeats_the_interrupted_recipe(tmp_path):
     from tracetune.tune import _open_study, _recover_interrupted
 
     study = _open_study(tmp_path, seed=0, prune_after=2)
+    study.enqueue_trial({"lr_full": 3e-5}, user_attrs={"from_config": True})
     trial = study.ask({"lr_full": optuna.distributions.FloatDistribution(1e-5, 1e-4, log=True)})
     _recover_interrupted(_open_study(tmp_path, seed=0, prune_after=2))
     again = _open_study(tmp_path, seed=0, prune_after=2)
     assert again.trials[0].state == optuna.trial.TrialState.FAIL
     retry = again.ask()
     assert retry.suggest_float("lr_full", 1e-5, 1e-4, log=True) == trial.params["lr_full"]
-    assert retry.user_attrs["retry_of"] == 0
+    assert retry.user_attrs["retry_of"] == 0 and retry.user_attrs["from_config"]  # still the config's recipe
 
 
 def test_budget_words_and_a_changed_search_is_refused(tmp_path):
