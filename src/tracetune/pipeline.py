@@ -373,13 +373,13 @@ def _answer_accuracy(cfg: Config, inputs: Inputs, run_dir: Path, tokenizer):
 
     items, greedy = heldout_items(cfg, inputs), cfg.eval.model_copy(update={"do_sample": False, "num_samples": 1})
     keep = inputs.keep if inputs.keep is not None and inputs.keep.monitor else None
+    few_shot, keep_cfg = _keep_prompt(cfg, tokenizer, keep, keep.monitor) if keep is not None else (None, None)
 
     def answers(model, step: int) -> dict:
         model.eval()
         out = RunLayout(run_dir).heldout(step).path
         scored = heldout_accuracy(model, tokenizer, items, greedy, cfg.data.instruction, out, cfg.seed)
         if keep is not None:
-            few_shot, keep_cfg = _keep_prompt(cfg, tokenizer, keep, keep.monitor)
             on_keep = heldout_accuracy(
                 model, tokenizer, keep.monitor, keep_cfg, cfg.data.instruction, out / "keep", cfg.seed, few_shot
             )

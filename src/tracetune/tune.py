@@ -22,7 +22,7 @@ import shutil
 import time
 from pathlib import Path
 
-from tracetune.config import Config, dump_config, load_config
+from tracetune.config import Config, TuneConfig, dump_config, load_config
 from tracetune.errors import ConfigError
 from tracetune.layout import RunLayout, read_json, read_jsonl, write_json
 
@@ -47,9 +47,8 @@ def parse_budget(text: str) -> float:
     return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
 
 
-def suggest(trial, cfg: Config) -> list[str]:
+def suggest(trial, space: TuneConfig) -> list[str]:
     """The trial's recipe as dotted overrides, drawn from the config's tune section."""
-    space = cfg.tune
     method = trial.suggest_categorical("method", space.methods)
     overrides = [f"train.method={method}"]
     if method == "lora":
@@ -117,7 +116,7 @@ def _spent_s(study) -> float:
     )
 
 
-def objective_for(config: str | None, overrides: list[str], study_dir: Path):
+def objective_for(config: str | None, overrides: list[str], space: TuneConfig, study_dir: Path):
     """The Optuna objective: train one trial's run directory, report its held-out points for pruning, return
     the chosen step's held-out accuracy."""
     import optuna
@@ -125,8 +124,7 @@ def objective_for(config: str | None, overrides: list[str], study_dir: Path):
     from tracetune.pipeline import train_stage
 
     def objective(trial) -> float:
-        cfg0 = load_config(config, overrides)
-        recipe = suggest(trial, cfg0)
+        recipe = suggest(trial, space)
         name = f"trial-{trial.number}"
         cfg = trial_config(config, overrides, recipe, study_dir / TRIALS, name)
         trial.set_user_attr("overrides", recipe)
@@ -190,7 +188,7 @@ def tune(config: str | None, overrides: list[str], study_dir: Path, budget_s: fl
         from tracetune.train.loop import NonFiniteLossError
 
         study.optimize(  # a trial whose loss went NaN is a failed trial, not the end of the search
-            objective_for(config, overrides, study_dir),
+            objective_for(config, overrides, cfg.tune, study_dir),
             n_trials=remaining_trials,
             timeout=remaining_s,
             catch=(NonFiniteLossError,),

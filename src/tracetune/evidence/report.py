@@ -359,7 +359,7 @@ def _val_accuracy_section(data: RunView) -> list[str]:
     if data.training.get("pruned"):
         lines += [
             f"Training was pruned at step {data.training['num_steps']} of {data.training['planned_steps']} by "
-            "`tracetune tune`: its held-out accuracy there was below what the search's other trials had reached.",
+            "`tracetune tune`: its held-out accuracy there was below the median of earlier trials' at that step.",
             "",
         ]
     elif data.training.get("stopped_early"):
