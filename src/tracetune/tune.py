@@ -36,6 +36,7 @@ STUDY_DB, TUNE_JSON, TRIALS, TABLE, PLOT, BEST_YAML = (
     "trials.png",
     "best.yaml",
 )
+MAX_DUPLICATES_IN_A_ROW = 20
 SEARCH_OVERRIDES = ["train.val_accuracy=true", "train.select=val_accuracy", "eval.run_base=true"]
 
 
@@ -125,9 +126,12 @@ def objective_for(config: str | None, overrides: list[str], space: TuneConfig, s
 
     def objective(trial) -> float:
         recipe = suggest(trial, space)
+        trial.set_user_attr("overrides", recipe)
+        if (same := _trained_before(trial.study, recipe)) is not None:  # no minutes spent on a recipe twice
+            trial.set_user_attr("duplicate_of", same)
+            raise optuna.TrialPruned(f"the recipe of trial {same}, trained already")
         name = f"trial-{trial.number}"
         cfg = trial_config(config, overrides, recipe, study_dir / TRIALS, name)
-        trial.set_user_attr("overrides", recipe)
         trial.set_user_attr("run_dir", f"{TRIALS}/{name}")
         log.info("trial %d: %s", trial.number, " ".join(recipe))
 
@@ -146,6 +150,37 @@ def objective_for(config: str | None, overrides: list[str], space: TuneConfig, s
         return training["selected_accuracy"]
 
     return objective
+
+
+def _trained_before(study, recipe: list[str]) -> int | None:
+    """The number of an ended trial that trained this very recipe (as applied: the lr as written, 3 significant
+    digits), if any; a failed one does not count, so an interrupted recipe is retried."""
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        if "duplicate_of" not in t.user_attrs and t.user_attrs.get("overrides") == recipe:
+            return t.number
+    return None
+
+
+def _stop_rule(max_trials: int | None):
+    """An Optuna callback: stop once `max_trials` trials in all have trained (failed ones and duplicates do not
+    count), or when the sampler has drawn only recipes trained already MAX_DUPLICATES_IN_A_ROW times running
+    (the space is spent; a duplicate costs no time, so the budget alone would never end the search)."""
+    from optuna.trial import TrialState
+
+    def callback(study, _trial) -> None:
+        ended = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+        trained = [t for t in ended if t.state != TrialState.FAIL and "duplicate_of" not in t.user_attrs]
+        in_a_row = 0
+        for t in reversed(ended):
+            if "duplicate_of" not in t.user_attrs:
+                break
+            in_a_row += 1
+        if (max_trials is not None and len(trained) >= max_trials) or in_a_row >= MAX_DUPLICATES_IN_A_ROW:
+            study.stop()
+
+    return callback
 
 
 def _drop_checkpoints(run_dir: Path) -> None:
@@ -178,9 +213,8 @@ def tune(config: str | None, overrides: list[str], study_dir: Path, budget_s: fl
     _recover_interrupted(study)
     ended = [t for t in study.trials if t.state.is_finished()]
     remaining_s = budget_s - _spent_s(study)
-    remaining_trials = (
-        None if max_trials is None else max_trials - len([t for t in ended if t.state != TrialState.FAIL])
-    )
+    trained = [t for t in ended if t.state != TrialState.FAIL and "duplicate_of" not in t.user_attrs]
+    remaining_trials = None if max_trials is None else max_trials - len(trained)
     record = settings | {"budget_s": budget_s}
     write_json(study_dir / TUNE_JSON, record)
     if remaining_s > 0 and (remaining_trials is None or remaining_trials > 0):
@@ -189,9 +223,9 @@ def tune(config: str | None, overrides: list[str], study_dir: Path, budget_s: fl
 
         study.optimize(  # a trial whose loss went NaN is a failed trial, not the end of the search
             objective_for(config, overrides, cfg.tune, study_dir),
-            n_trials=remaining_trials,
             timeout=remaining_s,
             catch=(NonFiniteLossError,),
+            callbacks=[_stop_rule(max_trials)],
         )
     write_table(study_dir, study)
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
@@ -205,6 +239,7 @@ def tune(config: str | None, overrides: list[str], study_dir: Path, budget_s: fl
         "spent_s": round(_spent_s(study), 1),
         "num_trials": len(study.trials),
         "states": {s.name.lower(): sum(t.state == s for t in study.trials) for s in TrialState if s.is_finished()},
+        "num_duplicates_not_run": sum("duplicate_of" in t.user_attrs for t in study.trials),
         "best_trial": best.number,
         "choice": choice,
         "best_value": best.value,
@@ -288,8 +323,11 @@ def write_table(study_dir: Path, study) -> None:
     for t in study.trials:
         minutes = t.user_attrs.get("minutes")
         keep = t.user_attrs.get("keep_accuracy")
+        state = t.state.name.lower()
+        if "duplicate_of" in t.user_attrs:
+            state = f"not run: the recipe of trial {t.user_attrs['duplicate_of']}"
         rows.append(
-            f"| {t.number} | {t.state.name.lower()} | {' '.join(t.user_attrs.get('overrides', []))} | "
+            f"| {t.number} | {state} | {' '.join(t.user_attrs.get('overrides', []))} | "
             f"{'' if minutes is None else minutes} | {'' if t.value is None else f'{t.value:.1%}'} | "
             f"{t.user_attrs.get('selected_step', '')} | {'' if keep is None else f'{keep:.1%}'} |"
         )

@@ -126,3 +126,27 @@ def test_the_config_recipe_stands_unless_another_trial_is_detectably_better(tmp_
     study.add_trial(trial(2, 30 / 40, 30))
     best, why = choose_best(study, tmp_path)
     assert best.number == 2 and not why["kept_config_recipe"] and why["difference_ci95"][0] > 0
+
+
+def test_a_recipe_trained_already_is_not_trained_again(tmp_path, monkeypatch):
+    """A drawn recipe that an ended trial trained (as applied: an lr equal to 3 digits) is marked and skipped
+    without training; a space that holds only such recipes ends the search instead of spinning until the budget."""
+    import optuna
+
+    from tracetune import pipeline
+    from tracetune.config import TuneConfig
+    from tracetune.tune import MAX_DUPLICATES_IN_A_ROW, _open_study, _stop_rule, objective_for, suggest
+
+    def train_stage(*args, **kwargs):
+        raise AssertionError("a recipe trained twice")
+
+    monkeypatch.setattr(pipeline, "train_stage", train_stage)
+    space = TuneConfig(methods=["full"], lr_full=(1e-3, 1e-3), num_epochs=(1, 1))
+    study = _open_study(tmp_path, seed=0, prune_after=2)
+    first = study.ask()
+    first.set_user_attr("overrides", suggest(first, space))
+    study.tell(first, 0.25)
+    study.optimize(objective_for(None, [], space, tmp_path), timeout=60, callbacks=[_stop_rule(None)])
+    later = study.trials[1:]
+    assert len(later) == MAX_DUPLICATES_IN_A_ROW
+    assert all(t.state == optuna.trial.TrialState.PRUNED and t.user_attrs["duplicate_of"] == 0 for t in later)
